@@ -1,0 +1,70 @@
+//! Turns a Train task into an update: load the global weights, train locally, take the delta,
+//! validate. No gRPC here.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use fedtune_common::device::DeviceChoice;
+use fedtune_common::models::ModelSpec;
+use fedtune_common::params;
+use fedtune_common::tensors::{NamedTensor, TensorSet};
+use fedtune_common::train::{self, Progress, TrainSettings};
+
+use crate::local_data::LocalData;
+
+const EVAL_BATCH: usize = 256;
+/// The update of `--train none`: every parameter moves by this much.
+pub const FIXED_DELTA: f32 = 1e-3;
+
+pub struct LocalUpdate {
+    pub delta: TensorSet,
+    pub num_examples: u64,
+    /// train_loss, val_loss, val_accuracy, val_precision, val_recall, val_f1, val_examples, train_ms.
+    pub metrics: HashMap<String, f64>,
+}
+
+/// Fine-tunes `global` on the local training split and measures the result on the validation
+/// split.
+pub fn fine_tune(
+    global: &TensorSet,
+    spec: &ModelSpec,
+    settings: &TrainSettings,
+    data: &LocalData,
+    device: DeviceChoice,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> anyhow::Result<LocalUpdate> {
+    let started = Instant::now();
+    let plain = device.device()?;
+    let autodiff = plain.clone().autodiff();
+    autodiff.seed(settings.seed);
+    let model = params::inject(spec.build(&autodiff)?, global)?;
+    let outcome = train::train(model, &data.train, &data.train_idx, settings, &autodiff, on_progress);
+    let train_ms = started.elapsed().as_millis() as f64;
+
+    let local = params::extract(&outcome.model)?;
+    let delta = local.delta_from(global)?;
+    let eval = train::evaluate(&outcome.model, &data.train, &data.val_idx, EVAL_BATCH, spec.num_classes as usize, &plain);
+    let m = eval.metrics();
+    let metrics = HashMap::from([
+        ("train_loss".to_string(), outcome.train_loss),
+        ("val_loss".to_string(), eval.loss),
+        ("val_accuracy".to_string(), m.accuracy),
+        ("val_precision".to_string(), m.precision),
+        ("val_recall".to_string(), m.recall),
+        ("val_f1".to_string(), m.f1),
+        ("val_examples".to_string(), m.examples as f64),
+        ("train_ms".to_string(), train_ms),
+    ]);
+    Ok(LocalUpdate { delta, num_examples: data.train_idx.len() as u64, metrics })
+}
+
+/// `--train none`: a small fixed delta for every parameter, without training (protocol
+/// benchmarks).
+pub fn fixed_update(global: &TensorSet, num_examples: u64) -> anyhow::Result<LocalUpdate> {
+    let tensors = global
+        .tensors()
+        .iter()
+        .map(|t| NamedTensor { name: t.name.clone(), shape: t.shape.clone(), data: vec![FIXED_DELTA; t.data.len()] })
+        .collect();
+    Ok(LocalUpdate { delta: TensorSet::new(tensors)?, num_examples, metrics: HashMap::new() })
+}

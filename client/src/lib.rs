@@ -1,0 +1,11 @@
+//! The fedtune edge client: pulls work from the coordinator, fine-tunes locally with burn and
+//! returns weight deltas with metrics.
+//!
+//! - [`session`]: the protocol loop (join, tasks, transfers, reconnects, heartbeats).
+//! - [`fine_tune`]: a Train task -> a delta and metrics (no gRPC).
+//! - [`local_data`]: the private data and its validation split; [`progress`]: what a user sees.
+
+pub mod fine_tune;
+pub mod local_data;
+pub mod progress;
+pub mod session;

@@ -1,0 +1,88 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fedtune_client::session::{self, ClientOptions, TrainMode};
+use fedtune_common::device::DeviceChoice;
+use fedtune_common::logging::{self, LogFormat};
+
+/// fedtune edge client: fine-tunes locally on private data and sends weight deltas to the
+/// coordinator.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join a coordinator and work until it says the federation is finished.
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Train {
+    /// Fine-tune with burn on the local data.
+    Full,
+    /// Send a small fixed delta without training (protocol benchmarks).
+    None,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Coordinator URL, e.g. http://10.0.0.5:50051.
+    #[arg(long)]
+    coordinator: String,
+    /// Folder of IDX files (images-idx3-ubyte + labels-idx1-ubyte, gzipped or not).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Compute device: flex (pure Rust), libtorch (CPU) or cuda:N (the last two need a build
+    /// with --features tch).
+    #[arg(long, default_value = "flex")]
+    device: DeviceChoice,
+    /// Name shown in the coordinator's logs [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Local training mode.
+    #[arg(long, value_enum, default_value_t = Train::Full)]
+    train: Train,
+    /// Fraction of the local data held out for validation (never trained on).
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Seed of the validation split and local shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Never draw a progress bar (log one line per epoch instead).
+    #[arg(long)]
+    no_progress: bool,
+    /// Give up when the coordinator stays unreachable this long (e.g. 10m, 2h).
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    give_up_after: Duration,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn main() -> anyhow::Result<()> {
+    let Command::Run(args) = Cli::parse().command;
+    logging::init(args.log_format);
+    let name = args.name.unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "client".into()));
+    let opts = ClientOptions {
+        coordinator: args.coordinator,
+        data: args.data,
+        device: args.device,
+        name,
+        train: match args.train {
+            Train::Full => TrainMode::Full,
+            Train::None => TrainMode::None,
+        },
+        val_fraction: args.val_fraction,
+        seed: args.seed,
+        progress_bar: !args.no_progress && session::stderr_is_terminal(),
+        give_up_after: args.give_up_after,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(session::run(opts))?;
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! Local training progress: a progress bar on a terminal, one log line per epoch otherwise.
+
+use std::time::Instant;
+
+use fedtune_common::train::Progress;
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub enum ProgressView {
+    Bar(ProgressBar),
+    Log { name: String, round: u64, epoch_started: Instant, loss_sum: f64, steps: usize },
+}
+
+impl ProgressView {
+    pub fn new(bar: bool, name: &str, round: u64) -> Self {
+        if bar {
+            let pb = ProgressBar::new(0);
+            pb.set_style(
+                ProgressStyle::with_template("round {prefix} {msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            pb.set_prefix(round.to_string());
+            Self::Bar(pb)
+        } else {
+            Self::Log { name: name.to_string(), round, epoch_started: Instant::now(), loss_sum: 0.0, steps: 0 }
+        }
+    }
+
+    pub fn update(&mut self, p: &Progress) {
+        match self {
+            Self::Bar(pb) => {
+                pb.set_length((p.epochs as usize * p.steps_per_epoch) as u64);
+                pb.set_position(((p.epoch as usize - 1) * p.steps_per_epoch + p.step) as u64);
+                pb.set_message(format!("epoch {}/{} loss {:.4}", p.epoch, p.epochs, p.loss));
+            }
+            Self::Log { name, round, epoch_started, loss_sum, steps } => {
+                *loss_sum += p.loss;
+                *steps += 1;
+                if p.step == p.steps_per_epoch {
+                    tracing::info!("{name} round {round} epoch {}/{}: mean loss {:.4} over {} steps in {:.1} s", p.epoch, p.epochs, *loss_sum / *steps as f64, steps, epoch_started.elapsed().as_secs_f64());
+                    *epoch_started = Instant::now();
+                    *loss_sum = 0.0;
+                    *steps = 0;
+                }
+            }
+        }
+    }
+
+    pub fn finish(self) {
+        if let Self::Bar(pb) = self {
+            pb.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! The client's side of the protocol: connect, join, pull tasks, download the model, upload the
+//! update. Reconnects by itself with backoff; re-joins when the coordinator restarted.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fedtune_common::device::DeviceChoice;
+use fedtune_common::models::{ModelKind, ModelSpec};
+use fedtune_common::tensors::{TensorSet, check_specs};
+use fedtune_common::train::TrainSettings;
+use fedtune_common::wire::{Assembler, EncodedTensors, MAX_CHUNK_BYTES};
+use fedtune_proto::federation_client::FederationClient;
+use fedtune_proto::{self as pb, PROTOCOL_VERSION, model_frame, submit_reply::Outcome, task::Kind, update_frame};
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing::{info, warn};
+
+use crate::fine_tune::{self, LocalUpdate};
+use crate::local_data::LocalData;
+use crate::progress::ProgressView;
+
+/// Longest the coordinator may hold a NextTask call, plus slack.
+const NEXT_TASK_TIMEOUT: Duration = Duration::from_secs(60);
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Attempts for one download or upload before the task is given up.
+const TRANSFER_ATTEMPTS: u32 = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainMode {
+    /// Fine-tune with burn.
+    Full,
+    /// Return a small fixed delta without training (protocol benchmarks).
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub coordinator: String,
+    pub data: Option<PathBuf>,
+    pub device: DeviceChoice,
+    pub name: String,
+    pub train: TrainMode,
+    pub val_fraction: f64,
+    pub seed: u64,
+    pub progress_bar: bool,
+    /// Give up when the coordinator stays unreachable this long.
+    pub give_up_after: Duration,
+}
+
+/// What the client did over the run.
+#[derive(Debug, Default)]
+pub struct RunReport {
+    pub rounds_trained: u64,
+    pub updates_accepted: u64,
+}
+
+struct Session {
+    rpc: FederationClient<Channel>,
+    token: String,
+    client_id: String,
+    heartbeat_every: Duration,
+}
+
+fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("invalid coordinator URL `{url}` (expected e.g. http://10.0.0.5:50051)"))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20)))
+}
+
+fn transient(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted | Code::DataLoss | Code::Internal | Code::ResourceExhausted)
+}
+
+struct Backoff {
+    next: Duration,
+    down_since: Option<tokio::time::Instant>,
+    give_up_after: Duration,
+}
+
+impl Backoff {
+    fn new(give_up_after: Duration) -> Self {
+        Self { next: BACKOFF_START, down_since: None, give_up_after }
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_START;
+        self.down_since = None;
+    }
+
+    /// Sleeps before the next attempt; fails once the coordinator has been away too long.
+    async fn wait(&mut self, what: &str, err: &dyn std::fmt::Display) -> anyhow::Result<()> {
+        let since = *self.down_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() > self.give_up_after {
+            bail!("{what}: coordinator unreachable for {}; giving up: {err}", humantime::format_duration(self.give_up_after));
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % (self.next.as_millis() as u64 / 4 + 1));
+        warn!("{what}: {err}; retrying in {:.1} s", (self.next + jitter).as_secs_f64());
+        tokio::time::sleep(self.next + jitter).await;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        Ok(())
+    }
+}
+
+/// Runs the client until the coordinator says the federation is finished.
+pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
+    let data = match (&opts.data, opts.train) {
+        (Some(dir), _) => Some(LocalData::open(dir, opts.val_fraction, opts.seed)?),
+        (None, TrainMode::None) => None,
+        (None, TrainMode::Full) => bail!("--data is required to train (only --train none runs without data)"),
+    };
+    if opts.train == TrainMode::Full {
+        // Fail now, not at the first task, when the device is not usable.
+        opts.device.device()?;
+    }
+    let num_examples = data.as_ref().map_or(1, |d| d.train_idx.len() as u64);
+    if let Some(d) = &data {
+        info!("{}: {} training and {} validation examples from {}, device {}", opts.name, d.train_idx.len(), d.val_idx.len(), d.train.source, opts.device);
+    }
+
+    let endpoint = endpoint(&opts.coordinator)?;
+    let mut backoff = Backoff::new(opts.give_up_after);
+    let mut report = RunReport::default();
+    let mut session: Option<Session> = None;
+    loop {
+        let s = match session.as_mut() {
+            Some(s) => s,
+            None => match join(&endpoint, &opts, num_examples).await {
+                Ok(s) => {
+                    backoff.reset();
+                    session.insert(s)
+                }
+                Err(JoinError::Fatal(e)) => return Err(e),
+                Err(JoinError::Retry(e)) => {
+                    backoff.wait(&format!("joining {}", opts.coordinator), &e).await?;
+                    continue;
+                }
+            },
+        };
+        let mut req = tonic::Request::new(pb::NextTaskRequest { session_token: s.token.clone() });
+        req.set_timeout(NEXT_TASK_TIMEOUT);
+        let task = match s.rpc.next_task(req).await {
+            Ok(t) => {
+                backoff.reset();
+                t.into_inner()
+            }
+            Err(st) if st.code() == Code::Unauthenticated => {
+                warn!("coordinator no longer knows this session ({}); joining again", st.message());
+                session = None;
+                continue;
+            }
+            Err(st) if transient(&st) => {
+                backoff.wait("asking for work", &st).await?;
+                continue;
+            }
+            Err(st) => bail!("coordinator refused NextTask: {st}"),
+        };
+        match task.kind {
+            Some(Kind::Train(t)) => {
+                let round = t.round;
+                match train_round(s, t, &opts, data.as_ref()).await {
+                    Ok(accepted) => {
+                        report.rounds_trained += 1;
+                        report.updates_accepted += u64::from(accepted);
+                    }
+                    Err(e) if e.downcast_ref::<Status>().is_some_and(|st| st.code() == Code::Unauthenticated) => {
+                        warn!("round {round}: session lost ({e}); joining again");
+                        session = None;
+                    }
+                    Err(e) => return Err(e.context(format!("round {round}"))),
+                }
+            }
+            Some(Kind::Evaluate(t)) => {
+                warn!("coordinator asked for evaluation task {}; this client version does not run federated evaluation", t.task_id);
+            }
+            Some(Kind::Wait(w)) => {
+                tracing::debug!("waiting: {}", w.reason);
+                tokio::time::sleep(Duration::from_millis(u64::from(w.retry_after_ms))).await;
+            }
+            Some(Kind::Finished(f)) => {
+                info!("{}: federation finished ({}); trained {} rounds, {} updates accepted", opts.name, f.reason, report.rounds_trained, report.updates_accepted);
+                return Ok(report);
+            }
+            None => bail!("coordinator sent an empty task; it may speak a newer protocol"),
+        }
+    }
+}
+
+enum JoinError {
+    Retry(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+async fn join(endpoint: &Endpoint, opts: &ClientOptions, num_examples: u64) -> Result<Session, JoinError> {
+    let channel = endpoint.connect().await.map_err(|e| JoinError::Retry(anyhow::anyhow!("cannot connect: {e}")))?;
+    let mut rpc = FederationClient::new(channel);
+    let req = pb::JoinRequest { protocol_version: PROTOCOL_VERSION, name: opts.name.clone(), device: opts.device.to_string(), num_examples };
+    let reply = match rpc.join(req).await {
+        Ok(r) => r.into_inner(),
+        Err(st) if transient(&st) => return Err(JoinError::Retry(st.into())),
+        Err(st) => return Err(JoinError::Fatal(anyhow::anyhow!("coordinator refused to let {} join: {}", opts.name, st.message()))),
+    };
+    info!("{} joined {} as {} (run {})", opts.name, opts.coordinator, reply.client_id, reply.run_id);
+    Ok(Session { rpc, token: reply.session_token, client_id: reply.client_id, heartbeat_every: Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(1000))) })
+}
+
+/// One Train task: download, fine-tune (heartbeating), upload. Returns whether the update was
+/// counted.
+async fn train_round(s: &mut Session, task: pb::TrainTask, opts: &ClientOptions, data: Option<&LocalData>) -> anyhow::Result<bool> {
+    let spec_pb = task.model.clone().context("train task without a model")?;
+    let spec = ModelSpec::parse(&spec_pb.name, spec_pb.num_classes).context("coordinator asked for a model this client cannot build")?;
+    let global = download(s, &task, &spec).await?;
+
+    let cfg = task.config.clone().context("train task without a training config")?;
+    let settings = TrainSettings {
+        epochs: cfg.local_epochs,
+        batch_size: cfg.batch_size as usize,
+        lr: cfg.lr,
+        optimizer: cfg.optimizer.parse().map_err(anyhow::Error::msg)?,
+        // Different clients shuffle differently within a round.
+        seed: cfg.seed ^ opts.seed.rotate_left(17) ^ fxhash(&s.client_id),
+    };
+
+    let started = std::time::Instant::now();
+    let heartbeat = spawn_heartbeat(s, format!("training round {}", task.round));
+    let update = match (opts.train, data) {
+        (TrainMode::None, _) => fine_tune::fixed_update(&global, data.map_or(1, |d| d.train_idx.len() as u64)),
+        (TrainMode::Full, None) => Err(anyhow::anyhow!("no local data")),
+        (TrainMode::Full, Some(data)) => {
+            if matches!(spec.kind, ModelKind::Synthetic { .. }) {
+                bail!("the coordinator runs a synthetic model, which cannot be trained: run this client with --train none");
+            }
+            data.check_classes(spec.num_classes)?;
+            let (device, bar, round, name) = (opts.device, opts.progress_bar, task.round, opts.name.clone());
+            // Training is CPU/GPU-bound: keep it off the async threads so heartbeats flow.
+            tokio::task::block_in_place(|| {
+                let mut view = ProgressView::new(bar, &name, round);
+                let r = fine_tune::fine_tune(&global, &spec, &settings, data, device, &mut |p| view.update(p));
+                view.finish();
+                r
+            })
+        }
+    };
+    heartbeat.abort();
+    let update = update?;
+    let train_s = started.elapsed().as_secs_f64();
+
+    let (accepted, bytes_up, message) = upload(s, &task, &update).await?;
+    let m = |k: &str| update.metrics.get(k).copied();
+    let fmt = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| format!("{v:.d$}"));
+    info!(
+        "{} round {} | {} epochs on {} examples in {:.1} s | train loss {} | val loss {} acc {} f1 {} | up {:.2} MB | {}",
+        opts.name,
+        task.round,
+        settings.epochs,
+        update.num_examples,
+        train_s,
+        fmt(m("train_loss"), 4),
+        fmt(m("val_loss"), 4),
+        m("val_accuracy").map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
+        fmt(m("val_f1"), 4),
+        bytes_up as f64 / 1e6,
+        message
+    );
+    Ok(accepted)
+}
+
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
+}
+
+fn spawn_heartbeat(s: &Session, activity: String) -> tokio::task::JoinHandle<()> {
+    let (mut rpc, token, every) = (s.rpc.clone(), s.token.clone(), s.heartbeat_every);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if let Err(e) = rpc.heartbeat(pb::HeartbeatRequest { session_token: token.clone(), activity: activity.clone() }).await {
+                tracing::debug!("heartbeat failed: {e}");
+            }
+        }
+    })
+}
+
+/// Streams the global model of `task`, checking it against the model the task names.
+async fn download(s: &mut Session, task: &pb::TrainTask, spec: &ModelSpec) -> anyhow::Result<TensorSet> {
+    let expected = spec.specs();
+    let limit: u64 = expected.iter().map(|t| t.num_elements() as u64 * 4).sum();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match try_download(s, task, &expected, limit).await {
+            Ok(set) => return Ok(set),
+            Err(e) if attempt < TRANSFER_ATTEMPTS && e.downcast_ref::<Status>().is_some_and(transient) => {
+                warn!("round {}: model download failed ({e}); retrying ({attempt}/{TRANSFER_ATTEMPTS})", task.round);
+                tokio::time::sleep(BACKOFF_START * attempt).await;
+            }
+            Err(e) => return Err(e.context(format!("downloading the global model for round {}", task.round))),
+        }
+    }
+}
+
+async fn try_download(s: &mut Session, task: &pb::TrainTask, expected: &[fedtune_common::tensors::TensorSpec], limit: u64) -> anyhow::Result<TensorSet> {
+    let mut frames = s.rpc.fetch_model(pb::FetchModelRequest { session_token: s.token.clone(), task_id: task.task_id.clone() }).await?.into_inner();
+    let manifest = match frames.next().await {
+        Some(Ok(pb::ModelFrame { frame: Some(model_frame::Frame::Manifest(m)) })) => m,
+        Some(Ok(_)) => bail!("model stream did not start with a manifest"),
+        Some(Err(st)) => return Err(st.into()),
+        None => bail!("model stream was empty"),
+    };
+    let mut asm = Assembler::new(manifest, limit)?;
+    check_specs(asm.specs(), expected).context("the coordinator's model does not match the model the task names")?;
+    while let Some(frame) = frames.next().await {
+        match frame? {
+            pb::ModelFrame { frame: Some(model_frame::Frame::Chunk(c)) } => asm.push(&c)?,
+            _ => bail!("unexpected frame in the model stream"),
+        }
+    }
+    Ok(asm.finish()?.into_tensor_set()?)
+}
+
+/// Uploads `update` for `task`; retries transient failures with the same task id (the
+/// coordinator counts a task once). Returns (counted, bytes sent, what the coordinator said).
+async fn upload(s: &mut Session, task: &pb::TrainTask, update: &LocalUpdate) -> anyhow::Result<(bool, u64, String)> {
+    let encoded = EncodedTensors::encode(&update.delta, task.model_version, MAX_CHUNK_BYTES)?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let header = pb::UpdateHeader {
+            session_token: s.token.clone(),
+            task_id: task.task_id.clone(),
+            round: task.round,
+            model_version: task.model_version,
+            num_examples: update.num_examples,
+            manifest: Some(encoded.manifest.clone()),
+            metrics: update.metrics.clone(),
+        };
+        let frames = std::iter::once(pb::UpdateFrame { frame: Some(update_frame::Frame::Header(header)) })
+            .chain(encoded.chunks.iter().cloned().map(|c| pb::UpdateFrame { frame: Some(update_frame::Frame::Chunk(c)) }))
+            .collect::<Vec<_>>();
+        match s.rpc.submit_update(tokio_stream::iter(frames)).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let counted = r.outcome == Outcome::Accepted as i32 || r.outcome == Outcome::Duplicate as i32;
+                return Ok((counted, encoded.total_bytes(), r.message));
+            }
+            Err(st) if attempt < TRANSFER_ATTEMPTS && transient(&st) => {
+                warn!("round {}: upload failed ({}); retrying ({attempt}/{TRANSFER_ATTEMPTS})", task.round, st.message());
+                tokio::time::sleep(BACKOFF_START * attempt).await;
+            }
+            Err(st) if matches!(st.code(), Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound) => {
+                // The round goes on without this update; so does this client.
+                warn!("round {}: coordinator refused the update: {}", task.round, st.message());
+                return Ok((false, encoded.total_bytes(), format!("refused: {}", st.message())));
+            }
+            Err(st) => return Err(st.into()),
+        }
+    }
+}
+
+/// Whether to draw a progress bar: only on a terminal.
+pub fn stderr_is_terminal() -> bool {
+    std::io::stderr().is_terminal()
+}

@@ -1,0 +1,163 @@
+//! safetensors files in and out: the global model after every round, and pre-trained weights in.
+//!
+//! Files are written atomically (a temporary file in the same folder, then a rename), so a
+//! crash never leaves a half-written model where a reader expects a whole one.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors, View};
+
+use crate::tensors::{NamedTensor, TensorSet, TensorSpec};
+use crate::wire::decode_le;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{}: {message}", path.display())]
+    Io { path: PathBuf, message: String },
+    #[error("{}: not a valid safetensors file: {message}", path.display())]
+    Format { path: PathBuf, message: String },
+    #[error("{}: tensor `{name}` has dtype {dtype}; only F32 tensors can be loaded", path.display())]
+    DType { path: PathBuf, name: String, dtype: String },
+    #[error("{}: tensor `{name}` has shape {actual:?} but the model's `{name}` is {expected:?}", path.display())]
+    Shape { path: PathBuf, name: String, expected: Vec<usize>, actual: Vec<usize> },
+    #[error("{}: none of the model's tensors were found (the file has {}); check that the file belongs to this model", path.display(), unused.join(", "))]
+    NothingApplied { path: PathBuf, unused: Vec<String> },
+}
+
+struct F32View<'a>(&'a NamedTensor);
+
+impl View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let mut out = Vec::with_capacity(self.0.data.len() * 4);
+        for v in &self.0.data {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        Cow::Owned(out)
+    }
+    fn data_len(&self) -> usize {
+        self.0.data.len() * 4
+    }
+}
+
+/// Writes `set` to `path` atomically, with string metadata.
+pub fn save(set: &TensorSet, metadata: HashMap<String, String>, path: &Path) -> Result<(), CheckpointError> {
+    let io = |e: &dyn std::fmt::Display| CheckpointError::Io { path: path.to_path_buf(), message: e.to_string() };
+    let tmp = tmp_path(path);
+    safetensors::serialize_to_file(set.tensors().iter().map(|t| (t.name.as_str(), F32View(t))), Some(metadata), &tmp)
+        .map_err(|e| io(&e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(&e))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Reads every tensor of a safetensors file (all must be F32), with its metadata.
+pub fn load(path: &Path) -> Result<(TensorSet, HashMap<String, String>), CheckpointError> {
+    let bytes = std::fs::read(path).map_err(|e| CheckpointError::Io { path: path.to_path_buf(), message: format!("cannot read: {e}") })?;
+    let format = |e: &dyn std::fmt::Display| CheckpointError::Format { path: path.to_path_buf(), message: e.to_string() };
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format(&e))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| format(&e))?;
+    let mut tensors = Vec::new();
+    // Sorted for a stable order; the model's own order is restored by `load_for_model`.
+    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    names.sort();
+    for name in names {
+        let view = st.tensor(&name).map_err(|e| format(&e))?;
+        if view.dtype() != Dtype::F32 {
+            return Err(CheckpointError::DType { path: path.to_path_buf(), name, dtype: format!("{:?}", view.dtype()) });
+        }
+        let t = NamedTensor::new(name, view.shape().to_vec(), decode_le(view.data()).collect()).map_err(|e| format(&e))?;
+        tensors.push(t);
+    }
+    let set = TensorSet::new(tensors).map_err(|e| format(&e))?;
+    Ok((set, meta.metadata().clone().unwrap_or_default()))
+}
+
+/// What loading pre-trained weights into a model did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadReport {
+    pub applied: Vec<String>,
+    /// Model tensors the file lacks: they keep their fresh initialisation.
+    pub missing: Vec<String>,
+    /// File tensors the model has no place for: ignored.
+    pub unused: Vec<String>,
+}
+
+/// Loads `path` onto a model whose parameters are `init` (fresh weights): tensors found in the
+/// file replace the fresh ones; a shape mismatch is an error naming the tensor and both shapes.
+pub fn load_for_model(path: &Path, init: &TensorSet) -> Result<(TensorSet, LoadReport), CheckpointError> {
+    let (file, _) = load(path)?;
+    let specs: Vec<TensorSpec> = init.specs();
+    let mut report = LoadReport { applied: vec![], missing: vec![], unused: vec![] };
+    let mut out = Vec::with_capacity(init.len());
+    for t in init.tensors() {
+        match file.get(&t.name) {
+            Some(f) if f.shape != t.shape => {
+                return Err(CheckpointError::Shape { path: path.to_path_buf(), name: t.name.clone(), expected: t.shape.clone(), actual: f.shape.clone() });
+            }
+            Some(f) => {
+                report.applied.push(t.name.clone());
+                out.push(f.clone());
+            }
+            None => {
+                report.missing.push(t.name.clone());
+                out.push(t.clone());
+            }
+        }
+    }
+    report.unused = file.tensors().iter().filter(|t| !specs.iter().any(|s| s.name == t.name)).map(|t| t.name.clone()).collect();
+    if report.applied.is_empty() {
+        return Err(CheckpointError::NothingApplied { path: path.to_path_buf(), unused: report.unused });
+    }
+    let set = TensorSet::new(out).map_err(|e| CheckpointError::Format { path: path.to_path_buf(), message: e.to_string() })?;
+    Ok((set, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_round_trip_and_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        let set = TensorSet::new(vec![
+            NamedTensor::new("fc1.weight", vec![2, 3], vec![1.0, -2.0, 3.5, 0.0, 1e-30, 7.0]).unwrap(),
+            NamedTensor::new("fc1.bias", vec![3], vec![0.5, 0.25, -0.125]).unwrap(),
+        ])
+        .unwrap();
+        save(&set, HashMap::from([("round".into(), "3".into())]), &p).unwrap();
+        let (back, meta) = load(&p).unwrap();
+        assert_eq!(meta.get("round").map(String::as_str), Some("3"));
+        assert_eq!(back.get("fc1.weight"), set.get("fc1.weight"));
+
+        let init = TensorSet::new(vec![
+            NamedTensor::new("fc1.weight", vec![2, 3], vec![0.0; 6]).unwrap(),
+            NamedTensor::new("fc2.weight", vec![1], vec![9.0]).unwrap(),
+        ])
+        .unwrap();
+        let (loaded, report) = load_for_model(&p, &init).unwrap();
+        assert_eq!(report.applied, vec!["fc1.weight"]);
+        assert_eq!(report.missing, vec!["fc2.weight"]);
+        assert_eq!(report.unused, vec!["fc1.bias"]);
+        assert_eq!(loaded.get("fc1.weight"), set.get("fc1.weight"));
+        assert_eq!(loaded.get("fc2.weight").unwrap().data, vec![9.0]);
+
+        let wrong = TensorSet::new(vec![NamedTensor::new("fc1.weight", vec![3, 2], vec![0.0; 6]).unwrap()]).unwrap();
+        let e = load_for_model(&p, &wrong).unwrap_err().to_string();
+        assert!(e.contains("fc1.weight") && e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+        std::fs::write(&p, b"garbage").unwrap();
+        assert!(matches!(load(&p), Err(CheckpointError::Format { .. })));
+    }
+}

@@ -1,0 +1,153 @@
+//! Local data: image datasets read from IDX folders, validation splits and non-IID partitions.
+
+pub mod idx;
+mod partition;
+mod split;
+
+use std::path::{Path, PathBuf};
+
+pub use partition::dirichlet_partition;
+pub use split::validation_split;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error(transparent)]
+    Idx(#[from] idx::IdxError),
+    #[error("{}: {reason}", path.display())]
+    Folder { path: PathBuf, reason: String },
+    #[error("{images} and {labels} disagree: {image_count} images but {label_count} labels")]
+    CountMismatch { images: String, labels: String, image_count: usize, label_count: usize },
+    #[error("{path}: label {label} at index {index} is not below the number of classes ({classes})")]
+    LabelOutOfRange { path: String, index: usize, label: u8, classes: u32 },
+}
+
+/// Grey images with one u8 label each, stored contiguously (`len * rows * cols` bytes).
+#[derive(Debug, Clone)]
+pub struct ImageDataset {
+    pub images: Vec<u8>,
+    pub labels: Vec<u8>,
+    pub rows: usize,
+    pub cols: usize,
+    /// Where it came from, for messages.
+    pub source: String,
+}
+
+impl ImageDataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.rows * self.cols;
+        &self.images[i * n..(i + 1) * n]
+    }
+
+    /// Reads an images file and its labels file.
+    pub fn read_pair(images: &Path, labels: &Path) -> Result<Self, DataError> {
+        let img = idx::read(images)?;
+        let lab = idx::read(labels)?;
+        if img.dims.len() != 3 {
+            return Err(idx::IdxError { path: images.into(), reason: format!("images must have 3 dimensions (count, rows, cols), found {:?}", img.dims) }.into());
+        }
+        if lab.dims.len() != 1 {
+            return Err(idx::IdxError { path: labels.into(), reason: format!("labels must have 1 dimension, found {:?}", lab.dims) }.into());
+        }
+        if img.dims[0] != lab.dims[0] {
+            return Err(DataError::CountMismatch {
+                images: images.display().to_string(),
+                labels: labels.display().to_string(),
+                image_count: img.dims[0],
+                label_count: lab.dims[0],
+            });
+        }
+        Ok(Self { images: img.values, labels: lab.values, rows: img.dims[1], cols: img.dims[2], source: images.display().to_string() })
+    }
+
+    /// Every label must index one of `classes` outputs.
+    pub fn check_labels(&self, classes: u32) -> Result<(), DataError> {
+        match self.labels.iter().position(|&l| u32::from(l) >= classes) {
+            None => Ok(()),
+            Some(index) => Err(DataError::LabelOutOfRange { path: self.source.clone(), index, label: self.labels[index], classes }),
+        }
+    }
+
+    /// The examples at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Self {
+        let mut images = Vec::with_capacity(indices.len() * self.rows * self.cols);
+        for &i in indices {
+            images.extend_from_slice(self.image(i));
+        }
+        Self { images, labels: indices.iter().map(|&i| self.labels[i]).collect(), rows: self.rows, cols: self.cols, source: self.source.clone() }
+    }
+
+    /// Writes `<dir>/<prefix>images-idx3-ubyte` and `<dir>/<prefix>labels-idx1-ubyte`.
+    pub fn write_pair(&self, dir: &Path, prefix: &str) -> std::io::Result<()> {
+        idx::write(&dir.join(format!("{prefix}images-idx3-ubyte")), &[self.len(), self.rows, self.cols], &self.images)?;
+        idx::write(&dir.join(format!("{prefix}labels-idx1-ubyte")), &[self.len()], &self.labels)
+    }
+}
+
+/// A data folder: a training set and, when the folder has one, a separate test set.
+#[derive(Debug)]
+pub struct DataFolder {
+    pub train: ImageDataset,
+    pub test: Option<ImageDataset>,
+}
+
+const IMAGES_SUFFIX: &str = "images-idx3-ubyte";
+const LABELS_SUFFIX: &str = "labels-idx1-ubyte";
+
+impl DataFolder {
+    /// Opens a folder of IDX pairs as Fashion-MNIST ships them. With both `train-*` and `t10k-*`
+    /// pairs, training uses `train-*` and evaluation `t10k-*`; a folder with one pair uses it.
+    pub fn open(dir: &Path) -> Result<Self, DataError> {
+        let folder_err = |reason: String| DataError::Folder { path: dir.to_path_buf(), reason };
+        let entries = std::fs::read_dir(dir).map_err(|e| folder_err(format!("cannot read the data folder: {e}")))?;
+        // prefix -> (images, labels)
+        let mut pairs: std::collections::BTreeMap<String, (Option<PathBuf>, Option<PathBuf>)> = Default::default();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            let stem = name.strip_suffix(".gz").unwrap_or(name);
+            if let Some(prefix) = stem.strip_suffix(IMAGES_SUFFIX) {
+                pairs.entry(prefix.to_string()).or_default().0 = Some(path.clone());
+            } else if let Some(prefix) = stem.strip_suffix(LABELS_SUFFIX) {
+                pairs.entry(prefix.to_string()).or_default().1 = Some(path.clone());
+            }
+        }
+        let mut complete = Vec::new();
+        for (prefix, (images, labels)) in &pairs {
+            match (images, labels) {
+                (Some(i), Some(l)) => complete.push((prefix.clone(), i.clone(), l.clone())),
+                (Some(i), None) => return Err(folder_err(format!("{} has no matching `{prefix}{LABELS_SUFFIX}[.gz]` file", i.display()))),
+                (None, Some(l)) => return Err(folder_err(format!("{} has no matching `{prefix}{IMAGES_SUFFIX}[.gz]` file", l.display()))),
+                (None, None) => {}
+            }
+        }
+        let find = |p: &str| complete.iter().find(|(prefix, _, _)| prefix == p);
+        match (find("train-"), find("t10k-"), complete.as_slice()) {
+            (Some(train), Some(test), _) => Ok(Self {
+                train: ImageDataset::read_pair(&train.1, &train.2)?,
+                test: Some(ImageDataset::read_pair(&test.1, &test.2)?),
+            }),
+            (_, _, [only]) => Ok(Self { train: ImageDataset::read_pair(&only.1, &only.2)?, test: None }),
+            (_, _, []) => Err(folder_err(format!(
+                "no IDX data found: expected files ending in `{IMAGES_SUFFIX}` and `{LABELS_SUFFIX}` (optionally .gz), e.g. Fashion-MNIST's train-images-idx3-ubyte.gz"
+            ))),
+            (_, _, many) => Err(folder_err(format!(
+                "found {} IDX pairs ({}); a folder holds one pair, or a `train-` and a `t10k-` pair",
+                many.len(),
+                many.iter().map(|(p, _, _)| format!("`{p}*`")).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    /// The evaluation set: the test pair if the folder has one, else the training pair.
+    pub fn evaluation_set(self) -> ImageDataset {
+        self.test.unwrap_or(self.train)
+    }
+}

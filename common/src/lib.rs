@@ -1,0 +1,19 @@
+//! What the coordinator and the client share.
+//!
+//! - [`tensors`]: named flat tensors, the currency between burn, the wire and aggregation.
+//! - [`wire`]: the chunked tensor codec of the protocol (the only module that sees gRPC types).
+//! - [`params`]: burn modules <-> named tensors.
+//! - [`models`], [`data`], [`metrics`], [`train`]: the ML side; none of it knows about gRPC.
+//! - [`checkpoint`]: safetensors files in and out.
+//! - [`device`]: choosing flex / libtorch / CUDA at run time.
+
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod logging;
+pub mod metrics;
+pub mod models;
+pub mod params;
+pub mod tensors;
+pub mod train;
+pub mod wire;

@@ -1,0 +1,325 @@
+//! The tensor codec of the wire protocol: a manifest, then raw little-endian chunks.
+//!
+//! A tensor set is encoded once into one buffer ([`EncodedTensors`]); its chunks are `Bytes`
+//! slices of that buffer, so streaming the same broadcast to many clients copies nothing. The
+//! receiving side ([`Assembler`]) checks every chunk as it arrives (order, size, checksum) and
+//! the whole payload at the end, and refuses to allocate more than the caller expects.
+
+use bytes::Bytes;
+use fedtune_proto as pb;
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+
+use crate::tensors::{NamedTensor, TensorError, TensorSet, TensorSpec};
+
+pub use fedtune_proto::MAX_CHUNK_BYTES;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WireError {
+    #[error("chunk size {0} is outside 1..={MAX_CHUNK_BYTES} bytes")]
+    BadChunkSize(u32),
+    #[error("tensor `{name}` has dtype {dtype}; only f32 is supported")]
+    UnsupportedDType { name: String, dtype: i32 },
+    #[error("manifest says {declared} bytes but its tensors' shapes add up to {computed} bytes")]
+    SizeMismatch { declared: u64, computed: u64 },
+    #[error("tensor `{name}`: shape {shape:?} is too large")]
+    ShapeOverflow { name: String, shape: Vec<u64> },
+    #[error("payload of {declared} bytes exceeds what the receiver expects ({limit} bytes)")]
+    TooLarge { declared: u64, limit: u64 },
+    #[error("chunk at offset {got} arrived out of order (expected offset {expected})")]
+    OutOfOrder { expected: u64, got: u64 },
+    #[error("chunk at offset {offset} has {len} bytes; chunks are 1..={chunk_size} bytes")]
+    BadChunkLength { offset: u64, len: usize, chunk_size: u32 },
+    #[error("chunk at offset {offset} runs past the declared payload end ({total} bytes)")]
+    Overrun { offset: u64, total: u64 },
+    #[error("chunk at offset {offset} is corrupted (checksum mismatch)")]
+    ChunkChecksum { offset: u64 },
+    #[error("payload ended after {received} of {total} bytes")]
+    Truncated { received: u64, total: u64 },
+    #[error("payload checksum mismatch: the assembled bytes differ from what the sender hashed")]
+    PayloadChecksum,
+    #[error("stream ended without a manifest")]
+    MissingManifest,
+    #[error("a second manifest arrived in the same stream")]
+    UnexpectedManifest,
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+}
+
+/// A tensor set encoded for the wire: the manifest and zero-copy chunks of one shared buffer.
+#[derive(Debug, Clone)]
+pub struct EncodedTensors {
+    pub manifest: pb::Manifest,
+    pub chunks: Vec<pb::Chunk>,
+}
+
+impl EncodedTensors {
+    /// Encodes `set` once. `chunk_size` must be within 1..=[`MAX_CHUNK_BYTES`].
+    pub fn encode(set: &TensorSet, model_version: u64, chunk_size: usize) -> Result<Self, WireError> {
+        if chunk_size == 0 || chunk_size > MAX_CHUNK_BYTES {
+            return Err(WireError::BadChunkSize(chunk_size.min(u32::MAX as usize) as u32));
+        }
+        let mut payload = Vec::with_capacity(set.byte_len());
+        for t in set.tensors() {
+            extend_le(&mut payload, &t.data);
+        }
+        let checksum = xxh3_64(&payload);
+        let payload = Bytes::from(payload);
+        let chunks = (0..payload.len())
+            .step_by(chunk_size)
+            .map(|start| {
+                let data = payload.slice(start..(start + chunk_size).min(payload.len()));
+                pb::Chunk { offset: start as u64, checksum: xxh3_64(&data), data }
+            })
+            .collect();
+        let manifest = pb::Manifest {
+            tensors: set.tensors().iter().map(tensor_info).collect(),
+            total_bytes: payload.len() as u64,
+            checksum,
+            chunk_size: chunk_size as u32,
+            model_version,
+        };
+        Ok(Self { manifest, chunks })
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.manifest.total_bytes
+    }
+}
+
+fn tensor_info(t: &NamedTensor) -> pb::TensorInfo {
+    pb::TensorInfo {
+        name: t.name.clone(),
+        shape: t.shape.iter().map(|&d| d as u64).collect(),
+        dtype: pb::DType::DtypeF32 as i32,
+    }
+}
+
+fn extend_le(out: &mut Vec<u8>, values: &[f32]) {
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Decodes little-endian f32 values (`bytes.len()` must be a multiple of 4; a trailing partial
+/// value is ignored, which the manifest checks rule out).
+pub fn decode_le(bytes: &[u8]) -> impl ExactSizeIterator<Item = f32> + '_ {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+/// Checks a manifest's internal consistency and returns its tensors' specs.
+pub fn manifest_specs(manifest: &pb::Manifest) -> Result<Vec<TensorSpec>, WireError> {
+    if manifest.chunk_size == 0 || manifest.chunk_size as usize > MAX_CHUNK_BYTES {
+        return Err(WireError::BadChunkSize(manifest.chunk_size));
+    }
+    let mut computed: u64 = 0;
+    let mut specs = Vec::with_capacity(manifest.tensors.len());
+    for t in &manifest.tensors {
+        if t.dtype != pb::DType::DtypeF32 as i32 {
+            return Err(WireError::UnsupportedDType { name: t.name.clone(), dtype: t.dtype });
+        }
+        let overflow = || WireError::ShapeOverflow { name: t.name.clone(), shape: t.shape.clone() };
+        let elements = t
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .and_then(|n| n.checked_mul(4))
+            .ok_or_else(overflow)?;
+        computed = computed.checked_add(elements).ok_or_else(overflow)?;
+        let shape = t
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| overflow()))
+            .collect::<Result<_, _>>()?;
+        specs.push(TensorSpec { name: t.name.clone(), shape });
+    }
+    if computed != manifest.total_bytes {
+        return Err(WireError::SizeMismatch { declared: manifest.total_bytes, computed });
+    }
+    Ok(specs)
+}
+
+/// Receives a chunked payload, checking each chunk as it arrives.
+pub struct Assembler {
+    manifest: pb::Manifest,
+    specs: Vec<TensorSpec>,
+    buf: Vec<u8>,
+    hasher: Xxh3,
+}
+
+impl Assembler {
+    /// Starts receiving the payload `manifest` describes. `limit` is the most bytes the caller
+    /// is prepared to hold: a manifest that declares more is refused before anything is allocated.
+    pub fn new(manifest: pb::Manifest, limit: u64) -> Result<Self, WireError> {
+        let specs = manifest_specs(&manifest)?;
+        if manifest.total_bytes > limit {
+            return Err(WireError::TooLarge { declared: manifest.total_bytes, limit });
+        }
+        let buf = Vec::with_capacity(manifest.total_bytes as usize);
+        Ok(Self { manifest, specs, buf, hasher: Xxh3::new() })
+    }
+
+    pub fn specs(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    pub fn received(&self) -> u64 {
+        self.buf.len() as u64
+    }
+
+    pub fn push(&mut self, chunk: &pb::Chunk) -> Result<(), WireError> {
+        let expected = self.buf.len() as u64;
+        if chunk.offset != expected {
+            return Err(WireError::OutOfOrder { expected, got: chunk.offset });
+        }
+        let len = chunk.data.len();
+        if len == 0 || len > self.manifest.chunk_size as usize {
+            return Err(WireError::BadChunkLength {
+                offset: chunk.offset,
+                len,
+                chunk_size: self.manifest.chunk_size,
+            });
+        }
+        if expected + len as u64 > self.manifest.total_bytes {
+            return Err(WireError::Overrun { offset: chunk.offset, total: self.manifest.total_bytes });
+        }
+        if xxh3_64(&chunk.data) != chunk.checksum {
+            return Err(WireError::ChunkChecksum { offset: chunk.offset });
+        }
+        self.hasher.update(&chunk.data);
+        self.buf.extend_from_slice(&chunk.data);
+        Ok(())
+    }
+
+    /// Ends the stream: every byte arrived and the whole-payload checksum matches.
+    pub fn finish(self) -> Result<Payload, WireError> {
+        let received = self.buf.len() as u64;
+        if received != self.manifest.total_bytes {
+            return Err(WireError::Truncated { received, total: self.manifest.total_bytes });
+        }
+        if self.hasher.digest() != self.manifest.checksum {
+            return Err(WireError::PayloadChecksum);
+        }
+        Ok(Payload { manifest: self.manifest, specs: self.specs, bytes: self.buf })
+    }
+}
+
+/// A complete, verified payload: raw bytes plus the tensors' specs.
+#[derive(Debug)]
+pub struct Payload {
+    pub manifest: pb::Manifest,
+    pub specs: Vec<TensorSpec>,
+    pub bytes: Vec<u8>,
+}
+
+impl Payload {
+    /// Each tensor's spec and its raw little-endian bytes, in manifest order.
+    pub fn tensors(&self) -> impl Iterator<Item = (&TensorSpec, &[u8])> {
+        let mut offset = 0;
+        self.specs.iter().map(move |s| {
+            let len = s.num_elements() * 4;
+            let bytes = &self.bytes[offset..offset + len];
+            offset += len;
+            (s, bytes)
+        })
+    }
+
+    /// Checks that every value is finite, naming the first tensor and index that is not.
+    pub fn check_finite(&self) -> Result<(), TensorError> {
+        for (spec, bytes) in self.tensors() {
+            if let Some((index, value)) = decode_le(bytes).enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(TensorError::NonFinite { name: spec.name.clone(), index, value });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn into_tensor_set(self) -> Result<TensorSet, WireError> {
+        let tensors = self
+            .tensors()
+            .map(|(spec, bytes)| NamedTensor::new(spec.name.clone(), spec.shape.clone(), decode_le(bytes).collect()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TensorSet::new(tensors)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn odd_set() -> TensorSet {
+        // Over 8 MiB in total, with sizes that do not divide the chunk size.
+        let sizes = [(vec![1031usize, 1013], "big"), (vec![7], "tiny"), (vec![999, 3, 337], "odd"), (vec![1], "one")];
+        let mut x = 0x9E3779B9u32;
+        let tensors = sizes
+            .iter()
+            .map(|(shape, name)| {
+                let n = shape.iter().product();
+                let data = (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        f32::from_bits(x & 0x7F7F_FFFF) // finite, any exponent, both signs not needed
+                    })
+                    .collect();
+                NamedTensor::new(*name, shape.clone(), data).unwrap()
+            })
+            .collect();
+        TensorSet::new(tensors).unwrap()
+    }
+
+    #[test]
+    fn chunked_round_trip_is_bit_exact_over_8_mib() {
+        let set = odd_set();
+        assert!(set.byte_len() > 8 << 20);
+        let enc = EncodedTensors::encode(&set, 3, MAX_CHUNK_BYTES).unwrap();
+        assert!(enc.chunks.iter().all(|c| c.data.len() <= MAX_CHUNK_BYTES));
+        let mut asm = Assembler::new(enc.manifest.clone(), set.byte_len() as u64).unwrap();
+        for c in &enc.chunks {
+            asm.push(c).unwrap();
+        }
+        let back = asm.finish().unwrap().into_tensor_set().unwrap();
+        for (a, b) in set.tensors().iter().zip(back.tensors()) {
+            assert_eq!(a.name, b.name);
+            assert_eq!(a.shape, b.shape);
+            assert!(a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+
+    #[test]
+    fn corrupted_chunk_is_refused() {
+        let set = odd_set();
+        let enc = EncodedTensors::encode(&set, 1, 1 << 16).unwrap();
+        let mut asm = Assembler::new(enc.manifest.clone(), u64::MAX).unwrap();
+        asm.push(&enc.chunks[0]).unwrap();
+        let mut bad = enc.chunks[1].clone();
+        let mut data = bad.data.to_vec();
+        data[17] ^= 0x01;
+        bad.data = Bytes::from(data);
+        assert_eq!(asm.push(&bad), Err(WireError::ChunkChecksum { offset: 1 << 16 }));
+    }
+
+    #[test]
+    fn stream_faults_are_refused() {
+        let set = odd_set();
+        let enc = EncodedTensors::encode(&set, 1, 1 << 20).unwrap();
+        // Too large for the receiver: refused before allocating.
+        assert!(matches!(Assembler::new(enc.manifest.clone(), 1024), Err(WireError::TooLarge { .. })));
+        // Out of order.
+        let mut asm = Assembler::new(enc.manifest.clone(), u64::MAX).unwrap();
+        assert!(matches!(asm.push(&enc.chunks[1]), Err(WireError::OutOfOrder { .. })));
+        // Truncated.
+        asm.push(&enc.chunks[0]).unwrap();
+        assert!(matches!(asm.finish(), Err(WireError::Truncated { .. })));
+        // A manifest whose sizes lie.
+        let mut lying = enc.manifest.clone();
+        lying.total_bytes -= 4;
+        assert!(matches!(Assembler::new(lying, u64::MAX), Err(WireError::SizeMismatch { .. })));
+        // Consistent chunks but a wrong whole-payload checksum.
+        let mut wrong = enc.manifest.clone();
+        wrong.checksum ^= 1;
+        let mut asm = Assembler::new(wrong, u64::MAX).unwrap();
+        enc.chunks.iter().for_each(|c| asm.push(c).unwrap());
+        assert!(matches!(asm.finish(), Err(WireError::PayloadChecksum)));
+    }
+}

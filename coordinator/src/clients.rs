@@ -1,0 +1,59 @@
+//! Who joined, their sessions, and whether they are still alive.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub id: String,
+    pub name: String,
+    pub device: String,
+    pub num_examples: u64,
+    pub last_seen: Instant,
+    /// The client has been told the run is over.
+    pub told_finished: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Clients {
+    by_token: HashMap<String, ClientInfo>,
+    joined: u64,
+}
+
+impl Clients {
+    /// Registers a client; returns its id and session token.
+    pub fn join(&mut self, name: &str, device: &str, num_examples: u64) -> (String, String) {
+        self.joined += 1;
+        let id = format!("c{}", self.joined);
+        let mut bytes = [0u8; 16];
+        rand::rng().fill_bytes(&mut bytes);
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let name = if name.trim().is_empty() { id.clone() } else { name.trim().to_string() };
+        self.by_token.insert(
+            token.clone(),
+            ClientInfo { id: id.clone(), name, device: device.to_string(), num_examples, last_seen: Instant::now(), told_finished: false },
+        );
+        (id, token)
+    }
+
+    /// The client holding `token`, marked as seen now.
+    pub fn touch(&mut self, token: &str) -> Option<&mut ClientInfo> {
+        let c = self.by_token.get_mut(token)?;
+        c.last_seen = Instant::now();
+        Some(c)
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&ClientInfo> {
+        self.by_token.values().find(|c| c.id == id)
+    }
+
+    /// Clients heard from within `timeout`, ordered by join order.
+    pub fn live(&self, timeout: Duration) -> Vec<&ClientInfo> {
+        let now = Instant::now();
+        let mut v: Vec<_> = self.by_token.values().filter(|c| now.duration_since(c.last_seen) <= timeout).collect();
+        v.sort_by_key(|c| c.id[1..].parse::<u64>().unwrap_or(u64::MAX));
+        v
+    }
+}

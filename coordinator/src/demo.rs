@@ -1,0 +1,173 @@
+//! `fedtune-coordinator demo`: a whole federation on this machine in one command. It splits
+//! Fashion-MNIST non-IID (Dirichlet) across N client folders, starts N `fedtune-client`
+//! processes against this coordinator on 127.0.0.1, runs the rounds with server-side evaluation
+//! on the test set, and prints a summary.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use fedtune_common::data::{DataFolder, dirichlet_partition};
+use fedtune_common::logging::{self, LogFormat};
+use fedtune_common::models::ModelSpec;
+use fedtune_common::train::OptimizerKind;
+use tokio::process::Command;
+
+use crate::config::ServeConfig;
+
+/// Where Debian's `dataset-fashion-mnist` package puts the full data set.
+pub const SYSTEM_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+/// The real subset committed with the sources (see its README for the licence).
+pub const BUNDLED_SUBSET: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/fashion-mnist-subset");
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Number of client processes.
+    #[arg(long, default_value_t = 3)]
+    pub clients: usize,
+    /// Federation rounds.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u64,
+    /// Model: mlp or cnn.
+    #[arg(long, default_value = "mlp")]
+    pub model: String,
+    /// Dirichlet concentration of the non-IID split (smaller = more skewed).
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    /// IDX folder with train-* and t10k-* pairs [default: /usr/share/datasets/fashion-mnist if
+    /// installed, else the subset bundled in data/fashion-mnist-subset].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output folder (client data, global model, metrics).
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 1)]
+    pub local_epochs: u32,
+    /// Local batch size.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: u32,
+    /// Local learning rate (Adam).
+    #[arg(long, default_value_t = 0.001)]
+    pub lr: f64,
+    /// Device of the clients: flex, libtorch or cuda:N.
+    #[arg(long, default_value = "flex")]
+    pub device: String,
+    /// Seed of the split, the initial model and the clients' shuffling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+fn default_data() -> PathBuf {
+    let system = Path::new(SYSTEM_FASHION_MNIST);
+    if system.join("train-images-idx3-ubyte.gz").is_file() { system.to_path_buf() } else { PathBuf::from(BUNDLED_SUBSET) }
+}
+
+/// The `fedtune-client` binary built beside this one.
+fn client_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("cannot locate the folder of this binary")?;
+    let client = dir.join(format!("fedtune-client{}", std::env::consts::EXE_SUFFIX));
+    if !client.is_file() {
+        bail!("{} not found: build both binaries with `cargo build --release` (the demo script does this)", client.display());
+    }
+    Ok(client)
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    logging::init(LogFormat::Text);
+    if args.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    let data_dir = args.data.clone().unwrap_or_else(default_data);
+    let folder = DataFolder::open(&data_dir).with_context(|| format!("cannot open demo data {}", data_dir.display()))?;
+    if folder.test.is_none() {
+        bail!("{}: the demo needs a train-* and a t10k-* pair (the test pair is the server-side evaluation set)", data_dir.display());
+    }
+    let model = ModelSpec::parse(&args.model, 10)?;
+    folder.train.check_labels(model.num_classes)?;
+    let client_bin = client_binary()?;
+
+    // Split the training set non-IID and give each client its own folder.
+    let parts = dirichlet_partition(&folder.train.labels, args.clients, args.alpha, args.seed);
+    let clients_dir = args.out.join("clients");
+    let mut client_dirs = Vec::new();
+    println!("fedtune demo: {} training examples from {} split across {} clients (Dirichlet alpha {}):", folder.train.len(), data_dir.display(), args.clients, args.alpha);
+    for (i, part) in parts.iter().enumerate() {
+        let dir = clients_dir.join(format!("client-{}", i + 1));
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let subset = folder.train.subset(part);
+        subset.write_pair(&dir, "train-").with_context(|| format!("cannot write client data to {}", dir.display()))?;
+        let mut counts = [0usize; 10];
+        subset.labels.iter().for_each(|&l| counts[(l as usize).min(9)] += 1);
+        println!("  client-{}: {:>6} examples, per class {:?}", i + 1, subset.len(), counts);
+        client_dirs.push(dir);
+    }
+
+    let cfg = ServeConfig {
+        listen: "127.0.0.1:0".parse()?,
+        rounds: args.rounds,
+        min_clients: args.clients,
+        model,
+        init: None,
+        out: args.out.clone(),
+        eval_data: Some(data_dir.clone()),
+        local_epochs: args.local_epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        optimizer: OptimizerKind::Adam,
+        round_timeout: Duration::from_secs(1800),
+        log_format: LogFormat::Text,
+        seed: args.seed,
+    };
+    let listener = crate::bind(&cfg).await?;
+    let url = format!("http://{}", listener.local_addr()?);
+
+    let mut children = Vec::new();
+    for (i, dir) in client_dirs.iter().enumerate() {
+        let child = Command::new(&client_bin)
+            .args(["run", "--coordinator", &url, "--data"])
+            .arg(dir)
+            .args(["--name", &format!("client-{}", i + 1), "--device", &args.device, "--no-progress"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", client_bin.display()))?;
+        children.push(child);
+    }
+
+    let summary = crate::serve(cfg, listener).await?;
+
+    let mut failed = Vec::new();
+    for (i, mut child) in children.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => failed.push(format!("client-{} exited with {status}", i + 1)),
+            Ok(Err(e)) => failed.push(format!("client-{}: {e}", i + 1)),
+            Err(_) => failed.push(format!("client-{} did not exit within 30 s of the end", i + 1)),
+        }
+    }
+
+    println!("\nfedtune demo: {} rounds, {} clients, model {} — server-side test accuracy per round:", summary.records.len(), args.clients, args.model);
+    println!("  round  accuracy  macro-F1  eval loss  train loss  round time");
+    for r in &summary.records {
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        println!(
+            "  {:>5}  {:>7.2}%  {:>8}  {:>9}  {:>10}  {:>8.1} s",
+            r.round,
+            r.eval_accuracy.unwrap_or(f64::NAN) * 100.0,
+            f(r.eval_f1),
+            f(r.eval_loss),
+            f(r.train_loss),
+            r.round_ms as f64 / 1000.0
+        );
+    }
+    println!("global model: {}", summary.global_path.display());
+    println!("metrics:      {}", summary.metrics_path.display());
+    if !failed.is_empty() {
+        bail!("some clients did not finish cleanly: {}", failed.join("; "));
+    }
+    Ok(())
+}

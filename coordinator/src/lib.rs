@@ -1,0 +1,102 @@
+//! The fedtune coordinator: holds the global model, runs federation rounds over gRPC and merges
+//! client updates.
+//!
+//! - [`config`]: `serve` settings (defaults < TOML < flags), validated once.
+//! - [`round`]: the round state machine, the heart; [`clients`]: who joined.
+//! - [`service`]: the thin tonic service over the engine.
+//! - [`strategy`]: streaming aggregation (FedAvg).
+//! - [`run_dir`], [`round_record`]: what each round writes and logs.
+//! - [`evaluation`]: server-side evaluation; [`demo`]: the one-command local federation.
+
+pub mod clients;
+pub mod config;
+pub mod demo;
+pub mod evaluation;
+pub mod round;
+pub mod round_record;
+pub mod run_dir;
+pub mod service;
+pub mod strategy;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fedtune_common::checkpoint;
+use fedtune_proto::federation_server::FederationServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::config::ServeConfig;
+use crate::evaluation::ServerEval;
+use crate::round::{Federation, RunSummary};
+use crate::run_dir::RunDir;
+use crate::service::FederationService;
+
+/// HTTP/2 flow-control windows: the defaults (64 KiB) halve throughput for large models even
+/// on loopback.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Transport keep-alive, so idle connections through NATs and load balancers stay open.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Binds `cfg.listen` with an error that says what to do.
+pub async fn bind(cfg: &ServeConfig) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {} (is another coordinator running? choose another address with --listen)", cfg.listen))
+}
+
+/// Runs a whole federation on `listener` and returns when the last round is written.
+pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<RunSummary> {
+    let mut global = cfg.model.init_weights(cfg.seed).context("cannot initialise the model")?;
+    if let Some(path) = &cfg.init {
+        let (loaded, report) = checkpoint::load_for_model(path, &global)?;
+        info!("loaded pre-trained weights from {}: {} tensors applied, {} missing (fresh init), {} unused in the file", path.display(), report.applied.len(), report.missing.len(), report.unused.len());
+        if !report.missing.is_empty() {
+            info!("missing from {}: {}", path.display(), report.missing.join(", "));
+        }
+        if !report.unused.is_empty() {
+            info!("unused from {}: {}", path.display(), report.unused.join(", "));
+        }
+        global = loaded;
+    }
+    let server_eval = match &cfg.eval_data {
+        Some(dir) => {
+            let eval = ServerEval::open(dir, cfg.model)?;
+            info!("server-side evaluation on {} examples from {}", eval.len(), dir.display());
+            Some(Arc::new(eval))
+        }
+        None => None,
+    };
+    let run_dir = RunDir::create(&cfg.out)?;
+    let addr = listener.local_addr()?;
+    info!(
+        "coordinator listening on {addr}: model {} ({} tensors, {} parameters), {} rounds, waiting for {} clients; writing to {}",
+        cfg.model.kind,
+        global.len(),
+        global.num_params(),
+        cfg.rounds,
+        cfg.min_clients,
+        cfg.out.display()
+    );
+
+    let engine = Arc::new(Federation::new(cfg.clone(), global.specs()));
+    let service = FederationServer::new(FederationService::new(engine.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let server = tokio::spawn(server);
+
+    let result = engine.run(global, run_dir, server_eval).await;
+    let _ = stop_tx.send(());
+    // Open long-polls end with the server; give it a moment, then stop regardless.
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    result
+}

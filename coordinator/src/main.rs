@@ -1,0 +1,45 @@
+use clap::{Parser, Subcommand};
+use fedtune_coordinator::config::ServeArgs;
+use fedtune_coordinator::demo::{self, DemoArgs};
+
+/// fedtune coordinator: runs federated fine-tuning rounds and merges client updates.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a federation: wait for clients, run the rounds, write the global model and metrics.
+    Serve(ServeArgs),
+    /// Run a whole local federation on real data: this coordinator plus client processes on
+    /// 127.0.0.1, Fashion-MNIST split non-IID across the clients.
+    Demo(DemoArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Serve(args) => {
+            let cfg = args.resolve()?;
+            fedtune_common::logging::init(cfg.log_format);
+            runtime.block_on(async {
+                let listener = fedtune_coordinator::bind(&cfg).await?;
+                tokio::select! {
+                    summary = fedtune_coordinator::serve(cfg, listener) => {
+                        let summary = summary?;
+                        tracing::info!("run complete: {} rounds; global model in {}, metrics in {}", summary.records.len(), summary.global_path.display(), summary.metrics_path.display());
+                        Ok(())
+                    }
+                    _ = tokio::signal::ctrl_c() => {
+                        anyhow::bail!("interrupted; the last completed round's model and metrics are in the output folder")
+                    }
+                }
+            })
+        }
+        Command::Demo(args) => runtime.block_on(demo::run(args)),
+    }
+}

@@ -1,0 +1,74 @@
+//! What one round did: the object logged at INFO (as fields in JSON logs, as one aligned line in
+//! text logs) and written to `metrics.jsonl`.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub rounds: u64,
+    pub model_version: u64,
+    pub clients_selected: usize,
+    pub clients_reported: usize,
+    pub clients_failed: usize,
+    /// Example-weighted mean of the clients' training loss (last local epoch).
+    pub train_loss: Option<f64>,
+    /// `server` (the global model on `--eval-data`) or `clients` (weighted mean of the clients'
+    /// validation metrics, computed on their local model before upload).
+    pub eval_source: &'static str,
+    pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub eval_precision: Option<f64>,
+    pub eval_recall: Option<f64>,
+    pub eval_f1: Option<f64>,
+    pub eval_examples: u64,
+    pub bytes_down: u64,
+    pub bytes_up: u64,
+    pub aggregate_ms: u64,
+    pub eval_ms: u64,
+    pub round_ms: u64,
+}
+
+fn num(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{:5.2}%", v * 100.0))
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.2} {}", UNITS[u]) }
+}
+
+impl RoundRecord {
+    /// One aligned line for text logs.
+    pub fn text_line(&self) -> String {
+        let width = self.rounds.to_string().len();
+        format!(
+            "round {:>w$}/{} | clients {}/{} ok, {} failed | train loss {:>6} | eval[{}] loss {:>6} acc {:>7} f1 {:>6} | down {:>9} up {:>9} | agg {:>4} ms | round {:>6.2} s",
+            self.round,
+            self.rounds,
+            self.clients_reported,
+            self.clients_selected,
+            self.clients_failed,
+            num(self.train_loss, 4),
+            self.eval_source,
+            num(self.eval_loss, 4),
+            pct(self.eval_accuracy),
+            num(self.eval_f1, 4),
+            human_bytes(self.bytes_down),
+            human_bytes(self.bytes_up),
+            self.aggregate_ms,
+            self.round_ms as f64 / 1000.0,
+            w = width,
+        )
+    }
+}
