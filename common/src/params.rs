@@ -151,3 +151,40 @@ pub fn inject<M: Module>(module: M, set: &TensorSet) -> Result<M, ParamsError> {
     let mut mapper = Injector { path: PathStack::default(), set };
     Ok(module.map(&mut mapper))
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::models::ModelSpec;
+
+    #[test]
+    fn extract_inject_round_trip_is_bit_exact() {
+        let spec = ModelSpec::parse("cnn", 10).unwrap();
+        let device = Device::flex();
+        device.seed(1);
+        let a = spec.build(&device).unwrap();
+        let set_a = extract(&a).unwrap();
+        device.seed(2);
+        let b = inject(spec.build(&device).unwrap(), &set_a).unwrap();
+        let set_b = extract(&b).unwrap();
+        assert_eq!(set_a.len(), 8);
+        for (x, y) in set_a.tensors().iter().zip(set_b.tensors()) {
+            assert_eq!((&x.name, &x.shape), (&y.name, &y.shape));
+            assert!(x.data.iter().zip(&y.data).all(|(p, q)| p.to_bits() == q.to_bits()), "{}", x.name);
+        }
+        // Injection onto an autodiff device keeps the values too (what the client trains on).
+        let ad = device.clone().autodiff();
+        let c = inject(spec.build(&ad).unwrap(), &set_a).unwrap();
+        assert_eq!(extract(&c).unwrap(), set_a);
+    }
+
+    #[test]
+    fn inject_refuses_a_foreign_set() {
+        let spec = ModelSpec::parse("mlp", 10).unwrap();
+        let other = ModelSpec::parse("mlp", 5).unwrap().init_weights(0).unwrap();
+        let e = inject(spec.build(&Device::flex()).unwrap(), &other).unwrap_err().to_string();
+        assert!(e.contains("fc2") && e.contains("shape"), "{e}");
+    }
+}

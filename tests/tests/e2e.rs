@@ -1,0 +1,98 @@
+//! A whole federation as a user runs it: the real coordinator binary and three real client
+//! processes on 127.0.0.1, real Fashion-MNIST data split non-IID, three rounds.
+
+use std::path::Path;
+use std::time::Duration;
+
+use fedtune_common::data::{DataFolder, dirichlet_partition};
+use fedtune_tests::{Proc, client_bin, coordinator_bin, fashion_subset, free_port};
+
+const ROUNDS: usize = 3;
+const CLIENTS: usize = 3;
+
+fn run_federation(device: &str, dir: &Path) -> Vec<serde_json::Value> {
+    let folder = DataFolder::open(&fashion_subset()).unwrap();
+    // 6,000 of the 10,000 bundled training images, non-IID across the clients.
+    let train = folder.train.subset(&(0..6000).collect::<Vec<_>>());
+    let parts = dirichlet_partition(&train.labels, CLIENTS, 1.0, 7);
+    let port = free_port();
+    let out = dir.join("out");
+    let coordinator = Proc::spawn(
+        "coordinator",
+        coordinator_bin(),
+        &[
+            "serve", "--listen", &format!("127.0.0.1:{port}"), "--rounds", &ROUNDS.to_string(), "--min-clients", &CLIENTS.to_string(),
+            "--model", "mlp", "--eval-data", fashion_subset().to_str().unwrap(), "--out", out.to_str().unwrap(), "--log-format", "json",
+        ]
+        .map(String::from),
+        dir,
+    );
+    let mut coordinator = coordinator;
+    let mut clients: Vec<Proc> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let data = dir.join(format!("client{i}"));
+            std::fs::create_dir_all(&data).unwrap();
+            train.subset(part).write_pair(&data, "train-").unwrap();
+            let args = ["run", "--coordinator", &format!("http://127.0.0.1:{port}"), "--data", data.to_str().unwrap(), "--name", &format!("edge-{i}"), "--device", device, "--no-progress"].map(String::from);
+            Proc::spawn(&format!("client{i}"), client_bin(), &args, dir)
+        })
+        .collect();
+
+    let status = coordinator.wait(Duration::from_secs(300));
+    assert!(status.is_some_and(|s| s.success()), "coordinator failed: {status:?}\n{}", coordinator.output());
+    for c in &mut clients {
+        let status = c.wait(Duration::from_secs(60));
+        assert!(status.is_some_and(|s| s.success()), "{} failed: {status:?}\n{}", c.name, c.output());
+        let log = c.output();
+        // Each client logs its own line per round.
+        assert_eq!(log.matches("| train loss").count(), ROUNDS, "{}: {log}", c.name);
+    }
+
+    // The JSON round lines of the log and metrics.jsonl hold the same objects.
+    let logged: Vec<serde_json::Value> = coordinator
+        .output()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("clients_reported").is_some())
+        .collect();
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(metrics.len(), ROUNDS);
+    assert_eq!(logged.len(), ROUNDS);
+    for (m, l) in metrics.iter().zip(&logged) {
+        for key in ["round", "rounds", "clients_selected", "clients_reported", "clients_failed", "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "bytes_down", "bytes_up", "aggregate_ms", "round_ms"] {
+            assert!(m.get(key).is_some_and(|v| !v.is_null()), "metrics.jsonl lacks {key}: {m}");
+            assert_eq!(m.get(key), l.get(key), "log and metrics.jsonl differ on {key}");
+        }
+        assert_eq!(m["clients_reported"], CLIENTS);
+        assert_eq!(m["clients_failed"], 0);
+        assert_eq!(m["eval_source"], "server");
+        assert!(m["bytes_down"].as_u64().unwrap() >= 3 * 4 * 200_000, "{m}");
+    }
+    assert!(out.join("global.safetensors").is_file());
+    metrics
+}
+
+fn accuracy(m: &serde_json::Value) -> f64 {
+    m["eval_accuracy"].as_f64().unwrap()
+}
+
+#[test]
+fn three_clients_three_rounds_on_fashion_mnist() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = run_federation("flex", dir.path());
+    let acc: Vec<f64> = metrics.iter().map(accuracy).collect();
+    assert!(acc[ROUNDS - 1] > acc[0], "accuracy did not rise over the rounds: {acc:?}");
+    assert!(acc[ROUNDS - 1] > 0.70, "final accuracy too low: {acc:?}");
+}
+
+#[cfg(feature = "tch")]
+#[test]
+fn three_libtorch_clients_three_rounds_on_fashion_mnist() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = run_federation("libtorch", dir.path());
+    let acc: Vec<f64> = metrics.iter().map(accuracy).collect();
+    assert!(acc[ROUNDS - 1] > acc[0], "accuracy did not rise over the rounds: {acc:?}");
+    assert!(acc[ROUNDS - 1] > 0.70, "final accuracy too low: {acc:?}");
+}
