@@ -7,7 +7,7 @@ use std::time::Instant;
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::models::ModelSpec;
 use fedtune_common::params;
-use fedtune_common::tensors::{NamedTensor, TensorSet};
+use fedtune_common::tensors::{NamedTensor, TensorSet, TensorSpec};
 use fedtune_common::train::{self, Progress, TrainSettings};
 
 use crate::local_data::LocalData;
@@ -38,12 +38,26 @@ pub fn fine_tune(
     let autodiff = plain.clone().autodiff();
     autodiff.seed(settings.seed);
     let model = params::inject(spec.build(&autodiff)?, global)?;
-    let outcome = train::train(model, &data.train, &data.train_idx, settings, &autodiff, on_progress);
+    let outcome = train::train(
+        model,
+        &data.train,
+        &data.train_idx,
+        settings,
+        &autodiff,
+        on_progress,
+    );
     let train_ms = started.elapsed().as_millis() as f64;
 
     let local = params::extract(&outcome.model)?;
     let delta = local.delta_from(global)?;
-    let eval = train::evaluate(&outcome.model, &data.train, &data.val_idx, EVAL_BATCH, spec.num_classes as usize, &plain);
+    let eval = train::evaluate(
+        &outcome.model,
+        &data.train,
+        &data.val_idx,
+        EVAL_BATCH,
+        spec.num_classes as usize,
+        &plain,
+    );
     let m = eval.metrics();
     let metrics = HashMap::from([
         ("train_loss".to_string(), outcome.train_loss),
@@ -55,16 +69,27 @@ pub fn fine_tune(
         ("val_examples".to_string(), m.examples as f64),
         ("train_ms".to_string(), train_ms),
     ]);
-    Ok(LocalUpdate { delta, num_examples: data.train_idx.len() as u64, metrics })
+    Ok(LocalUpdate {
+        delta,
+        num_examples: data.train_idx.len() as u64,
+        metrics,
+    })
 }
 
 /// `--train none`: a small fixed delta for every parameter, without training (protocol
 /// benchmarks).
-pub fn fixed_update(global: &TensorSet, num_examples: u64) -> anyhow::Result<LocalUpdate> {
-    let tensors = global
-        .tensors()
+pub fn fixed_update(specs: &[TensorSpec], num_examples: u64) -> anyhow::Result<LocalUpdate> {
+    let tensors = specs
         .iter()
-        .map(|t| NamedTensor { name: t.name.clone(), shape: t.shape.clone(), data: vec![FIXED_DELTA; t.data.len()] })
+        .map(|s| NamedTensor {
+            name: s.name.clone(),
+            shape: s.shape.clone(),
+            data: vec![FIXED_DELTA; s.num_elements()],
+        })
         .collect();
-    Ok(LocalUpdate { delta: TensorSet::new(tensors)?, num_examples, metrics: HashMap::new() })
+    Ok(LocalUpdate {
+        delta: TensorSet::new(tensors)?,
+        num_examples,
+        metrics: HashMap::new(),
+    })
 }

@@ -5,6 +5,7 @@
 //! - [`fine_tune`]: a Train task -> a delta and metrics (no gRPC).
 //! - [`local_data`]: the private data and its validation split; [`progress`]: what a user sees.
 
+pub mod bench;
 pub mod fine_tune;
 pub mod local_data;
 pub mod progress;

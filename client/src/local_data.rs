@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use fedtune_common::data::{DataFolder, ImageDataset, validation_split};
+use fedtune_common::models::IMAGE_SIZE;
 
 pub struct LocalData {
     /// The training pair (train-* when the folder has one).
@@ -21,22 +22,33 @@ impl LocalData {
         if !(0.0..1.0).contains(&val_fraction) {
             bail!("--val-fraction must be in [0, 1), got {val_fraction}");
         }
-        let folder = DataFolder::open(dir).with_context(|| format!("cannot load local data from {}", dir.display()))?;
+        let folder = DataFolder::open(dir)
+            .with_context(|| format!("cannot load local data from {}", dir.display()))?;
         if folder.train.len() < 2 {
-            bail!("{}: at least 2 training examples are needed (found {})", dir.display(), folder.train.len());
+            bail!(
+                "{}: at least 2 training examples are needed (found {})",
+                dir.display(),
+                folder.train.len()
+            );
         }
         let (train_idx, val_idx) = validation_split(folder.train.len(), val_fraction, seed);
-        Ok(Self { train: folder.train, train_idx, val_idx, test: folder.test })
+        Ok(Self {
+            train: folder.train,
+            train_idx,
+            val_idx,
+            test: folder.test,
+        })
     }
 
     pub fn check_classes(&self, num_classes: u32) -> anyhow::Result<()> {
-        self.train.check_labels(num_classes).context("local data does not fit the coordinator's model")?;
+        self.train
+            .check_labels(num_classes)
+            .context("local data does not fit the coordinator's model")?;
         if let Some(test) = &self.test {
-            test.check_labels(num_classes).context("local test data does not fit the coordinator's model")?;
+            test.check_labels(num_classes)
+                .context("local test data does not fit the coordinator's model")?;
         }
-        if self.train.rows != 28 || self.train.cols != 28 {
-            bail!("{}: images are {}x{}, the built-in models take 28x28", self.train.source, self.train.rows, self.train.cols);
-        }
+        self.train.check_image_size(IMAGE_SIZE, IMAGE_SIZE)?;
         Ok(())
     }
 }

@@ -19,6 +19,29 @@ struct Cli {
 enum Command {
     /// Join a coordinator and work until it says the federation is finished.
     Run(RunArgs),
+    /// List the compute devices this binary can use.
+    Devices,
+    /// Time the local training step of a built-in model (forward, backward, Adam step).
+    BenchStep(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// IDX folder with the images to train on.
+    #[arg(long)]
+    data: PathBuf,
+    /// Model: mlp or cnn.
+    #[arg(long, default_value = "cnn")]
+    model: String,
+    /// Batch sizes to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "64,256")]
+    batch_sizes: Vec<usize>,
+    /// Device: flex, libtorch or cuda:N.
+    #[arg(long, default_value = "flex")]
+    device: DeviceChoice,
+    /// Timed steps per batch size (after 5 warm-up steps).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -65,9 +88,18 @@ struct RunArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Command::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Devices => {
+            println!("{}", fedtune_common::device::describe());
+            return Ok(());
+        }
+        Command::BenchStep(args) => return bench_step(args),
+    };
     logging::init(args.log_format);
-    let name = args.name.unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "client".into()));
+    let name = args
+        .name
+        .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "client".into()));
     let opts = ClientOptions {
         coordinator: args.coordinator,
         data: args.data,
@@ -84,5 +116,19 @@ fn main() -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(session::run(opts))?;
+    Ok(())
+}
+
+fn bench_step(args: BenchArgs) -> anyhow::Result<()> {
+    let spec = fedtune_common::models::ModelSpec::parse(&args.model, 10)?;
+    let data = fedtune_common::data::DataFolder::open(&args.data)?.train;
+    let device = args.device.device()?;
+    for &batch in &args.batch_sizes {
+        let t = fedtune_client::bench::time_steps(&spec, &data, batch, 5, args.steps, &device)?;
+        println!(
+            "bench-step model={} device={} batch={} steps={} mean_ms={:.3}",
+            args.model, args.device, t.batch_size, t.steps, t.mean_ms
+        );
+    }
     Ok(())
 }

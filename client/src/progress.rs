@@ -7,7 +7,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub enum ProgressView {
     Bar(ProgressBar),
-    Log { name: String, round: u64, epoch_started: Instant, loss_sum: f64, steps: usize },
+    Log {
+        name: String,
+        round: u64,
+        epoch_started: Instant,
+        loss_sum: f64,
+        steps: usize,
+    },
 }
 
 impl ProgressView {
@@ -15,14 +21,22 @@ impl ProgressView {
         if bar {
             let pb = ProgressBar::new(0);
             pb.set_style(
-                ProgressStyle::with_template("round {prefix} {msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "round {prefix} {msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             pb.set_prefix(round.to_string());
             Self::Bar(pb)
         } else {
-            Self::Log { name: name.to_string(), round, epoch_started: Instant::now(), loss_sum: 0.0, steps: 0 }
+            Self::Log {
+                name: name.to_string(),
+                round,
+                epoch_started: Instant::now(),
+                loss_sum: 0.0,
+                steps: 0,
+            }
         }
     }
 
@@ -33,11 +47,24 @@ impl ProgressView {
                 pb.set_position(((p.epoch as usize - 1) * p.steps_per_epoch + p.step) as u64);
                 pb.set_message(format!("epoch {}/{} loss {:.4}", p.epoch, p.epochs, p.loss));
             }
-            Self::Log { name, round, epoch_started, loss_sum, steps } => {
+            Self::Log {
+                name,
+                round,
+                epoch_started,
+                loss_sum,
+                steps,
+            } => {
                 *loss_sum += p.loss;
                 *steps += 1;
                 if p.step == p.steps_per_epoch {
-                    tracing::info!("{name} round {round} epoch {}/{}: mean loss {:.4} over {} steps in {:.1} s", p.epoch, p.epochs, *loss_sum / *steps as f64, steps, epoch_started.elapsed().as_secs_f64());
+                    tracing::info!(
+                        "{name} round {round} epoch {}/{}: mean loss {:.4} over {} steps in {:.1} s",
+                        p.epoch,
+                        p.epochs,
+                        *loss_sum / *steps as f64,
+                        steps,
+                        epoch_started.elapsed().as_secs_f64()
+                    );
                     *epoch_started = Instant::now();
                     *loss_sum = 0.0;
                     *steps = 0;

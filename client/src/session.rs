@@ -1,6 +1,7 @@
 //! The client's side of the protocol: connect, join, pull tasks, download the model, upload the
 //! update. Reconnects by itself with backoff; re-joins when the coordinator restarted.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,11 +9,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::models::{ModelKind, ModelSpec};
-use fedtune_common::tensors::{TensorSet, check_specs};
+use fedtune_common::tensors::{TensorSpec, check_specs};
 use fedtune_common::train::TrainSettings;
-use fedtune_common::wire::{Assembler, EncodedTensors, MAX_CHUNK_BYTES};
+use fedtune_common::wire::{Assembler, EncodedTensors, MAX_CHUNK_BYTES, Payload};
 use fedtune_proto::federation_client::FederationClient;
-use fedtune_proto::{self as pb, PROTOCOL_VERSION, model_frame, submit_reply::Outcome, task::Kind, update_frame};
+use fedtune_proto::{
+    self as pb, PROTOCOL_VERSION, model_frame, submit_reply::Outcome, task::Kind, update_frame,
+};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -67,7 +70,9 @@ struct Session {
 
 fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
     Ok(Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("invalid coordinator URL `{url}` (expected e.g. http://10.0.0.5:50051)"))?
+        .with_context(|| {
+            format!("invalid coordinator URL `{url}` (expected e.g. http://10.0.0.5:50051)")
+        })?
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
@@ -77,7 +82,17 @@ fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
 }
 
 fn transient(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted | Code::DataLoss | Code::Internal | Code::ResourceExhausted)
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::DataLoss
+            | Code::Internal
+            | Code::ResourceExhausted
+    )
 }
 
 struct Backoff {
@@ -88,7 +103,11 @@ struct Backoff {
 
 impl Backoff {
     fn new(give_up_after: Duration) -> Self {
-        Self { next: BACKOFF_START, down_since: None, give_up_after }
+        Self {
+            next: BACKOFF_START,
+            down_since: None,
+            give_up_after,
+        }
     }
 
     fn reset(&mut self) {
@@ -98,12 +117,21 @@ impl Backoff {
 
     /// Sleeps before the next attempt; fails once the coordinator has been away too long.
     async fn wait(&mut self, what: &str, err: &dyn std::fmt::Display) -> anyhow::Result<()> {
-        let since = *self.down_since.get_or_insert_with(tokio::time::Instant::now);
+        let since = *self
+            .down_since
+            .get_or_insert_with(tokio::time::Instant::now);
         if since.elapsed() > self.give_up_after {
-            bail!("{what}: coordinator unreachable for {}; giving up: {err}", humantime::format_duration(self.give_up_after));
+            bail!(
+                "{what}: coordinator unreachable for {}; giving up: {err}",
+                humantime::format_duration(self.give_up_after)
+            );
         }
-        let jitter = Duration::from_millis(rand::random::<u64>() % (self.next.as_millis() as u64 / 4 + 1));
-        warn!("{what}: {err}; retrying in {:.1} s", (self.next + jitter).as_secs_f64());
+        let jitter =
+            Duration::from_millis(rand::random::<u64>() % (self.next.as_millis() as u64 / 4 + 1));
+        warn!(
+            "{what}: {err}; retrying in {:.1} s",
+            (self.next + jitter).as_secs_f64()
+        );
         tokio::time::sleep(self.next + jitter).await;
         self.next = (self.next * 2).min(BACKOFF_MAX);
         Ok(())
@@ -115,7 +143,9 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     let data = match (&opts.data, opts.train) {
         (Some(dir), _) => Some(LocalData::open(dir, opts.val_fraction, opts.seed)?),
         (None, TrainMode::None) => None,
-        (None, TrainMode::Full) => bail!("--data is required to train (only --train none runs without data)"),
+        (None, TrainMode::Full) => {
+            bail!("--data is required to train (only --train none runs without data)")
+        }
     };
     if opts.train == TrainMode::Full {
         // Fail now, not at the first task, when the device is not usable.
@@ -123,7 +153,14 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     }
     let num_examples = data.as_ref().map_or(1, |d| d.train_idx.len() as u64);
     if let Some(d) = &data {
-        info!("{}: {} training and {} validation examples from {}, device {}", opts.name, d.train_idx.len(), d.val_idx.len(), d.train.source, opts.device);
+        info!(
+            "{}: {} training and {} validation examples from {}, device {}",
+            opts.name,
+            d.train_idx.len(),
+            d.val_idx.len(),
+            d.train.source,
+            opts.device
+        );
     }
 
     let endpoint = endpoint(&opts.coordinator)?;
@@ -140,12 +177,16 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
                 }
                 Err(JoinError::Fatal(e)) => return Err(e),
                 Err(JoinError::Retry(e)) => {
-                    backoff.wait(&format!("joining {}", opts.coordinator), &e).await?;
+                    backoff
+                        .wait(&format!("joining {}", opts.coordinator), &e)
+                        .await?;
                     continue;
                 }
             },
         };
-        let mut req = tonic::Request::new(pb::NextTaskRequest { session_token: s.token.clone() });
+        let mut req = tonic::Request::new(pb::NextTaskRequest {
+            session_token: s.token.clone(),
+        });
         req.set_timeout(NEXT_TASK_TIMEOUT);
         let task = match s.rpc.next_task(req).await {
             Ok(t) => {
@@ -153,7 +194,10 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
                 t.into_inner()
             }
             Err(st) if st.code() == Code::Unauthenticated => {
-                warn!("coordinator no longer knows this session ({}); joining again", st.message());
+                warn!(
+                    "coordinator no longer knows this session ({}); joining again",
+                    st.message()
+                );
                 session = None;
                 continue;
             }
@@ -171,22 +215,35 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
                         report.rounds_trained += 1;
                         report.updates_accepted += u64::from(accepted);
                     }
-                    Err(e) if e.downcast_ref::<Status>().is_some_and(|st| st.code() == Code::Unauthenticated) => {
+                    Err(e)
+                        if e.downcast_ref::<Status>()
+                            .is_some_and(|st| st.code() == Code::Unauthenticated) =>
+                    {
                         warn!("round {round}: session lost ({e}); joining again");
                         session = None;
+                    }
+                    Err(e) if e.downcast_ref::<Status>().is_some_and(transient) => {
+                        // Transfers already retried; the NextTask loop reconnects with backoff.
+                        warn!("round {round}: {e:#}; asking for work again");
                     }
                     Err(e) => return Err(e.context(format!("round {round}"))),
                 }
             }
             Some(Kind::Evaluate(t)) => {
-                warn!("coordinator asked for evaluation task {}; this client version does not run federated evaluation", t.task_id);
+                warn!(
+                    "coordinator asked for evaluation task {}; this client version does not run federated evaluation",
+                    t.task_id
+                );
             }
             Some(Kind::Wait(w)) => {
                 tracing::debug!("waiting: {}", w.reason);
                 tokio::time::sleep(Duration::from_millis(u64::from(w.retry_after_ms))).await;
             }
             Some(Kind::Finished(f)) => {
-                info!("{}: federation finished ({}); trained {} rounds, {} updates accepted", opts.name, f.reason, report.rounds_trained, report.updates_accepted);
+                info!(
+                    "{}: federation finished ({}); trained {} rounds, {} updates accepted",
+                    opts.name, f.reason, report.rounds_trained, report.updates_accepted
+                );
                 return Ok(report);
             }
             None => bail!("coordinator sent an empty task; it may speak a newer protocol"),
@@ -199,27 +256,65 @@ enum JoinError {
     Fatal(anyhow::Error),
 }
 
-async fn join(endpoint: &Endpoint, opts: &ClientOptions, num_examples: u64) -> Result<Session, JoinError> {
-    let channel = endpoint.connect().await.map_err(|e| JoinError::Retry(anyhow::anyhow!("cannot connect: {e}")))?;
+async fn join(
+    endpoint: &Endpoint,
+    opts: &ClientOptions,
+    num_examples: u64,
+) -> Result<Session, JoinError> {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| JoinError::Retry(anyhow::anyhow!("cannot connect: {e}")))?;
     let mut rpc = FederationClient::new(channel);
-    let req = pb::JoinRequest { protocol_version: PROTOCOL_VERSION, name: opts.name.clone(), device: opts.device.to_string(), num_examples };
+    let req = pb::JoinRequest {
+        protocol_version: PROTOCOL_VERSION,
+        name: opts.name.clone(),
+        device: opts.device.to_string(),
+        num_examples,
+    };
     let reply = match rpc.join(req).await {
         Ok(r) => r.into_inner(),
         Err(st) if transient(&st) => return Err(JoinError::Retry(st.into())),
-        Err(st) => return Err(JoinError::Fatal(anyhow::anyhow!("coordinator refused to let {} join: {}", opts.name, st.message()))),
+        Err(st) => {
+            return Err(JoinError::Fatal(anyhow::anyhow!(
+                "coordinator refused to let {} join: {}",
+                opts.name,
+                st.message()
+            )));
+        }
     };
-    info!("{} joined {} as {} (run {})", opts.name, opts.coordinator, reply.client_id, reply.run_id);
-    Ok(Session { rpc, token: reply.session_token, client_id: reply.client_id, heartbeat_every: Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(1000))) })
+    info!(
+        "{} joined {} as {} (run {})",
+        opts.name, opts.coordinator, reply.client_id, reply.run_id
+    );
+    Ok(Session {
+        rpc,
+        token: reply.session_token,
+        client_id: reply.client_id,
+        heartbeat_every: Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(1000))),
+    })
 }
 
 /// One Train task: download, fine-tune (heartbeating), upload. Returns whether the update was
 /// counted.
-async fn train_round(s: &mut Session, task: pb::TrainTask, opts: &ClientOptions, data: Option<&LocalData>) -> anyhow::Result<bool> {
+async fn train_round(
+    s: &mut Session,
+    task: pb::TrainTask,
+    opts: &ClientOptions,
+    data: Option<&LocalData>,
+) -> anyhow::Result<bool> {
     let spec_pb = task.model.clone().context("train task without a model")?;
-    let spec = ModelSpec::parse(&spec_pb.name, spec_pb.num_classes).context("coordinator asked for a model this client cannot build")?;
-    let global = download(s, &task, &spec).await?;
+    let spec = ModelSpec::parse(&spec_pb.name, spec_pb.num_classes)
+        .context("coordinator asked for a model this client cannot build")?;
+    // Heartbeats from download to upload, so a long transfer or training is never taken for
+    // a dead client.
+    let _heartbeat = spawn_heartbeat(s, format!("round {}", task.round));
+    let payload = download(s, &task, &spec).await?;
 
-    let cfg = task.config.clone().context("train task without a training config")?;
+    let cfg = task
+        .config
+        .clone()
+        .context("train task without a training config")?;
     let settings = TrainSettings {
         epochs: cfg.local_epochs,
         batch_size: cfg.batch_size as usize,
@@ -230,38 +325,57 @@ async fn train_round(s: &mut Session, task: pb::TrainTask, opts: &ClientOptions,
     };
 
     let started = std::time::Instant::now();
-    let heartbeat = spawn_heartbeat(s, format!("training round {}", task.round));
     let update = match (opts.train, data) {
-        (TrainMode::None, _) => fine_tune::fixed_update(&global, data.map_or(1, |d| d.train_idx.len() as u64)),
+        // The download was verified; its values are not needed to send a fixed delta.
+        (TrainMode::None, _) => {
+            fine_tune::fixed_update(&payload.specs, data.map_or(1, |d| d.train_idx.len() as u64))
+        }
         (TrainMode::Full, None) => Err(anyhow::anyhow!("no local data")),
         (TrainMode::Full, Some(data)) => {
             if matches!(spec.kind, ModelKind::Synthetic { .. }) {
-                bail!("the coordinator runs a synthetic model, which cannot be trained: run this client with --train none");
+                bail!(
+                    "the coordinator runs a synthetic model, which cannot be trained: run this client with --train none"
+                );
             }
             data.check_classes(spec.num_classes)?;
-            let (device, bar, round, name) = (opts.device, opts.progress_bar, task.round, opts.name.clone());
+            let global = payload.into_tensor_set()?;
+            let (device, bar, round, name) = (
+                opts.device,
+                opts.progress_bar,
+                task.round,
+                opts.name.clone(),
+            );
             // Training is CPU/GPU-bound: keep it off the async threads so heartbeats flow.
             tokio::task::block_in_place(|| {
                 let mut view = ProgressView::new(bar, &name, round);
-                let r = fine_tune::fine_tune(&global, &spec, &settings, data, device, &mut |p| view.update(p));
+                let r = fine_tune::fine_tune(&global, &spec, &settings, data, device, &mut |p| {
+                    view.update(p)
+                });
                 view.finish();
                 r
             })
         }
     };
-    heartbeat.abort();
     let update = update?;
     let train_s = started.elapsed().as_secs_f64();
 
-    let (accepted, bytes_up, message) = upload(s, &task, &update).await?;
-    let m = |k: &str| update.metrics.get(k).copied();
+    // Encode, then free the delta before streaming: one model-sized buffer, not two.
+    let LocalUpdate {
+        delta,
+        num_examples,
+        metrics,
+    } = update;
+    let encoded = EncodedTensors::encode(&delta, task.model_version, MAX_CHUNK_BYTES)?;
+    drop(delta);
+    let (accepted, bytes_up, message) = upload(s, &task, &encoded, num_examples, &metrics).await?;
+    let m = |k: &str| metrics.get(k).copied();
     let fmt = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| format!("{v:.d$}"));
     info!(
         "{} round {} | {} epochs on {} examples in {:.1} s | train loss {} | val loss {} acc {} f1 {} | up {:.2} MB | {}",
         opts.name,
         task.round,
         settings.epochs,
-        update.num_examples,
+        num_examples,
         train_s,
         fmt(m("train_loss"), 4),
         fmt(m("val_loss"), 4),
@@ -274,24 +388,43 @@ async fn train_round(s: &mut Session, task: pb::TrainTask, opts: &ClientOptions,
 }
 
 fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
-}
-
-fn spawn_heartbeat(s: &Session, activity: String) -> tokio::task::JoinHandle<()> {
-    let (mut rpc, token, every) = (s.rpc.clone(), s.token.clone(), s.heartbeat_every);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            if let Err(e) = rpc.heartbeat(pb::HeartbeatRequest { session_token: token.clone(), activity: activity.clone() }).await {
-                tracing::debug!("heartbeat failed: {e}");
-            }
-        }
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     })
 }
 
+/// Sends Heartbeat every interval until dropped.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn spawn_heartbeat(s: &Session, activity: String) -> Heartbeat {
+    let (mut rpc, token, every) = (s.rpc.clone(), s.token.clone(), s.heartbeat_every);
+    Heartbeat(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let req = pb::HeartbeatRequest {
+                session_token: token.clone(),
+                activity: activity.clone(),
+            };
+            if let Err(e) = rpc.heartbeat(req).await {
+                tracing::debug!("heartbeat failed: {e}");
+            }
+        }
+    }))
+}
+
 /// Streams the global model of `task`, checking it against the model the task names.
-async fn download(s: &mut Session, task: &pb::TrainTask, spec: &ModelSpec) -> anyhow::Result<TensorSet> {
+async fn download(
+    s: &mut Session,
+    task: &pb::TrainTask,
+    spec: &ModelSpec,
+) -> anyhow::Result<Payload> {
     let expected = spec.specs();
     let limit: u64 = expected.iter().map(|t| t.num_elements() as u64 * 4).sum();
     let mut attempt = 0;
@@ -299,38 +432,71 @@ async fn download(s: &mut Session, task: &pb::TrainTask, spec: &ModelSpec) -> an
         attempt += 1;
         match try_download(s, task, &expected, limit).await {
             Ok(set) => return Ok(set),
-            Err(e) if attempt < TRANSFER_ATTEMPTS && e.downcast_ref::<Status>().is_some_and(transient) => {
-                warn!("round {}: model download failed ({e}); retrying ({attempt}/{TRANSFER_ATTEMPTS})", task.round);
+            Err(e)
+                if attempt < TRANSFER_ATTEMPTS
+                    && e.downcast_ref::<Status>().is_some_and(transient) =>
+            {
+                warn!(
+                    "round {}: model download failed ({e}); retrying ({attempt}/{TRANSFER_ATTEMPTS})",
+                    task.round
+                );
                 tokio::time::sleep(BACKOFF_START * attempt).await;
             }
-            Err(e) => return Err(e.context(format!("downloading the global model for round {}", task.round))),
+            Err(e) => {
+                return Err(e.context(format!(
+                    "downloading the global model for round {}",
+                    task.round
+                )));
+            }
         }
     }
 }
 
-async fn try_download(s: &mut Session, task: &pb::TrainTask, expected: &[fedtune_common::tensors::TensorSpec], limit: u64) -> anyhow::Result<TensorSet> {
-    let mut frames = s.rpc.fetch_model(pb::FetchModelRequest { session_token: s.token.clone(), task_id: task.task_id.clone() }).await?.into_inner();
+async fn try_download(
+    s: &mut Session,
+    task: &pb::TrainTask,
+    expected: &[TensorSpec],
+    limit: u64,
+) -> anyhow::Result<Payload> {
+    let mut frames = s
+        .rpc
+        .fetch_model(pb::FetchModelRequest {
+            session_token: s.token.clone(),
+            task_id: task.task_id.clone(),
+        })
+        .await?
+        .into_inner();
     let manifest = match frames.next().await {
-        Some(Ok(pb::ModelFrame { frame: Some(model_frame::Frame::Manifest(m)) })) => m,
+        Some(Ok(pb::ModelFrame {
+            frame: Some(model_frame::Frame::Manifest(m)),
+        })) => m,
         Some(Ok(_)) => bail!("model stream did not start with a manifest"),
         Some(Err(st)) => return Err(st.into()),
         None => bail!("model stream was empty"),
     };
     let mut asm = Assembler::new(manifest, limit)?;
-    check_specs(asm.specs(), expected).context("the coordinator's model does not match the model the task names")?;
+    check_specs(asm.specs(), expected)
+        .context("the coordinator's model does not match the model the task names")?;
     while let Some(frame) = frames.next().await {
         match frame? {
-            pb::ModelFrame { frame: Some(model_frame::Frame::Chunk(c)) } => asm.push(&c)?,
+            pb::ModelFrame {
+                frame: Some(model_frame::Frame::Chunk(c)),
+            } => asm.push(&c)?,
             _ => bail!("unexpected frame in the model stream"),
         }
     }
-    Ok(asm.finish()?.into_tensor_set()?)
+    Ok(asm.finish()?)
 }
 
 /// Uploads `update` for `task`; retries transient failures with the same task id (the
 /// coordinator counts a task once). Returns (counted, bytes sent, what the coordinator said).
-async fn upload(s: &mut Session, task: &pb::TrainTask, update: &LocalUpdate) -> anyhow::Result<(bool, u64, String)> {
-    let encoded = EncodedTensors::encode(&update.delta, task.model_version, MAX_CHUNK_BYTES)?;
+async fn upload(
+    s: &mut Session,
+    task: &pb::TrainTask,
+    encoded: &EncodedTensors,
+    num_examples: u64,
+    metrics: &HashMap<String, f64>,
+) -> anyhow::Result<(bool, u64, String)> {
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -339,27 +505,49 @@ async fn upload(s: &mut Session, task: &pb::TrainTask, update: &LocalUpdate) -> 
             task_id: task.task_id.clone(),
             round: task.round,
             model_version: task.model_version,
-            num_examples: update.num_examples,
+            num_examples,
             manifest: Some(encoded.manifest.clone()),
-            metrics: update.metrics.clone(),
+            metrics: metrics.clone(),
         };
-        let frames = std::iter::once(pb::UpdateFrame { frame: Some(update_frame::Frame::Header(header)) })
-            .chain(encoded.chunks.iter().cloned().map(|c| pb::UpdateFrame { frame: Some(update_frame::Frame::Chunk(c)) }))
-            .collect::<Vec<_>>();
+        let frames = std::iter::once(pb::UpdateFrame {
+            frame: Some(update_frame::Frame::Header(header)),
+        })
+        .chain(encoded.chunks.iter().cloned().map(|c| pb::UpdateFrame {
+            frame: Some(update_frame::Frame::Chunk(c)),
+        }))
+        .collect::<Vec<_>>();
         match s.rpc.submit_update(tokio_stream::iter(frames)).await {
             Ok(r) => {
                 let r = r.into_inner();
-                let counted = r.outcome == Outcome::Accepted as i32 || r.outcome == Outcome::Duplicate as i32;
+                let counted =
+                    r.outcome == Outcome::Accepted as i32 || r.outcome == Outcome::Duplicate as i32;
                 return Ok((counted, encoded.total_bytes(), r.message));
             }
             Err(st) if attempt < TRANSFER_ATTEMPTS && transient(&st) => {
-                warn!("round {}: upload failed ({}); retrying ({attempt}/{TRANSFER_ATTEMPTS})", task.round, st.message());
+                warn!(
+                    "round {}: upload failed ({}); retrying ({attempt}/{TRANSFER_ATTEMPTS})",
+                    task.round,
+                    st.message()
+                );
                 tokio::time::sleep(BACKOFF_START * attempt).await;
             }
-            Err(st) if matches!(st.code(), Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound) => {
+            Err(st)
+                if matches!(
+                    st.code(),
+                    Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound
+                ) =>
+            {
                 // The round goes on without this update; so does this client.
-                warn!("round {}: coordinator refused the update: {}", task.round, st.message());
-                return Ok((false, encoded.total_bytes(), format!("refused: {}", st.message())));
+                warn!(
+                    "round {}: coordinator refused the update: {}",
+                    task.round,
+                    st.message()
+                );
+                return Ok((
+                    false,
+                    encoded.total_bytes(),
+                    format!("refused: {}", st.message()),
+                ));
             }
             Err(st) => return Err(st.into()),
         }

@@ -19,9 +19,18 @@ pub enum CheckpointError {
     #[error("{}: not a valid safetensors file: {message}", path.display())]
     Format { path: PathBuf, message: String },
     #[error("{}: tensor `{name}` has dtype {dtype}; only F32 tensors can be loaded", path.display())]
-    DType { path: PathBuf, name: String, dtype: String },
+    DType {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
     #[error("{}: tensor `{name}` has shape {actual:?} but the model's `{name}` is {expected:?}", path.display())]
-    Shape { path: PathBuf, name: String, expected: Vec<usize>, actual: Vec<usize> },
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
     #[error("{}: none of the model's tensors were found (the file has {}); check that the file belongs to this model", path.display(), unused.join(", "))]
     NothingApplied { path: PathBuf, unused: Vec<String> },
 }
@@ -48,24 +57,44 @@ impl View for F32View<'_> {
 }
 
 /// Writes `set` to `path` atomically, with string metadata.
-pub fn save(set: &TensorSet, metadata: HashMap<String, String>, path: &Path) -> Result<(), CheckpointError> {
-    let io = |e: &dyn std::fmt::Display| CheckpointError::Io { path: path.to_path_buf(), message: e.to_string() };
+pub fn save(
+    set: &TensorSet,
+    metadata: HashMap<String, String>,
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    let io = |e: &dyn std::fmt::Display| CheckpointError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
     let tmp = tmp_path(path);
-    safetensors::serialize_to_file(set.tensors().iter().map(|t| (t.name.as_str(), F32View(t))), Some(metadata), &tmp)
-        .map_err(|e| io(&e))?;
+    safetensors::serialize_to_file(
+        set.tensors().iter().map(|t| (t.name.as_str(), F32View(t))),
+        Some(metadata),
+        &tmp,
+    )
+    .map_err(|e| io(&e))?;
     std::fs::rename(&tmp, path).map_err(|e| io(&e))
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".tmp");
     path.with_file_name(name)
 }
 
 /// Reads every tensor of a safetensors file (all must be F32), with its metadata.
 pub fn load(path: &Path) -> Result<(TensorSet, HashMap<String, String>), CheckpointError> {
-    let bytes = std::fs::read(path).map_err(|e| CheckpointError::Io { path: path.to_path_buf(), message: format!("cannot read: {e}") })?;
-    let format = |e: &dyn std::fmt::Display| CheckpointError::Format { path: path.to_path_buf(), message: e.to_string() };
+    let bytes = std::fs::read(path).map_err(|e| CheckpointError::Io {
+        path: path.to_path_buf(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let format = |e: &dyn std::fmt::Display| CheckpointError::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
     let st = SafeTensors::deserialize(&bytes).map_err(|e| format(&e))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| format(&e))?;
     let mut tensors = Vec::new();
@@ -75,9 +104,18 @@ pub fn load(path: &Path) -> Result<(TensorSet, HashMap<String, String>), Checkpo
     for name in names {
         let view = st.tensor(&name).map_err(|e| format(&e))?;
         if view.dtype() != Dtype::F32 {
-            return Err(CheckpointError::DType { path: path.to_path_buf(), name, dtype: format!("{:?}", view.dtype()) });
+            return Err(CheckpointError::DType {
+                path: path.to_path_buf(),
+                name,
+                dtype: format!("{:?}", view.dtype()),
+            });
         }
-        let t = NamedTensor::new(name, view.shape().to_vec(), decode_le(view.data()).collect()).map_err(|e| format(&e))?;
+        let t = NamedTensor::new(
+            name,
+            view.shape().to_vec(),
+            decode_le(view.data()).collect(),
+        )
+        .map_err(|e| format(&e))?;
         tensors.push(t);
     }
     let set = TensorSet::new(tensors).map_err(|e| format(&e))?;
@@ -96,15 +134,27 @@ pub struct LoadReport {
 
 /// Loads `path` onto a model whose parameters are `init` (fresh weights): tensors found in the
 /// file replace the fresh ones; a shape mismatch is an error naming the tensor and both shapes.
-pub fn load_for_model(path: &Path, init: &TensorSet) -> Result<(TensorSet, LoadReport), CheckpointError> {
+pub fn load_for_model(
+    path: &Path,
+    init: &TensorSet,
+) -> Result<(TensorSet, LoadReport), CheckpointError> {
     let (file, _) = load(path)?;
     let specs: Vec<TensorSpec> = init.specs();
-    let mut report = LoadReport { applied: vec![], missing: vec![], unused: vec![] };
+    let mut report = LoadReport {
+        applied: vec![],
+        missing: vec![],
+        unused: vec![],
+    };
     let mut out = Vec::with_capacity(init.len());
     for t in init.tensors() {
         match file.get(&t.name) {
             Some(f) if f.shape != t.shape => {
-                return Err(CheckpointError::Shape { path: path.to_path_buf(), name: t.name.clone(), expected: t.shape.clone(), actual: f.shape.clone() });
+                return Err(CheckpointError::Shape {
+                    path: path.to_path_buf(),
+                    name: t.name.clone(),
+                    expected: t.shape.clone(),
+                    actual: f.shape.clone(),
+                });
             }
             Some(f) => {
                 report.applied.push(t.name.clone());
@@ -116,11 +166,22 @@ pub fn load_for_model(path: &Path, init: &TensorSet) -> Result<(TensorSet, LoadR
             }
         }
     }
-    report.unused = file.tensors().iter().filter(|t| !specs.iter().any(|s| s.name == t.name)).map(|t| t.name.clone()).collect();
+    report.unused = file
+        .tensors()
+        .iter()
+        .filter(|t| !specs.iter().any(|s| s.name == t.name))
+        .map(|t| t.name.clone())
+        .collect();
     if report.applied.is_empty() {
-        return Err(CheckpointError::NothingApplied { path: path.to_path_buf(), unused: report.unused });
+        return Err(CheckpointError::NothingApplied {
+            path: path.to_path_buf(),
+            unused: report.unused,
+        });
     }
-    let set = TensorSet::new(out).map_err(|e| CheckpointError::Format { path: path.to_path_buf(), message: e.to_string() })?;
+    let set = TensorSet::new(out).map_err(|e| CheckpointError::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     Ok((set, report))
 }
 
@@ -133,7 +194,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.safetensors");
         let set = TensorSet::new(vec![
-            NamedTensor::new("fc1.weight", vec![2, 3], vec![1.0, -2.0, 3.5, 0.0, 1e-30, 7.0]).unwrap(),
+            NamedTensor::new(
+                "fc1.weight",
+                vec![2, 3],
+                vec![1.0, -2.0, 3.5, 0.0, 1e-30, 7.0],
+            )
+            .unwrap(),
             NamedTensor::new("fc1.bias", vec![3], vec![0.5, 0.25, -0.125]).unwrap(),
         ])
         .unwrap();
@@ -154,9 +220,15 @@ mod tests {
         assert_eq!(loaded.get("fc1.weight"), set.get("fc1.weight"));
         assert_eq!(loaded.get("fc2.weight").unwrap().data, vec![9.0]);
 
-        let wrong = TensorSet::new(vec![NamedTensor::new("fc1.weight", vec![3, 2], vec![0.0; 6]).unwrap()]).unwrap();
+        let wrong = TensorSet::new(vec![
+            NamedTensor::new("fc1.weight", vec![3, 2], vec![0.0; 6]).unwrap(),
+        ])
+        .unwrap();
         let e = load_for_model(&p, &wrong).unwrap_err().to_string();
-        assert!(e.contains("fc1.weight") && e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+        assert!(
+            e.contains("fc1.weight") && e.contains("[2, 3]") && e.contains("[3, 2]"),
+            "{e}"
+        );
         std::fs::write(&p, b"garbage").unwrap();
         assert!(matches!(load(&p), Err(CheckpointError::Format { .. })));
     }

@@ -15,7 +15,9 @@ pub enum DeviceError {
     Unknown(String),
     #[error("device `{0}` needs libtorch, but this binary was built without it; {BUILD_WITH_TCH}")]
     NotBuilt(String),
-    #[error("device `{device}` was asked for but CUDA is not available to libtorch ({reason}); check `nvidia-smi`, or use --device libtorch or flex")]
+    #[error(
+        "device `{device}` was asked for but CUDA is not available to libtorch ({reason}); check `nvidia-smi`, or use --device libtorch or flex"
+    )]
     CudaUnavailable { device: String, reason: String },
 }
 
@@ -60,15 +62,23 @@ impl DeviceChoice {
         match self {
             Self::Flex => Ok(Device::flex()),
             #[cfg(feature = "tch")]
-            #[allow(deprecated)] // burn-tch is deprecated upstream in 0.22 but works; it is our GPU path.
+            #[allow(deprecated)]
+            // burn-tch is deprecated upstream in 0.22 but works; it is our GPU path.
             Self::LibTorch => Ok(Device::libtorch()),
             #[cfg(feature = "tch")]
             #[allow(deprecated)]
             Self::Cuda(i) => {
                 let count = tch::Cuda::device_count();
                 if !tch::Cuda::is_available() || (*i as i64) >= count {
-                    let reason = if count == 0 { "no CUDA device found".to_string() } else { format!("{count} device(s), index {i} out of range") };
-                    return Err(DeviceError::CudaUnavailable { device: self.to_string(), reason });
+                    let reason = if count == 0 {
+                        "no CUDA device found".to_string()
+                    } else {
+                        format!("{count} device(s), index {i} out of range")
+                    };
+                    return Err(DeviceError::CudaUnavailable {
+                        device: self.to_string(),
+                        reason,
+                    });
                 }
                 Ok(Device::libtorch_cuda(*i))
             }
@@ -78,9 +88,22 @@ impl DeviceChoice {
     }
 }
 
-/// The devices this binary can use, for `--help` and logs.
-pub fn available_backends() -> &'static str {
-    if cfg!(feature = "tch") { "flex, libtorch, cuda:N" } else { "flex (built without libtorch)" }
+/// What this binary can compute on, for `fedtune-client devices`.
+pub fn describe() -> String {
+    #[cfg(feature = "tch")]
+    {
+        let count = tch::Cuda::device_count();
+        let cuda = if tch::Cuda::is_available() && count > 0 {
+            format!("available, {count} device(s): cuda:0..cuda:{}", count - 1)
+        } else {
+            "not available (no NVIDIA driver or GPU visible to libtorch)".to_string()
+        };
+        format!("flex: available\nlibtorch: available\ncuda: {cuda}")
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        format!("flex: available\nlibtorch: not built in ({BUILD_WITH_TCH})\ncuda: not built in")
+    }
 }
 
 #[cfg(test)]
@@ -91,7 +114,10 @@ mod tests {
     fn parses_and_refuses_clearly() {
         assert_eq!("cuda:1".parse(), Ok(DeviceChoice::Cuda(1)));
         assert_eq!("flex".parse(), Ok(DeviceChoice::Flex));
-        assert!(matches!("tpu".parse::<DeviceChoice>(), Err(DeviceError::Unknown(_))));
+        assert!(matches!(
+            "tpu".parse::<DeviceChoice>(),
+            Err(DeviceError::Unknown(_))
+        ));
         #[cfg(not(feature = "tch"))]
         {
             let e = DeviceChoice::LibTorch.device().unwrap_err().to_string();

@@ -21,7 +21,10 @@ pub struct ClassificationMetrics {
 
 impl ConfusionMatrix {
     pub fn new(classes: usize) -> Self {
-        Self { classes, counts: vec![0; classes * classes] }
+        Self {
+            classes,
+            counts: vec![0; classes * classes],
+        }
     }
 
     /// Records one prediction. Out-of-range classes are ignored (callers check labels up front).
@@ -54,9 +57,17 @@ impl ConfusionMatrix {
             if actual == 0 && predicted == 0 {
                 continue;
             }
-            let precision = if predicted > 0 { tp / predicted as f64 } else { 0.0 };
+            let precision = if predicted > 0 {
+                tp / predicted as f64
+            } else {
+                0.0
+            };
             let recall = if actual > 0 { tp / actual as f64 } else { 0.0 };
-            let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+            let f1 = if precision + recall > 0.0 {
+                2.0 * precision * recall / (precision + recall)
+            } else {
+                0.0
+            };
             p_sum += precision;
             r_sum += recall;
             f_sum += f1;
@@ -64,7 +75,11 @@ impl ConfusionMatrix {
         }
         let mean = |s: f64| if n > 0 { s / n as f64 } else { 0.0 };
         ClassificationMetrics {
-            accuracy: if total > 0 { correct as f64 / total as f64 } else { 0.0 },
+            accuracy: if total > 0 {
+                correct as f64 / total as f64
+            } else {
+                0.0
+            },
             precision: mean(p_sum),
             recall: mean(r_sum),
             f1: mean(f_sum),

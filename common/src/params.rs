@@ -70,7 +70,10 @@ impl ModuleVisitor for Extractor {
         let data = match tensor.into_data().try_into_vec_as::<f32>() {
             Ok(data) => data,
             Err(e) => {
-                self.error = Some(ParamsError::Read { name, message: format!("{e:?}") });
+                self.error = Some(ParamsError::Read {
+                    name,
+                    message: format!("{e:?}"),
+                });
                 return;
             }
         };
@@ -83,7 +86,11 @@ impl ModuleVisitor for Extractor {
 
 /// Copies every float parameter of `module` out, named by path, in visiting order.
 pub fn extract<M: Module>(module: &M) -> Result<TensorSet, ParamsError> {
-    let mut v = Extractor { path: PathStack::default(), out: Vec::new(), error: None };
+    let mut v = Extractor {
+        path: PathStack::default(),
+        out: Vec::new(),
+        error: None,
+    };
     module.visit(&mut v);
     if let Some(e) = v.error {
         return Err(e);
@@ -106,13 +113,19 @@ impl ModuleVisitor for SpecCollector {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out.push(TensorSpec { name: self.path.path(), shape: param.lazy_shape().to_vec() });
+        self.out.push(TensorSpec {
+            name: self.path.path(),
+            shape: param.lazy_shape().to_vec(),
+        });
     }
 }
 
 /// The names and shapes of `module`'s float parameters, without reading any values.
 pub fn specs<M: Module>(module: &M) -> Vec<TensorSpec> {
-    let mut v = SpecCollector { path: PathStack::default(), out: Vec::new() };
+    let mut v = SpecCollector {
+        path: PathStack::default(),
+        out: Vec::new(),
+    };
     module.visit(&mut v);
     v.out
 }
@@ -148,7 +161,10 @@ impl ModuleMapper for Injector<'_> {
 /// the module is returned untouched inside no partial state (nothing is changed).
 pub fn inject<M: Module>(module: M, set: &TensorSet) -> Result<M, ParamsError> {
     set.check_matches(&specs(&module))?;
-    let mut mapper = Injector { path: PathStack::default(), set };
+    let mut mapper = Injector {
+        path: PathStack::default(),
+        set,
+    };
     Ok(module.map(&mut mapper))
 }
 
@@ -172,7 +188,14 @@ mod tests {
         assert_eq!(set_a.len(), 8);
         for (x, y) in set_a.tensors().iter().zip(set_b.tensors()) {
             assert_eq!((&x.name, &x.shape), (&y.name, &y.shape));
-            assert!(x.data.iter().zip(&y.data).all(|(p, q)| p.to_bits() == q.to_bits()), "{}", x.name);
+            assert!(
+                x.data
+                    .iter()
+                    .zip(&y.data)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{}",
+                x.name
+            );
         }
         // Injection onto an autodiff device keeps the values too (what the client trains on).
         let ad = device.clone().autodiff();
@@ -184,7 +207,9 @@ mod tests {
     fn inject_refuses_a_foreign_set() {
         let spec = ModelSpec::parse("mlp", 10).unwrap();
         let other = ModelSpec::parse("mlp", 5).unwrap().init_weights(0).unwrap();
-        let e = inject(spec.build(&Device::flex()).unwrap(), &other).unwrap_err().to_string();
+        let e = inject(spec.build(&Device::flex()).unwrap(), &other)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fc2") && e.contains("shape"), "{e}");
     }
 }

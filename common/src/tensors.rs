@@ -11,15 +11,28 @@ pub enum TensorError {
     #[error("tensor `{name}` appears twice")]
     DuplicateName { name: String },
     #[error("tensor `{name}` has shape {shape:?} ({expected} values) but holds {actual} values")]
-    LengthMismatch { name: String, shape: Vec<usize>, expected: usize, actual: usize },
+    LengthMismatch {
+        name: String,
+        shape: Vec<usize>,
+        expected: usize,
+        actual: usize,
+    },
     #[error("tensor `{name}` is unknown to this model (it has no tensor of that name)")]
     UnknownName { name: String },
     #[error("tensor `{name}` is missing")]
     Missing { name: String },
     #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
-    ShapeMismatch { name: String, expected: Vec<usize>, actual: Vec<usize> },
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
     #[error("tensor `{name}` holds a non-finite value ({value}) at flat index {index}")]
-    NonFinite { name: String, index: usize, value: f32 },
+    NonFinite {
+        name: String,
+        index: usize,
+        value: f32,
+    },
 }
 
 /// One tensor: its path in the model (`fc1.weight`), its shape and its values, row-major.
@@ -85,16 +98,28 @@ pub fn check_specs(got: &[TensorSpec], want: &[TensorSpec]) -> Result<(), Tensor
     let wanted: HashMap<&str, &TensorSpec> = want.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut seen = std::collections::HashSet::with_capacity(got.len());
     for g in got {
-        let w = wanted.get(g.name.as_str()).ok_or_else(|| TensorError::UnknownName { name: g.name.clone() })?;
+        let w = wanted
+            .get(g.name.as_str())
+            .ok_or_else(|| TensorError::UnknownName {
+                name: g.name.clone(),
+            })?;
         if w.shape != g.shape {
-            return Err(TensorError::ShapeMismatch { name: g.name.clone(), expected: w.shape.clone(), actual: g.shape.clone() });
+            return Err(TensorError::ShapeMismatch {
+                name: g.name.clone(),
+                expected: w.shape.clone(),
+                actual: g.shape.clone(),
+            });
         }
         if !seen.insert(g.name.as_str()) {
-            return Err(TensorError::DuplicateName { name: g.name.clone() });
+            return Err(TensorError::DuplicateName {
+                name: g.name.clone(),
+            });
         }
     }
     match want.iter().find(|w| !seen.contains(w.name.as_str())) {
-        Some(m) => Err(TensorError::Missing { name: m.name.clone() }),
+        Some(m) => Err(TensorError::Missing {
+            name: m.name.clone(),
+        }),
         None => Ok(()),
     }
 }
@@ -110,7 +135,9 @@ impl TensorSet {
         let mut seen = HashMap::with_capacity(tensors.len());
         for t in &tensors {
             if seen.insert(t.name.as_str(), ()).is_some() {
-                return Err(TensorError::DuplicateName { name: t.name.clone() });
+                return Err(TensorError::DuplicateName {
+                    name: t.name.clone(),
+                });
             }
         }
         Ok(Self { tensors })
@@ -126,7 +153,9 @@ impl TensorSet {
 
     /// Each tensor's name and mutable values (names and shapes stay fixed).
     pub fn values_mut(&mut self) -> impl Iterator<Item = (&str, &mut [f32])> {
-        self.tensors.iter_mut().map(|t| (t.name.as_str(), t.data.as_mut_slice()))
+        self.tensors
+            .iter_mut()
+            .map(|t| (t.name.as_str(), t.data.as_mut_slice()))
     }
 
     pub fn get(&self, name: &str) -> Option<&NamedTensor> {
@@ -153,7 +182,10 @@ impl TensorSet {
     pub fn specs(&self) -> Vec<TensorSpec> {
         self.tensors
             .iter()
-            .map(|t| TensorSpec { name: t.name.clone(), shape: t.shape.clone() })
+            .map(|t| TensorSpec {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+            })
             .collect()
     }
 
@@ -175,7 +207,10 @@ impl TensorSet {
             .iter()
             .map(|t| {
                 // check_matches guarantees presence and shape.
-                let b = base.get(&t.name).map(|b| b.data.as_slice()).unwrap_or_default();
+                let b = base
+                    .get(&t.name)
+                    .map(|b| b.data.as_slice())
+                    .unwrap_or_default();
                 NamedTensor {
                     name: t.name.clone(),
                     shape: t.shape.clone(),
@@ -216,19 +251,26 @@ mod tests {
 
     #[test]
     fn delta_then_apply_restores_local_bit_exactly() {
-        let global = set(&[("a", vec![2, 2], vec![0.1, -2.5, 3.75, 1e-8]), ("b", vec![1], vec![7.0])]);
-        let local = set(&[("a", vec![2, 2], vec![0.3, -2.0, 3.0, 2e-8]), ("b", vec![1], vec![6.5])]);
+        let global = set(&[
+            ("a", vec![2, 2], vec![0.1, -2.5, 3.75, 1e-8]),
+            ("b", vec![1], vec![7.0]),
+        ]);
+        let local = set(&[
+            ("a", vec![2, 2], vec![0.3, -2.0, 3.0, 2e-8]),
+            ("b", vec![1], vec![6.5]),
+        ]);
         let delta = local.delta_from(&global).unwrap();
         assert_eq!(delta.get("b").unwrap().data, vec![-0.5]);
         let mut rebuilt = global.clone();
         rebuilt.add_scaled(&delta, 1.0).unwrap();
         // (l - g) + g is not always l in floating point; what must hold is that the client and
         // coordinator compute the same thing, so compare with the same arithmetic.
-        for (r, (l, g)) in rebuilt.tensors()[0]
-            .data
-            .iter()
-            .zip(local.tensors()[0].data.iter().zip(&global.tensors()[0].data))
-        {
+        for (r, (l, g)) in rebuilt.tensors()[0].data.iter().zip(
+            local.tensors()[0]
+                .data
+                .iter()
+                .zip(&global.tensors()[0].data),
+        ) {
             assert_eq!(r.to_bits(), (g + (l - g)).to_bits());
         }
     }
@@ -239,17 +281,29 @@ mod tests {
         let b = set(&[("a", vec![1, 2], vec![1.0, 2.0])]);
         assert_eq!(
             b.check_matches(&a.specs()),
-            Err(TensorError::ShapeMismatch { name: "a".into(), expected: vec![2], actual: vec![1, 2] })
+            Err(TensorError::ShapeMismatch {
+                name: "a".into(),
+                expected: vec![2],
+                actual: vec![1, 2]
+            })
         );
         let c = set(&[("z", vec![2], vec![1.0, 2.0])]);
-        assert_eq!(c.check_matches(&a.specs()), Err(TensorError::UnknownName { name: "z".into() }));
+        assert_eq!(
+            c.check_matches(&a.specs()),
+            Err(TensorError::UnknownName { name: "z".into() })
+        );
         let nan = set(&[("a", vec![2], vec![1.0, f32::NAN])]);
-        assert!(matches!(nan.check_finite(), Err(TensorError::NonFinite { index: 1, .. })));
+        assert!(matches!(
+            nan.check_finite(),
+            Err(TensorError::NonFinite { index: 1, .. })
+        ));
         assert!(NamedTensor::new("x", vec![3], vec![1.0]).is_err());
-        assert!(TensorSet::new(vec![
-            NamedTensor::new("x", vec![1], vec![1.0]).unwrap(),
-            NamedTensor::new("x", vec![1], vec![1.0]).unwrap()
-        ])
-        .is_err());
+        assert!(
+            TensorSet::new(vec![
+                NamedTensor::new("x", vec![1], vec![1.0]).unwrap(),
+                NamedTensor::new("x", vec![1], vec![1.0]).unwrap()
+            ])
+            .is_err()
+        );
     }
 }

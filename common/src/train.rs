@@ -75,14 +75,25 @@ pub struct TrainOutcome {
 }
 
 /// Turns examples into a normalised `[batch, 1, rows, cols]` tensor and their labels.
-pub fn batch(data: &ImageDataset, indices: &[usize], device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+pub fn batch(
+    data: &ImageDataset,
+    indices: &[usize],
+    device: &Device,
+) -> (Tensor<4>, Tensor<1, Int>) {
     let pixels = data.rows * data.cols;
     let mut x = Vec::with_capacity(indices.len() * pixels);
     for &i in indices {
-        x.extend(data.image(i).iter().map(|&p| (p as f32 / 255.0 - PIXEL_MEAN) / PIXEL_STD));
+        x.extend(
+            data.image(i)
+                .iter()
+                .map(|&p| (p as f32 / 255.0 - PIXEL_MEAN) / PIXEL_STD),
+        );
     }
     let y: Vec<i64> = indices.iter().map(|&i| i64::from(data.labels[i])).collect();
-    let images = Tensor::from_data(TensorData::new(x, [indices.len(), 1, data.rows, data.cols]), device);
+    let images = Tensor::from_data(
+        TensorData::new(x, [indices.len(), 1, data.rows, data.cols]),
+        device,
+    );
     let labels = Tensor::from_data(TensorData::new(y, [indices.len()]), device);
     (images, labels)
 }
@@ -122,13 +133,23 @@ pub fn train(
             loss_sum += loss_value * chunk.len() as f64;
             seen += chunk.len();
             steps += 1;
-            on_progress(&Progress { epoch, epochs: settings.epochs, step: step + 1, steps_per_epoch, loss: loss_value });
+            on_progress(&Progress {
+                epoch,
+                epochs: settings.epochs,
+                step: step + 1,
+                steps_per_epoch,
+                loss: loss_value,
+            });
         }
         if seen > 0 {
             train_loss = loss_sum / seen as f64;
         }
     }
-    TrainOutcome { model, train_loss, steps }
+    TrainOutcome {
+        model,
+        train_loss,
+        steps,
+    }
 }
 
 /// Loss and confusion matrix of a model on some examples.
@@ -146,7 +167,14 @@ impl Evaluation {
 
 /// Evaluates `model` on the examples at `indices`. `device` is a plain (non-autodiff) device;
 /// the model is switched to inference mode (no dropout, no gradients).
-pub fn evaluate(model: &Net, data: &ImageDataset, indices: &[usize], batch_size: usize, num_classes: usize, device: &Device) -> Evaluation {
+pub fn evaluate(
+    model: &Net,
+    data: &ImageDataset,
+    indices: &[usize],
+    batch_size: usize,
+    num_classes: usize,
+    device: &Device,
+) -> Evaluation {
     let model = model.valid();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut confusion = ConfusionMatrix::new(num_classes);
@@ -156,11 +184,19 @@ pub fn evaluate(model: &Net, data: &ImageDataset, indices: &[usize], batch_size:
         let logits = model.forward(images);
         let loss = loss_fn.forward(logits.clone(), labels);
         loss_sum += f64::from(loss.into_scalar::<f32>()) * chunk.len() as f64;
-        let predicted = logits.argmax(1).into_data().try_into_vec_as::<i64>().unwrap_or_default();
+        let predicted = logits
+            .argmax(1)
+            .into_data()
+            .try_into_vec_as::<i64>()
+            .unwrap_or_default();
         for (&i, &p) in chunk.iter().zip(&predicted) {
             confusion.add(data.labels[i] as usize, p.max(0) as usize);
         }
     }
-    let loss = if indices.is_empty() { f64::NAN } else { loss_sum / indices.len() as f64 };
+    let loss = if indices.is_empty() {
+        f64::NAN
+    } else {
+        loss_sum / indices.len() as f64
+    };
     Evaluation { loss, confusion }
 }

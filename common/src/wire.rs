@@ -28,7 +28,11 @@ pub enum WireError {
     #[error("chunk at offset {got} arrived out of order (expected offset {expected})")]
     OutOfOrder { expected: u64, got: u64 },
     #[error("chunk at offset {offset} has {len} bytes; chunks are 1..={chunk_size} bytes")]
-    BadChunkLength { offset: u64, len: usize, chunk_size: u32 },
+    BadChunkLength {
+        offset: u64,
+        len: usize,
+        chunk_size: u32,
+    },
     #[error("chunk at offset {offset} runs past the declared payload end ({total} bytes)")]
     Overrun { offset: u64, total: u64 },
     #[error("chunk at offset {offset} is corrupted (checksum mismatch)")]
@@ -54,9 +58,15 @@ pub struct EncodedTensors {
 
 impl EncodedTensors {
     /// Encodes `set` once. `chunk_size` must be within 1..=[`MAX_CHUNK_BYTES`].
-    pub fn encode(set: &TensorSet, model_version: u64, chunk_size: usize) -> Result<Self, WireError> {
+    pub fn encode(
+        set: &TensorSet,
+        model_version: u64,
+        chunk_size: usize,
+    ) -> Result<Self, WireError> {
         if chunk_size == 0 || chunk_size > MAX_CHUNK_BYTES {
-            return Err(WireError::BadChunkSize(chunk_size.min(u32::MAX as usize) as u32));
+            return Err(WireError::BadChunkSize(
+                chunk_size.min(u32::MAX as usize) as u32
+            ));
         }
         let mut payload = Vec::with_capacity(set.byte_len());
         for t in set.tensors() {
@@ -68,7 +78,11 @@ impl EncodedTensors {
             .step_by(chunk_size)
             .map(|start| {
                 let data = payload.slice(start..(start + chunk_size).min(payload.len()));
-                pb::Chunk { offset: start as u64, checksum: xxh3_64(&data), data }
+                pb::Chunk {
+                    offset: start as u64,
+                    checksum: xxh3_64(&data),
+                    data,
+                }
             })
             .collect();
         let manifest = pb::Manifest {
@@ -103,7 +117,9 @@ fn extend_le(out: &mut Vec<u8>, values: &[f32]) {
 /// Decodes little-endian f32 values (`bytes.len()` must be a multiple of 4; a trailing partial
 /// value is ignored, which the manifest checks rule out).
 pub fn decode_le(bytes: &[u8]) -> impl ExactSizeIterator<Item = f32> + '_ {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
 /// Checks a manifest's internal consistency and returns its tensors' specs.
@@ -115,9 +131,15 @@ pub fn manifest_specs(manifest: &pb::Manifest) -> Result<Vec<TensorSpec>, WireEr
     let mut specs = Vec::with_capacity(manifest.tensors.len());
     for t in &manifest.tensors {
         if t.dtype != pb::DType::DtypeF32 as i32 {
-            return Err(WireError::UnsupportedDType { name: t.name.clone(), dtype: t.dtype });
+            return Err(WireError::UnsupportedDType {
+                name: t.name.clone(),
+                dtype: t.dtype,
+            });
         }
-        let overflow = || WireError::ShapeOverflow { name: t.name.clone(), shape: t.shape.clone() };
+        let overflow = || WireError::ShapeOverflow {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+        };
         let elements = t
             .shape
             .iter()
@@ -130,10 +152,16 @@ pub fn manifest_specs(manifest: &pb::Manifest) -> Result<Vec<TensorSpec>, WireEr
             .iter()
             .map(|&d| usize::try_from(d).map_err(|_| overflow()))
             .collect::<Result<_, _>>()?;
-        specs.push(TensorSpec { name: t.name.clone(), shape });
+        specs.push(TensorSpec {
+            name: t.name.clone(),
+            shape,
+        });
     }
     if computed != manifest.total_bytes {
-        return Err(WireError::SizeMismatch { declared: manifest.total_bytes, computed });
+        return Err(WireError::SizeMismatch {
+            declared: manifest.total_bytes,
+            computed,
+        });
     }
     Ok(specs)
 }
@@ -152,10 +180,18 @@ impl Assembler {
     pub fn new(manifest: pb::Manifest, limit: u64) -> Result<Self, WireError> {
         let specs = manifest_specs(&manifest)?;
         if manifest.total_bytes > limit {
-            return Err(WireError::TooLarge { declared: manifest.total_bytes, limit });
+            return Err(WireError::TooLarge {
+                declared: manifest.total_bytes,
+                limit,
+            });
         }
         let buf = Vec::with_capacity(manifest.total_bytes as usize);
-        Ok(Self { manifest, specs, buf, hasher: Xxh3::new() })
+        Ok(Self {
+            manifest,
+            specs,
+            buf,
+            hasher: Xxh3::new(),
+        })
     }
 
     pub fn specs(&self) -> &[TensorSpec] {
@@ -169,7 +205,10 @@ impl Assembler {
     pub fn push(&mut self, chunk: &pb::Chunk) -> Result<(), WireError> {
         let expected = self.buf.len() as u64;
         if chunk.offset != expected {
-            return Err(WireError::OutOfOrder { expected, got: chunk.offset });
+            return Err(WireError::OutOfOrder {
+                expected,
+                got: chunk.offset,
+            });
         }
         let len = chunk.data.len();
         if len == 0 || len > self.manifest.chunk_size as usize {
@@ -180,10 +219,15 @@ impl Assembler {
             });
         }
         if expected + len as u64 > self.manifest.total_bytes {
-            return Err(WireError::Overrun { offset: chunk.offset, total: self.manifest.total_bytes });
+            return Err(WireError::Overrun {
+                offset: chunk.offset,
+                total: self.manifest.total_bytes,
+            });
         }
         if xxh3_64(&chunk.data) != chunk.checksum {
-            return Err(WireError::ChunkChecksum { offset: chunk.offset });
+            return Err(WireError::ChunkChecksum {
+                offset: chunk.offset,
+            });
         }
         self.hasher.update(&chunk.data);
         self.buf.extend_from_slice(&chunk.data);
@@ -194,12 +238,19 @@ impl Assembler {
     pub fn finish(self) -> Result<Payload, WireError> {
         let received = self.buf.len() as u64;
         if received != self.manifest.total_bytes {
-            return Err(WireError::Truncated { received, total: self.manifest.total_bytes });
+            return Err(WireError::Truncated {
+                received,
+                total: self.manifest.total_bytes,
+            });
         }
         if self.hasher.digest() != self.manifest.checksum {
             return Err(WireError::PayloadChecksum);
         }
-        Ok(Payload { manifest: self.manifest, specs: self.specs, bytes: self.buf })
+        Ok(Payload {
+            manifest: self.manifest,
+            specs: self.specs,
+            bytes: self.buf,
+        })
     }
 }
 
@@ -226,8 +277,13 @@ impl Payload {
     /// Checks that every value is finite, naming the first tensor and index that is not.
     pub fn check_finite(&self) -> Result<(), TensorError> {
         for (spec, bytes) in self.tensors() {
-            if let Some((index, value)) = decode_le(bytes).enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(TensorError::NonFinite { name: spec.name.clone(), index, value });
+            if let Some((index, value)) = decode_le(bytes).enumerate().find(|(_, v)| !v.is_finite())
+            {
+                return Err(TensorError::NonFinite {
+                    name: spec.name.clone(),
+                    index,
+                    value,
+                });
             }
         }
         Ok(())
@@ -236,7 +292,13 @@ impl Payload {
     pub fn into_tensor_set(self) -> Result<TensorSet, WireError> {
         let tensors = self
             .tensors()
-            .map(|(spec, bytes)| NamedTensor::new(spec.name.clone(), spec.shape.clone(), decode_le(bytes).collect()))
+            .map(|(spec, bytes)| {
+                NamedTensor::new(
+                    spec.name.clone(),
+                    spec.shape.clone(),
+                    decode_le(bytes).collect(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(TensorSet::new(tensors)?)
     }
@@ -248,7 +310,12 @@ mod tests {
 
     fn odd_set() -> TensorSet {
         // Over 8 MiB in total, with sizes that do not divide the chunk size.
-        let sizes = [(vec![1031usize, 1513], "big"), (vec![7], "tiny"), (vec![999, 3, 337], "odd"), (vec![1], "one")];
+        let sizes = [
+            (vec![1031usize, 1513], "big"),
+            (vec![7], "tiny"),
+            (vec![999, 3, 337], "odd"),
+            (vec![1], "one"),
+        ];
         let mut x = 0x9E3779B9u32;
         let tensors = sizes
             .iter()
@@ -282,7 +349,12 @@ mod tests {
         for (a, b) in set.tensors().iter().zip(back.tensors()) {
             assert_eq!(a.name, b.name);
             assert_eq!(a.shape, b.shape);
-            assert!(a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()));
+            assert!(
+                a.data
+                    .iter()
+                    .zip(&b.data)
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
+            );
         }
     }
 
@@ -296,7 +368,10 @@ mod tests {
         let mut data = bad.data.to_vec();
         data[17] ^= 0x01;
         bad.data = Bytes::from(data);
-        assert_eq!(asm.push(&bad), Err(WireError::ChunkChecksum { offset: 1 << 16 }));
+        assert_eq!(
+            asm.push(&bad),
+            Err(WireError::ChunkChecksum { offset: 1 << 16 })
+        );
     }
 
     #[test]
@@ -304,17 +379,26 @@ mod tests {
         let set = odd_set();
         let enc = EncodedTensors::encode(&set, 1, 1 << 20).unwrap();
         // Too large for the receiver: refused before allocating.
-        assert!(matches!(Assembler::new(enc.manifest.clone(), 1024), Err(WireError::TooLarge { .. })));
+        assert!(matches!(
+            Assembler::new(enc.manifest.clone(), 1024),
+            Err(WireError::TooLarge { .. })
+        ));
         // Out of order.
         let mut asm = Assembler::new(enc.manifest.clone(), u64::MAX).unwrap();
-        assert!(matches!(asm.push(&enc.chunks[1]), Err(WireError::OutOfOrder { .. })));
+        assert!(matches!(
+            asm.push(&enc.chunks[1]),
+            Err(WireError::OutOfOrder { .. })
+        ));
         // Truncated.
         asm.push(&enc.chunks[0]).unwrap();
         assert!(matches!(asm.finish(), Err(WireError::Truncated { .. })));
         // A manifest whose sizes lie.
         let mut lying = enc.manifest.clone();
         lying.total_bytes -= 4;
-        assert!(matches!(Assembler::new(lying, u64::MAX), Err(WireError::SizeMismatch { .. })));
+        assert!(matches!(
+            Assembler::new(lying, u64::MAX),
+            Err(WireError::SizeMismatch { .. })
+        ));
         // Consistent chunks but a wrong whole-payload checksum.
         let mut wrong = enc.manifest.clone();
         wrong.checksum ^= 1;

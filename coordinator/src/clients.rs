@@ -30,10 +30,21 @@ impl Clients {
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);
         let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let name = if name.trim().is_empty() { id.clone() } else { name.trim().to_string() };
+        let name = if name.trim().is_empty() {
+            id.clone()
+        } else {
+            name.trim().to_string()
+        };
         self.by_token.insert(
             token.clone(),
-            ClientInfo { id: id.clone(), name, device: device.to_string(), num_examples, last_seen: Instant::now(), told_finished: false },
+            ClientInfo {
+                id: id.clone(),
+                name,
+                device: device.to_string(),
+                num_examples,
+                last_seen: Instant::now(),
+                told_finished: false,
+            },
         );
         (id, token)
     }
@@ -52,7 +63,11 @@ impl Clients {
     /// Clients heard from within `timeout`, ordered by join order.
     pub fn live(&self, timeout: Duration) -> Vec<&ClientInfo> {
         let now = Instant::now();
-        let mut v: Vec<_> = self.by_token.values().filter(|c| now.duration_since(c.last_seen) <= timeout).collect();
+        let mut v: Vec<_> = self
+            .by_token
+            .values()
+            .filter(|c| now.duration_since(c.last_seen) <= timeout)
+            .collect();
         v.sort_by_key(|c| c.id[1..].parse::<u64>().unwrap_or(u64::MAX));
         v
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use fedtune_common::logging::LogFormat;
-use fedtune_common::models::ModelSpec;
+use fedtune_common::models::{ModelKind, ModelSpec};
 use fedtune_common::train::OptimizerKind;
 use serde::Deserialize;
 
@@ -143,14 +143,18 @@ impl ServeArgs {
             listen: self.listen.unwrap_or(file.listen),
             rounds: self.rounds.unwrap_or(file.rounds),
             min_clients: self.min_clients.unwrap_or(file.min_clients),
-            model: ModelSpec::parse(&model_name, num_classes).context("invalid `model` / `num_classes`")?,
+            model: ModelSpec::parse(&model_name, num_classes)
+                .context("invalid `model` / `num_classes`")?,
             init: pick(&self.init, file.init),
             out: self.out.clone().unwrap_or(file.out),
             eval_data: pick(&self.eval_data, file.eval_data),
             local_epochs: self.local_epochs.unwrap_or(file.local_epochs),
             batch_size: self.batch_size.unwrap_or(file.batch_size),
             lr: self.lr.unwrap_or(file.lr),
-            optimizer: optimizer.parse().map_err(anyhow::Error::msg).context("invalid `optimizer`")?,
+            optimizer: optimizer
+                .parse()
+                .map_err(anyhow::Error::msg)
+                .context("invalid `optimizer`")?,
             round_timeout: self.round_timeout.unwrap_or(file.round_timeout),
             log_format: self.log_format.unwrap_or(file.log_format),
             seed: self.seed.unwrap_or(file.seed),
@@ -161,7 +165,8 @@ impl ServeArgs {
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
@@ -190,10 +195,18 @@ impl ServeConfig {
         {
             bail!("`init`: {} is not a file", init.display());
         }
+        if self.eval_data.is_some() && matches!(self.model.kind, ModelKind::Synthetic { .. }) {
+            bail!(
+                "`eval_data` cannot be used with a synthetic model (it has no architecture to evaluate)"
+            );
+        }
         if let Some(eval) = &self.eval_data
             && !eval.is_dir()
         {
-            bail!("`eval_data`: {} is not a folder (it must hold an IDX images/labels pair)", eval.display());
+            bail!(
+                "`eval_data`: {} is not a folder (it must hold an IDX images/labels pair)",
+                eval.display()
+            );
         }
         Ok(())
     }
@@ -207,8 +220,16 @@ mod tests {
     fn flags_override_file_and_unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
-        std::fs::write(&p, "rounds = 7\nmin_clients = 4\nround_timeout = \"90s\"\nmodel = \"cnn\"\n").unwrap();
-        let args = ServeArgs { config: Some(p.clone()), min_clients: Some(3), ..Default::default() };
+        std::fs::write(
+            &p,
+            "rounds = 7\nmin_clients = 4\nround_timeout = \"90s\"\nmodel = \"cnn\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(p.clone()),
+            min_clients: Some(3),
+            ..Default::default()
+        };
         let cfg = args.resolve().unwrap();
         assert_eq!((cfg.rounds, cfg.min_clients), (7, 3));
         assert_eq!(cfg.round_timeout, Duration::from_secs(90));
@@ -217,7 +238,10 @@ mod tests {
         std::fs::write(&p, "roundz = 7\n").unwrap();
         let e = format!("{:#}", args.resolve().unwrap_err());
         assert!(e.contains("roundz"), "{e}");
-        let bad = ServeArgs { lr: Some(-1.0), ..Default::default() };
+        let bad = ServeArgs {
+            lr: Some(-1.0),
+            ..Default::default()
+        };
         assert!(format!("{:#}", bad.resolve().unwrap_err()).contains("lr"));
     }
 }

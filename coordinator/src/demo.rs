@@ -20,7 +20,8 @@ use crate::config::ServeConfig;
 /// Where Debian's `dataset-fashion-mnist` package puts the full data set.
 pub const SYSTEM_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 /// The real subset committed with the sources (see its README for the licence).
-pub const BUNDLED_SUBSET: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/fashion-mnist-subset");
+pub const BUNDLED_SUBSET: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../data/fashion-mnist-subset");
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -31,7 +32,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 5)]
     pub rounds: u64,
     /// Model: mlp or cnn.
-    #[arg(long, default_value = "mlp")]
+    #[arg(long, default_value = "cnn")]
     pub model: String,
     /// Dirichlet concentration of the non-IID split (smaller = more skewed).
     #[arg(long, default_value_t = 0.5)]
@@ -44,7 +45,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Local epochs per round.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 2)]
     pub local_epochs: u32,
     /// Local batch size.
     #[arg(long, default_value_t = 32)]
@@ -62,16 +63,25 @@ pub struct DemoArgs {
 
 fn default_data() -> PathBuf {
     let system = Path::new(SYSTEM_FASHION_MNIST);
-    if system.join("train-images-idx3-ubyte.gz").is_file() { system.to_path_buf() } else { PathBuf::from(BUNDLED_SUBSET) }
+    if system.join("train-images-idx3-ubyte.gz").is_file() {
+        system.to_path_buf()
+    } else {
+        PathBuf::from(BUNDLED_SUBSET)
+    }
 }
 
 /// The `fedtune-client` binary built beside this one.
 fn client_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("cannot locate the folder of this binary")?;
+    let dir = exe
+        .parent()
+        .context("cannot locate the folder of this binary")?;
     let client = dir.join(format!("fedtune-client{}", std::env::consts::EXE_SUFFIX));
     if !client.is_file() {
-        bail!("{} not found: build both binaries with `cargo build --release` (the demo script does this)", client.display());
+        bail!(
+            "{} not found: build both binaries with `cargo build --release` (the demo script does this)",
+            client.display()
+        );
     }
     Ok(client)
 }
@@ -82,9 +92,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("--clients must be at least 1");
     }
     let data_dir = args.data.clone().unwrap_or_else(default_data);
-    let folder = DataFolder::open(&data_dir).with_context(|| format!("cannot open demo data {}", data_dir.display()))?;
+    let folder = DataFolder::open(&data_dir)
+        .with_context(|| format!("cannot open demo data {}", data_dir.display()))?;
     if folder.test.is_none() {
-        bail!("{}: the demo needs a train-* and a t10k-* pair (the test pair is the server-side evaluation set)", data_dir.display());
+        bail!(
+            "{}: the demo needs a train-* and a t10k-* pair (the test pair is the server-side evaluation set)",
+            data_dir.display()
+        );
     }
     let model = ModelSpec::parse(&args.model, 10)?;
     folder.train.check_labels(model.num_classes)?;
@@ -94,15 +108,32 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let parts = dirichlet_partition(&folder.train.labels, args.clients, args.alpha, args.seed);
     let clients_dir = args.out.join("clients");
     let mut client_dirs = Vec::new();
-    println!("fedtune demo: {} training examples from {} split across {} clients (Dirichlet alpha {}):", folder.train.len(), data_dir.display(), args.clients, args.alpha);
+    println!(
+        "fedtune demo: {} training examples from {} split across {} clients (Dirichlet alpha {}):",
+        folder.train.len(),
+        data_dir.display(),
+        args.clients,
+        args.alpha
+    );
     for (i, part) in parts.iter().enumerate() {
         let dir = clients_dir.join(format!("client-{}", i + 1));
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let subset = folder.train.subset(part);
-        subset.write_pair(&dir, "train-").with_context(|| format!("cannot write client data to {}", dir.display()))?;
+        subset
+            .write_pair(&dir, "train-")
+            .with_context(|| format!("cannot write client data to {}", dir.display()))?;
         let mut counts = [0usize; 10];
-        subset.labels.iter().for_each(|&l| counts[(l as usize).min(9)] += 1);
-        println!("  client-{}: {:>6} examples, per class {:?}", i + 1, subset.len(), counts);
+        subset
+            .labels
+            .iter()
+            .for_each(|&l| counts[(l as usize).min(9)] += 1);
+        println!(
+            "  client-{}: {:>6} examples, per class {:?}",
+            i + 1,
+            subset.len(),
+            counts
+        );
         client_dirs.push(dir);
     }
 
@@ -130,7 +161,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let child = Command::new(&client_bin)
             .args(["run", "--coordinator", &url, "--data"])
             .arg(dir)
-            .args(["--name", &format!("client-{}", i + 1), "--device", &args.device, "--no-progress"])
+            .args([
+                "--name",
+                &format!("client-{}", i + 1),
+                "--device",
+                &args.device,
+                "--no-progress",
+            ])
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -146,11 +183,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             Ok(Ok(status)) if status.success() => {}
             Ok(Ok(status)) => failed.push(format!("client-{} exited with {status}", i + 1)),
             Ok(Err(e)) => failed.push(format!("client-{}: {e}", i + 1)),
-            Err(_) => failed.push(format!("client-{} did not exit within 30 s of the end", i + 1)),
+            Err(_) => failed.push(format!(
+                "client-{} did not exit within 30 s of the end",
+                i + 1
+            )),
         }
     }
 
-    println!("\nfedtune demo: {} rounds, {} clients, model {} — server-side test accuracy per round:", summary.records.len(), args.clients, args.model);
+    println!(
+        "\nfedtune demo: {} rounds, {} clients, model {} — server-side test accuracy per round:",
+        summary.records.len(),
+        args.clients,
+        args.model
+    );
     println!("  round  accuracy  macro-F1  eval loss  train loss  round time");
     for r in &summary.records {
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));

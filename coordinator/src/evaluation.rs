@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Context;
 use burn::tensor::Device;
 use fedtune_common::data::{DataFolder, ImageDataset};
-use fedtune_common::models::ModelSpec;
+use fedtune_common::models::{IMAGE_SIZE, ModelSpec};
 use fedtune_common::params;
 use fedtune_common::tensors::TensorSet;
 use fedtune_common::train::{self, Evaluation};
@@ -20,10 +20,19 @@ pub struct ServerEval {
 
 impl ServerEval {
     pub fn open(dir: &Path, spec: ModelSpec) -> anyhow::Result<Self> {
-        let data = DataFolder::open(dir).context("cannot open `eval_data`")?.evaluation_set();
-        data.check_labels(spec.num_classes).context("`eval_data` does not fit the model")?;
+        let data = DataFolder::open(dir)
+            .context("cannot open `eval_data`")?
+            .evaluation_set();
+        data.check_labels(spec.num_classes)
+            .context("`eval_data` does not fit the model")?;
+        data.check_image_size(IMAGE_SIZE, IMAGE_SIZE)
+            .context("`eval_data` does not fit the model")?;
         let indices = (0..data.len()).collect();
-        Ok(Self { data, indices, spec })
+        Ok(Self {
+            data,
+            indices,
+            spec,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -34,6 +43,13 @@ impl ServerEval {
         let device = Device::flex();
         let model = self.spec.build(&device)?;
         let model = params::inject(model, global)?;
-        Ok(train::evaluate(&model, &self.data, &self.indices, EVAL_BATCH, self.spec.num_classes as usize, &device))
+        Ok(train::evaluate(
+            &model,
+            &self.data,
+            &self.indices,
+            EVAL_BATCH,
+            self.spec.num_classes as usize,
+            &device,
+        ))
     }
 }

@@ -48,22 +48,43 @@ pub async fn bind(cfg: &ServeConfig) -> anyhow::Result<TcpListener> {
 
 /// Runs a whole federation on `listener` and returns when the last round is written.
 pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<RunSummary> {
-    let mut global = cfg.model.init_weights(cfg.seed).context("cannot initialise the model")?;
+    let mut global = cfg
+        .model
+        .init_weights(cfg.seed)
+        .context("cannot initialise the model")?;
     if let Some(path) = &cfg.init {
         let (loaded, report) = checkpoint::load_for_model(path, &global)?;
-        info!("loaded pre-trained weights from {}: {} tensors applied, {} missing (fresh init), {} unused in the file", path.display(), report.applied.len(), report.missing.len(), report.unused.len());
+        info!(
+            "loaded pre-trained weights from {}: {} tensors applied, {} missing (fresh init), {} unused in the file",
+            path.display(),
+            report.applied.len(),
+            report.missing.len(),
+            report.unused.len()
+        );
         if !report.missing.is_empty() {
-            info!("missing from {}: {}", path.display(), report.missing.join(", "));
+            info!(
+                "missing from {}: {}",
+                path.display(),
+                report.missing.join(", ")
+            );
         }
         if !report.unused.is_empty() {
-            info!("unused from {}: {}", path.display(), report.unused.join(", "));
+            info!(
+                "unused from {}: {}",
+                path.display(),
+                report.unused.join(", ")
+            );
         }
         global = loaded;
     }
     let server_eval = match &cfg.eval_data {
         Some(dir) => {
             let eval = ServerEval::open(dir, cfg.model)?;
-            info!("server-side evaluation on {} examples from {}", eval.len(), dir.display());
+            info!(
+                "server-side evaluation on {} examples from {}",
+                eval.len(),
+                dir.display()
+            );
             Some(Arc::new(eval))
         }
         None => None,

@@ -47,7 +47,9 @@ pub const UPLOAD_SLOTS: usize = 2;
 /// Why an RPC was refused; the service turns it into a gRPC status.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
-    #[error("protocol version mismatch: client speaks {client}, coordinator speaks {server}; upgrade the older side")]
+    #[error(
+        "protocol version mismatch: client speaks {client}, coordinator speaks {server}; upgrade the older side"
+    )]
     ProtocolMismatch { client: u32, server: u32 },
     #[error("unknown session token (the coordinator may have restarted): join again")]
     UnknownSession,
@@ -55,8 +57,14 @@ pub enum Refusal {
     UnknownTask(String),
     #[error("task `{task_id}` belongs to another client")]
     NotYourTask { task_id: String },
-    #[error("round {task_round} has closed (the current round is {current}); update for task `{task_id}` refused")]
-    RoundClosed { task_id: String, task_round: u64, current: u64 },
+    #[error(
+        "round {task_round} has closed (the current round is {current}); update for task `{task_id}` refused"
+    )]
+    RoundClosed {
+        task_id: String,
+        task_round: u64,
+        current: u64,
+    },
     #[error("an upload for task `{0}` is already in progress")]
     UploadInProgress(String),
     #[error("task `{task_id}` was already marked failed: {reason}")]
@@ -195,7 +203,13 @@ impl Federation {
             run_id: id.iter().map(|b| format!("{b:02x}")).collect(),
             specs,
             model_bytes,
-            state: Mutex::new(State { clients: Clients::default(), phase: Phase::Waiting, issued: HashMap::new(), counted: HashMap::new(), current_round: 0 }),
+            state: Mutex::new(State {
+                clients: Clients::default(),
+                phase: Phase::Waiting,
+                issued: HashMap::new(),
+                counted: HashMap::new(),
+                current_round: 0,
+            }),
             changed: Notify::new(),
             aggregate: Mutex::new(None),
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
@@ -211,23 +225,44 @@ impl Federation {
     }
 
     fn model_spec_pb(&self) -> pb::ModelSpec {
-        pb::ModelSpec { name: self.cfg.model.kind.to_string(), num_classes: self.cfg.model.num_classes }
+        pb::ModelSpec {
+            name: self.cfg.model.kind.to_string(),
+            num_classes: self.cfg.model.num_classes,
+        }
     }
 
     // ----- RPC-facing -------------------------------------------------------------------------
 
     pub fn join(&self, req: &pb::JoinRequest) -> Result<pb::JoinReply, Refusal> {
         if req.protocol_version != PROTOCOL_VERSION {
-            return Err(Refusal::ProtocolMismatch { client: req.protocol_version, server: PROTOCOL_VERSION });
+            return Err(Refusal::ProtocolMismatch {
+                client: req.protocol_version,
+                server: PROTOCOL_VERSION,
+            });
         }
-        let (id, token) = lock(&self.state).clients.join(&req.name, &req.device, req.num_examples);
-        info!("client joined: {} ({}) on {} with {} examples", req.name, id, req.device, req.num_examples);
+        let (id, token) = lock(&self.state)
+            .clients
+            .join(&req.name, &req.device, req.num_examples);
+        info!(
+            "client joined: {} ({}) on {} with {} examples",
+            req.name, id, req.device, req.num_examples
+        );
         self.changed.notify_waiters();
-        Ok(pb::JoinReply { protocol_version: PROTOCOL_VERSION, client_id: id, session_token: token, run_id: self.run_id.clone(), heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32 })
+        Ok(pb::JoinReply {
+            protocol_version: PROTOCOL_VERSION,
+            client_id: id,
+            session_token: token,
+            run_id: self.run_id.clone(),
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
+        })
     }
 
     pub fn heartbeat(&self, token: &str) -> Result<(), Refusal> {
-        lock(&self.state).clients.touch(token).map(|_| ()).ok_or(Refusal::UnknownSession)
+        lock(&self.state)
+            .clients
+            .touch(token)
+            .map(|_| ())
+            .ok_or(Refusal::UnknownSession)
     }
 
     /// Long-poll: returns a task as soon as there is one for this client, or Wait after
@@ -248,7 +283,11 @@ impl Federation {
                 match &st.phase {
                     Phase::Finished => {
                         client.told_finished = true;
-                        return Ok(pb::Task { kind: Some(Kind::Finished(pb::Finished { reason: format!("all {} rounds done", self.cfg.rounds) })) });
+                        return Ok(pb::Task {
+                            kind: Some(Kind::Finished(pb::Finished {
+                                reason: format!("all {} rounds done", self.cfg.rounds),
+                            })),
+                        });
                     }
                     Phase::Training(open) => match open.tasks.get(&client_id) {
                         Some(t) if t.status == TaskStatus::Assigned => {
@@ -268,8 +307,14 @@ impl Federation {
                                 })),
                             });
                         }
-                        Some(_) => format!("round {} in progress; your update is in", open.round),
-                        None => format!("round {} in progress without you; you will be selected in the next round", open.round),
+                        Some(_) => format!(
+                            "round {} in progress; waiting for the other clients",
+                            open.round
+                        ),
+                        None => format!(
+                            "round {} in progress without you; you will be selected in the next round",
+                            open.round
+                        ),
                     },
                     Phase::Closing { round } => format!("aggregating round {round}"),
                     Phase::Waiting => {
@@ -288,27 +333,60 @@ impl Federation {
     }
 
     /// The broadcast a client must download for `task_id`, and the round's byte counters.
-    pub fn model_for(&self, token: &str, task_id: &str) -> Result<(Arc<EncodedTensors>, Arc<RoundStats>), Refusal> {
+    pub fn model_for(
+        &self,
+        token: &str,
+        task_id: &str,
+    ) -> Result<(Arc<EncodedTensors>, Arc<RoundStats>), Refusal> {
         let mut st = lock(&self.state);
         let st = &mut *st;
-        let client_id = st.clients.touch(token).ok_or(Refusal::UnknownSession)?.id.clone();
-        let (task_round, owner) = st.issued.get(task_id).cloned().ok_or_else(|| Refusal::UnknownTask(task_id.to_string()))?;
+        let client_id = st
+            .clients
+            .touch(token)
+            .ok_or(Refusal::UnknownSession)?
+            .id
+            .clone();
+        let (task_round, owner) = st
+            .issued
+            .get(task_id)
+            .cloned()
+            .ok_or_else(|| Refusal::UnknownTask(task_id.to_string()))?;
         if owner != client_id {
-            return Err(Refusal::NotYourTask { task_id: task_id.to_string() });
+            return Err(Refusal::NotYourTask {
+                task_id: task_id.to_string(),
+            });
         }
         match &st.phase {
-            Phase::Training(open) if open.round == task_round => Ok((open.broadcast.clone(), open.stats.clone())),
-            _ => Err(Refusal::RoundClosed { task_id: task_id.to_string(), task_round, current: st.current_round }),
+            Phase::Training(open) if open.round == task_round => {
+                Ok((open.broadcast.clone(), open.stats.clone()))
+            }
+            _ => Err(Refusal::RoundClosed {
+                task_id: task_id.to_string(),
+                task_round,
+                current: st.current_round,
+            }),
         }
     }
 
     /// Checks an update's header before any tensor bytes are accepted.
-    pub fn begin_upload(&self, claim: UpdateClaim) -> Result<Result<UploadTicket, SubmitOutcome>, Refusal> {
+    pub fn begin_upload(
+        &self,
+        claim: UpdateClaim,
+    ) -> Result<Result<UploadTicket, SubmitOutcome>, Refusal> {
         let mut st = lock(&self.state);
         let st = &mut *st;
-        let client_id = st.clients.touch(&claim.token).ok_or(Refusal::UnknownSession)?.id.clone();
+        let client_id = st
+            .clients
+            .touch(&claim.token)
+            .ok_or(Refusal::UnknownSession)?
+            .id
+            .clone();
         let task_id = claim.task_id.clone();
-        let (task_round, owner) = st.issued.get(&task_id).cloned().ok_or_else(|| Refusal::UnknownTask(task_id.clone()))?;
+        let (task_round, owner) = st
+            .issued
+            .get(&task_id)
+            .cloned()
+            .ok_or_else(|| Refusal::UnknownTask(task_id.clone()))?;
         if owner != client_id {
             return Err(Refusal::NotYourTask { task_id });
         }
@@ -317,31 +395,63 @@ impl Federation {
         }
         let current = st.current_round;
         let Phase::Training(open) = &mut st.phase else {
-            return Err(Refusal::RoundClosed { task_id, task_round, current });
+            return Err(Refusal::RoundClosed {
+                task_id,
+                task_round,
+                current,
+            });
         };
         if open.round != task_round {
-            return Err(Refusal::RoundClosed { task_id, task_round, current });
-        }
-        let invalid = |reason: String| Refusal::InvalidUpdate { task_id: task_id.clone(), reason };
-        if claim.model_version != open.model_version {
-            return Err(invalid(format!("computed against model version {}, the round's is {}", claim.model_version, open.model_version)));
-        }
-        if claim.num_examples == 0 {
-            return Err(invalid("num_examples is 0; an update must come from at least one example".into()));
-        }
-        if let Some((k, v)) = claim.metrics.iter().find(|(_, v)| !v.is_finite()) {
-            return Err(invalid(format!("metric `{k}` is not finite ({v})")));
+            return Err(Refusal::RoundClosed {
+                task_id,
+                task_round,
+                current,
+            });
         }
         let Some(task) = open.tasks.get_mut(&client_id) else {
             return Err(Refusal::UnknownTask(task_id));
         };
+        let invalid = if claim.model_version != open.model_version {
+            Some(format!(
+                "computed against model version {}, the round's is {}",
+                claim.model_version, open.model_version
+            ))
+        } else if claim.num_examples == 0 {
+            Some("num_examples is 0; an update must come from at least one example".to_string())
+        } else {
+            claim
+                .metrics
+                .iter()
+                .find(|(_, v)| !v.is_finite())
+                .map(|(k, v)| format!("metric `{k}` is not finite ({v})"))
+        };
+        if let Some(reason) = invalid
+            && task.status == TaskStatus::Assigned
+        {
+            // The same task would fail the same way again: the round goes on without it.
+            warn!("round {task_round}: update for task `{task_id}` refused: {reason}");
+            task.status = TaskStatus::Failed(reason.clone());
+            return Err(Refusal::InvalidUpdate { task_id, reason });
+        }
         match &task.status {
             TaskStatus::Uploading => return Err(Refusal::UploadInProgress(task_id)),
-            TaskStatus::Failed(reason) => return Err(Refusal::TaskFailed { task_id, reason: reason.clone() }),
+            TaskStatus::Failed(reason) => {
+                return Err(Refusal::TaskFailed {
+                    task_id,
+                    reason: reason.clone(),
+                });
+            }
             TaskStatus::Reported => return Ok(Err(SubmitOutcome::Duplicate { round: task_round })),
             TaskStatus::Assigned => task.status = TaskStatus::Uploading,
         }
-        Ok(Ok(UploadTicket { task_id, round: task_round, client_id, num_examples: claim.num_examples, metrics: claim.metrics, stats: open.stats.clone() }))
+        Ok(Ok(UploadTicket {
+            task_id,
+            round: task_round,
+            client_id,
+            num_examples: claim.num_examples,
+            metrics: claim.metrics,
+            stats: open.stats.clone(),
+        }))
     }
 
     /// An upload that did not complete: `failure` marks the task failed for the round (invalid
@@ -355,7 +465,10 @@ impl Federation {
         {
             task.status = match failure {
                 Some(reason) => {
-                    warn!("round {}: update for task `{}` refused: {reason}", ticket.round, ticket.task_id);
+                    warn!(
+                        "round {}: update for task `{}` refused: {reason}",
+                        ticket.round, ticket.task_id
+                    );
                     TaskStatus::Failed(reason)
                 }
                 None => TaskStatus::Assigned,
@@ -367,7 +480,11 @@ impl Federation {
 
     /// Folds a complete, verified delta into the round's aggregate, exactly once. Blocking:
     /// call it from a blocking thread.
-    pub fn commit_upload(&self, ticket: UploadTicket, delta: &Payload) -> Result<SubmitOutcome, Refusal> {
+    pub fn commit_upload(
+        &self,
+        ticket: UploadTicket,
+        delta: &Payload,
+    ) -> Result<SubmitOutcome, Refusal> {
         let mut aggregate = lock(&self.aggregate);
         {
             let mut st = lock(&self.state);
@@ -375,13 +492,30 @@ impl Federation {
             let current = st.current_round;
             let open = match &mut st.phase {
                 Phase::Training(open) if open.round == ticket.round => open,
-                _ => return Err(Refusal::RoundClosed { task_id: ticket.task_id, task_round: ticket.round, current }),
+                _ => {
+                    return Err(Refusal::RoundClosed {
+                        task_id: ticket.task_id,
+                        task_round: ticket.round,
+                        current,
+                    });
+                }
             };
-            let Some(task) = open.tasks.get_mut(&ticket.client_id).filter(|t| t.status == TaskStatus::Uploading) else {
-                return Err(Refusal::RoundClosed { task_id: ticket.task_id, task_round: ticket.round, current });
+            let Some(task) = open
+                .tasks
+                .get_mut(&ticket.client_id)
+                .filter(|t| t.status == TaskStatus::Uploading)
+            else {
+                return Err(Refusal::RoundClosed {
+                    task_id: ticket.task_id,
+                    task_round: ticket.round,
+                    current,
+                });
             };
             task.status = TaskStatus::Reported;
-            open.reports.push(ClientReport { num_examples: ticket.num_examples, metrics: ticket.metrics });
+            open.reports.push(ClientReport {
+                num_examples: ticket.num_examples,
+                metrics: ticket.metrics,
+            });
             st.counted.insert(ticket.task_id.clone(), ticket.round);
         }
         // Still holding `aggregate`: the round cannot close before this update is folded in.
@@ -396,24 +530,32 @@ impl Federation {
     /// Records a client's evaluation report. Federated evaluation rounds are not scheduled yet
     /// (no Evaluate task is issued), so any report refers to an unknown task.
     pub fn evaluation_report(&self, token: &str, task_id: &str) -> Result<SubmitOutcome, Refusal> {
-        lock(&self.state).clients.touch(token).ok_or(Refusal::UnknownSession)?;
+        lock(&self.state)
+            .clients
+            .touch(token)
+            .ok_or(Refusal::UnknownSession)?;
         Err(Refusal::UnknownTask(task_id.to_string()))
     }
 
     // ----- the round engine ---------------------------------------------------------------------
 
     /// Runs every round to the end and returns what was written.
-    pub async fn run(self: Arc<Self>, mut global: TensorSet, mut run_dir: RunDir, server_eval: Option<Arc<ServerEval>>) -> anyhow::Result<RunSummary> {
+    pub async fn run(
+        self: Arc<Self>,
+        mut global: TensorSet,
+        mut run_dir: RunDir,
+        server_eval: Option<Arc<ServerEval>>,
+    ) -> anyhow::Result<RunSummary> {
         let mut records = Vec::new();
         let mut model_version = 0u64;
         for round in 1..=self.cfg.rounds {
             self.wait_for_clients(round).await;
             let started = Instant::now();
 
-            let encoded = {
-                let g = global.clone();
-                tokio::task::spawn_blocking(move || EncodedTensors::encode(&g, model_version, MAX_CHUNK_BYTES)).await??
-            };
+            // Encoded once per round, on this thread (no copy of the global model).
+            let encoded = tokio::task::block_in_place(|| {
+                EncodedTensors::encode(&global, model_version, MAX_CHUNK_BYTES)
+            })?;
             let selected = self.open_round(round, model_version, Arc::new(encoded));
             self.wait_for_reports(round).await;
             let (reports, failed, stats) = self.close_round(round, selected.len());
@@ -457,7 +599,9 @@ impl Federation {
             match &server_eval {
                 Some(eval) => {
                     let (eval, g) = (eval.clone(), global.clone());
-                    let e = tokio::task::spawn_blocking(move || eval.evaluate(&g)).await?.context("server-side evaluation failed")?;
+                    let e = tokio::task::spawn_blocking(move || eval.evaluate(&g))
+                        .await?
+                        .context("server-side evaluation failed")?;
                     let m = e.metrics();
                     record.eval_source = "server";
                     record.eval_loss = Some(e.loss).filter(|v| v.is_finite());
@@ -468,7 +612,8 @@ impl Federation {
                     record.eval_examples = m.examples;
                 }
                 None => {
-                    let by_val = |r: &ClientReport| r.metrics.get("val_examples").copied().unwrap_or(0.0);
+                    let by_val =
+                        |r: &ClientReport| r.metrics.get("val_examples").copied().unwrap_or(0.0);
                     record.eval_loss = weighted_mean(&reports, "val_loss", by_val);
                     record.eval_accuracy = weighted_mean(&reports, "val_accuracy", by_val);
                     record.eval_precision = weighted_mean(&reports, "val_precision", by_val);
@@ -491,7 +636,11 @@ impl Federation {
         lock(&self.state).phase = Phase::Finished;
         self.changed.notify_waiters();
         self.wait_for_goodbyes().await;
-        Ok(RunSummary { records, global_path: run_dir.global_path(), metrics_path: run_dir.metrics_path() })
+        Ok(RunSummary {
+            records,
+            global_path: run_dir.global_path(),
+            metrics_path: run_dir.metrics_path(),
+        })
     }
 
     async fn wait_for_clients(&self, round: u64) {
@@ -503,13 +652,25 @@ impl Federation {
             let (live, names) = {
                 let st = lock(&self.state);
                 let live = st.clients.live(LIVENESS_TIMEOUT);
-                (live.len(), live.iter().map(|c| c.name.clone()).collect::<Vec<_>>())
+                (
+                    live.len(),
+                    live.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
+                )
             };
             if live >= self.cfg.min_clients {
                 return;
             }
             if last_log.elapsed() >= WAIT_LOG_EVERY {
-                info!("waiting for clients before round {round}: {live}/{} joined{}; waiting for {} more", self.cfg.min_clients, if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) }, self.cfg.min_clients - live);
+                info!(
+                    "waiting for clients before round {round}: {live}/{} joined{}; waiting for {} more",
+                    self.cfg.min_clients,
+                    if names.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", names.join(", "))
+                    },
+                    self.cfg.min_clients - live
+                );
                 last_log = Instant::now();
             }
             tokio::select! {
@@ -520,22 +681,58 @@ impl Federation {
     }
 
     /// Selects the live clients, issues their tasks and opens the round. Returns the selected ids.
-    fn open_round(&self, round: u64, model_version: u64, broadcast: Arc<EncodedTensors>) -> Vec<String> {
+    fn open_round(
+        &self,
+        round: u64,
+        model_version: u64,
+        broadcast: Arc<EncodedTensors>,
+    ) -> Vec<String> {
         let bytes = broadcast.total_bytes();
         let mut guard = lock(&self.state);
         let st = &mut *guard;
-        let selected: Vec<(String, String)> = st.clients.live(LIVENESS_TIMEOUT).iter().map(|c| (c.id.clone(), c.name.clone())).collect();
+        let selected: Vec<(String, String)> = st
+            .clients
+            .live(LIVENESS_TIMEOUT)
+            .iter()
+            .map(|c| (c.id.clone(), c.name.clone()))
+            .collect();
         let mut tasks = HashMap::new();
         for (id, _) in &selected {
             let task_id = format!("r{round}-{id}");
             st.issued.insert(task_id.clone(), (round, id.clone()));
-            tasks.insert(id.clone(), TaskState { task_id, status: TaskStatus::Assigned });
+            tasks.insert(
+                id.clone(),
+                TaskState {
+                    task_id,
+                    status: TaskStatus::Assigned,
+                },
+            );
         }
-        *lock(&self.aggregate) = Some(RoundAggregate { round, aggregator: Box::new(FedAvg::new(&self.specs)) });
+        *lock(&self.aggregate) = Some(RoundAggregate {
+            round,
+            aggregator: Box::new(FedAvg::new(&self.specs)),
+        });
         st.current_round = round;
-        st.phase = Phase::Training(OpenRound { round, model_version, broadcast, tasks, reports: Vec::new(), stats: Arc::new(RoundStats::default()) });
+        st.phase = Phase::Training(OpenRound {
+            round,
+            model_version,
+            broadcast,
+            tasks,
+            reports: Vec::new(),
+            stats: Arc::new(RoundStats::default()),
+        });
         drop(guard);
-        info!("round {round}/{} started: {} clients selected ({}), model v{model_version}, broadcast {}", self.cfg.rounds, selected.len(), selected.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", "), human_bytes(bytes));
+        info!(
+            "round {round}/{} started: {} clients selected ({}), model v{model_version}, broadcast {}",
+            self.cfg.rounds,
+            selected.len(),
+            selected
+                .iter()
+                .map(|(_, n)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            human_bytes(bytes)
+        );
         self.changed.notify_waiters();
         selected.into_iter().map(|(id, _)| id).collect()
     }
@@ -551,18 +748,28 @@ impl Federation {
             {
                 let mut st = lock(&self.state);
                 let st = &mut *st;
-                let Phase::Training(open) = &mut st.phase else { return };
+                let Phase::Training(open) = &mut st.phase else {
+                    return;
+                };
                 for (id, task) in open.tasks.iter_mut() {
                     if task.status == TaskStatus::Assigned
                         && let Some(c) = st.clients.by_id(id)
                         && c.last_seen.elapsed() > LIVENESS_TIMEOUT
                     {
-                        let reason = format!("no word from {} for {}s", c.name, LIVENESS_TIMEOUT.as_secs());
+                        let reason = format!(
+                            "no word from {} for {}s",
+                            c.name,
+                            LIVENESS_TIMEOUT.as_secs()
+                        );
                         warn!("{reason}: counted as failed for round {round}");
                         task.status = TaskStatus::Failed(reason);
                     }
                 }
-                if open.tasks.values().all(|t| matches!(t.status, TaskStatus::Reported | TaskStatus::Failed(_))) {
+                if open
+                    .tasks
+                    .values()
+                    .all(|t| matches!(t.status, TaskStatus::Reported | TaskStatus::Failed(_)))
+                {
                     return;
                 }
             }
@@ -578,7 +785,11 @@ impl Federation {
     }
 
     /// Stops accepting updates for `round`; returns the reports, the failure count and the stats.
-    fn close_round(&self, round: u64, selected: usize) -> (Vec<ClientReport>, usize, Arc<RoundStats>) {
+    fn close_round(
+        &self,
+        round: u64,
+        selected: usize,
+    ) -> (Vec<ClientReport>, usize, Arc<RoundStats>) {
         let mut st = lock(&self.state);
         let phase = std::mem::replace(&mut st.phase, Phase::Closing { round });
         drop(st);
@@ -588,8 +799,12 @@ impl Federation {
                 let reported = open.reports.len();
                 for (id, t) in &open.tasks {
                     match &t.status {
-                        TaskStatus::Assigned | TaskStatus::Uploading => warn!("no update from {id} before round {round} closed"),
-                        TaskStatus::Failed(reason) => warn!("{id} failed in round {round}: {reason}"),
+                        TaskStatus::Assigned | TaskStatus::Uploading => {
+                            warn!("no update from {id} before round {round} closed")
+                        }
+                        TaskStatus::Failed(reason) => {
+                            warn!("{id} failed in round {round}: {reason}")
+                        }
                         TaskStatus::Reported => {}
                     }
                 }
@@ -604,7 +819,11 @@ impl Federation {
         while Instant::now() < deadline {
             let waiting = {
                 let st = lock(&self.state);
-                st.clients.live(LIVENESS_TIMEOUT).iter().filter(|c| !c.told_finished).count()
+                st.clients
+                    .live(LIVENESS_TIMEOUT)
+                    .iter()
+                    .filter(|c| !c.told_finished)
+                    .count()
             };
             if waiting == 0 {
                 return;
@@ -614,7 +833,11 @@ impl Federation {
     }
 }
 
-fn weighted_mean(reports: &[ClientReport], key: &str, weight: impl Fn(&ClientReport) -> f64) -> Option<f64> {
+fn weighted_mean(
+    reports: &[ClientReport],
+    key: &str,
+    weight: impl Fn(&ClientReport) -> f64,
+) -> Option<f64> {
     let (mut sum, mut total) = (0.0, 0.0);
     for r in reports {
         if let Some(v) = r.metrics.get(key) {

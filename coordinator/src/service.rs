@@ -7,7 +7,7 @@ use std::sync::Arc;
 use fedtune_common::tensors::check_specs;
 use fedtune_common::wire::{Assembler, WireError};
 use fedtune_proto::federation_server::Federation as FederationRpc;
-use fedtune_proto::{self as pb, submit_reply::Outcome, update_frame, model_frame};
+use fedtune_proto::{self as pb, model_frame, submit_reply::Outcome, update_frame};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -27,7 +27,10 @@ impl From<Refusal> for Status {
     fn from(r: Refusal) -> Self {
         let msg = r.to_string();
         match r {
-            Refusal::ProtocolMismatch { .. } | Refusal::RoundClosed { .. } | Refusal::TaskFailed { .. } | Refusal::Finished => Status::failed_precondition(msg),
+            Refusal::ProtocolMismatch { .. }
+            | Refusal::RoundClosed { .. }
+            | Refusal::TaskFailed { .. }
+            | Refusal::Finished => Status::failed_precondition(msg),
             Refusal::UnknownSession => Status::unauthenticated(msg),
             Refusal::UnknownTask(_) => Status::not_found(msg),
             Refusal::NotYourTask { .. } => Status::permission_denied(msg),
@@ -39,8 +42,16 @@ impl From<Refusal> for Status {
 
 fn reply(outcome: SubmitOutcome, task_id: &str) -> pb::SubmitReply {
     match outcome {
-        SubmitOutcome::Accepted => pb::SubmitReply { outcome: Outcome::Accepted as i32, message: format!("update for task `{task_id}` accepted") },
-        SubmitOutcome::Duplicate { round } => pb::SubmitReply { outcome: Outcome::Duplicate as i32, message: format!("update for task `{task_id}` was already counted in round {round}; this copy was ignored") },
+        SubmitOutcome::Accepted => pb::SubmitReply {
+            outcome: Outcome::Accepted as i32,
+            message: format!("update for task `{task_id}` accepted"),
+        },
+        SubmitOutcome::Duplicate { round } => pb::SubmitReply {
+            outcome: Outcome::Duplicate as i32,
+            message: format!(
+                "update for task `{task_id}` was already counted in round {round}; this copy was ignored"
+            ),
+        },
     }
 }
 
@@ -48,66 +59,114 @@ type FrameStream = Pin<Box<dyn Stream<Item = Result<pb::ModelFrame, Status>> + S
 
 #[tonic::async_trait]
 impl FederationRpc for FederationService {
-    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinReply>, Status> {
         Ok(Response::new(self.engine.join(request.get_ref())?))
     }
 
-    async fn next_task(&self, request: Request<pb::NextTaskRequest>) -> Result<Response<pb::Task>, Status> {
-        Ok(Response::new(self.engine.next_task(&request.get_ref().session_token).await?))
+    async fn next_task(
+        &self,
+        request: Request<pb::NextTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        Ok(Response::new(
+            self.engine
+                .next_task(&request.get_ref().session_token)
+                .await?,
+        ))
     }
 
     type FetchModelStream = FrameStream;
 
-    async fn fetch_model(&self, request: Request<pb::FetchModelRequest>) -> Result<Response<Self::FetchModelStream>, Status> {
+    async fn fetch_model(
+        &self,
+        request: Request<pb::FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
         let req = request.into_inner();
         let (broadcast, stats) = self.engine.model_for(&req.session_token, &req.task_id)?;
-        let manifest = pb::ModelFrame { frame: Some(model_frame::Frame::Manifest(broadcast.manifest.clone())) };
+        let manifest = pb::ModelFrame {
+            frame: Some(model_frame::Frame::Manifest(broadcast.manifest.clone())),
+        };
         // Chunks are `Bytes` slices of the one encoded broadcast: cloning them copies nothing.
         let chunks = (0..broadcast.chunks.len()).map(move |i| {
             let chunk = broadcast.chunks[i].clone();
             stats.count_bytes_down(chunk.data.len() as u64);
-            Ok(pb::ModelFrame { frame: Some(model_frame::Frame::Chunk(chunk)) })
+            Ok(pb::ModelFrame {
+                frame: Some(model_frame::Frame::Chunk(chunk)),
+            })
         });
         let stream = tokio_stream::iter(std::iter::once(Ok(manifest)).chain(chunks));
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn submit_update(&self, request: Request<Streaming<pb::UpdateFrame>>) -> Result<Response<pb::SubmitReply>, Status> {
+    async fn submit_update(
+        &self,
+        request: Request<Streaming<pb::UpdateFrame>>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
         let mut frames = request.into_inner();
         let header = match frames.next().await {
-            Some(Ok(pb::UpdateFrame { frame: Some(update_frame::Frame::Header(h)) })) => h,
-            Some(Ok(_)) => return Err(Status::invalid_argument("an update stream must start with its header")),
+            Some(Ok(pb::UpdateFrame {
+                frame: Some(update_frame::Frame::Header(h)),
+            })) => h,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "an update stream must start with its header",
+                ));
+            }
             Some(Err(e)) => return Err(e),
             None => return Err(Status::invalid_argument("empty update stream")),
         };
         let task_id = header.task_id.clone();
-        let manifest = header.manifest.ok_or_else(|| Status::invalid_argument(format!("update for task `{task_id}` has no manifest")))?;
-        let claim = UpdateClaim { token: header.session_token, task_id: task_id.clone(), model_version: header.model_version, num_examples: header.num_examples, metrics: header.metrics };
+        let manifest = header.manifest.ok_or_else(|| {
+            Status::invalid_argument(format!("update for task `{task_id}` has no manifest"))
+        })?;
+        let claim = UpdateClaim {
+            token: header.session_token,
+            task_id: task_id.clone(),
+            model_version: header.model_version,
+            num_examples: header.num_examples,
+            metrics: header.metrics,
+        };
         let ticket = match self.engine.begin_upload(claim)? {
             Ok(ticket) => ticket,
             Err(outcome) => return Ok(Response::new(reply(outcome, &task_id))),
         };
 
         // At most UPLOAD_SLOTS updates are staged at once: memory stays O(model).
-        let _slot = self.engine.upload_slots.acquire().await.map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+        let _slot = self
+            .engine
+            .upload_slots
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
         let invalid = |e: &dyn std::fmt::Display| Some(e.to_string());
         let mut assembler = match Assembler::new(manifest, self.engine.model_bytes()) {
             Ok(a) => a,
             Err(e) => {
                 self.engine.abort_upload(ticket, invalid(&e));
-                return Err(Status::invalid_argument(format!("update for task `{task_id}` refused: {e}")));
+                return Err(Status::invalid_argument(format!(
+                    "update for task `{task_id}` refused: {e}"
+                )));
             }
         };
         if let Err(e) = check_specs(assembler.specs(), self.engine.specs()) {
             self.engine.abort_upload(ticket, invalid(&e));
-            return Err(Status::invalid_argument(format!("update for task `{task_id}` refused: {e}")));
+            return Err(Status::invalid_argument(format!(
+                "update for task `{task_id}` refused: {e}"
+            )));
         }
         while let Some(frame) = frames.next().await {
             let chunk = match frame {
-                Ok(pb::UpdateFrame { frame: Some(update_frame::Frame::Chunk(c)) }) => c,
+                Ok(pb::UpdateFrame {
+                    frame: Some(update_frame::Frame::Chunk(c)),
+                }) => c,
                 Ok(_) => {
-                    self.engine.abort_upload(ticket, invalid(&"a second header in one update stream"));
-                    return Err(Status::invalid_argument(format!("update for task `{task_id}`: a second header in one stream")));
+                    self.engine
+                        .abort_upload(ticket, invalid(&"a second header in one update stream"));
+                    return Err(Status::invalid_argument(format!(
+                        "update for task `{task_id}`: a second header in one stream"
+                    )));
                 }
                 Err(e) => {
                     // A broken stream: the client may retry the same task.
@@ -128,22 +187,35 @@ impl FederationRpc for FederationService {
         let outcome = tokio::task::spawn_blocking(move || {
             if let Err(e) = payload.check_finite() {
                 engine.abort_upload(ticket, Some(e.to_string()));
-                return Err(Status::invalid_argument(format!("update for task `{task_id}` refused: {e}")));
+                return Err(Status::invalid_argument(format!(
+                    "update for task `{task_id}` refused: {e}"
+                )));
             }
-            engine.commit_upload(ticket, &payload).map(|o| reply(o, &task_id)).map_err(Status::from)
+            engine
+                .commit_upload(ticket, &payload)
+                .map(|o| reply(o, &task_id))
+                .map_err(Status::from)
         })
         .await
         .map_err(|e| Status::internal(format!("aggregation task failed: {e}")))??;
         Ok(Response::new(outcome))
     }
 
-    async fn submit_evaluation(&self, request: Request<pb::EvaluationReport>) -> Result<Response<pb::SubmitReply>, Status> {
+    async fn submit_evaluation(
+        &self,
+        request: Request<pb::EvaluationReport>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
         let r = request.get_ref();
-        let outcome = self.engine.evaluation_report(&r.session_token, &r.task_id)?;
+        let outcome = self
+            .engine
+            .evaluation_report(&r.session_token, &r.task_id)?;
         Ok(Response::new(reply(outcome, &r.task_id)))
     }
 
-    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
         self.engine.heartbeat(&request.get_ref().session_token)?;
         Ok(Response::new(pb::HeartbeatReply {}))
     }
@@ -152,10 +224,18 @@ impl FederationRpc for FederationService {
 impl FederationService {
     /// Corruption in transit (checksums, order, truncation) lets the client retry; a payload
     /// that does not describe this model fails the task.
-    fn wire_failure(&self, ticket: crate::round::UploadTicket, task_id: &str, e: WireError) -> Status {
+    fn wire_failure(
+        &self,
+        ticket: crate::round::UploadTicket,
+        task_id: &str,
+        e: WireError,
+    ) -> Status {
         let msg = format!("update for task `{task_id}` refused: {e}");
         match e {
-            WireError::ChunkChecksum { .. } | WireError::PayloadChecksum | WireError::OutOfOrder { .. } | WireError::Truncated { .. } => {
+            WireError::ChunkChecksum { .. }
+            | WireError::PayloadChecksum
+            | WireError::OutOfOrder { .. }
+            | WireError::Truncated { .. } => {
                 self.engine.abort_upload(ticket, None);
                 Status::data_loss(msg)
             }

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The repository root.
@@ -16,45 +15,12 @@ pub fn fashion_subset() -> PathBuf {
     workspace_root().join("data/fashion-mnist-subset")
 }
 
-/// Features the test build was compiled with, passed on when (re)building the binaries.
-fn features() -> &'static [&'static str] {
-    if cfg!(feature = "tch") { &["--features", "fedtune-client/tch,fedtune-coordinator/tch"] } else { &[] }
-}
-
-/// Paths of the two binaries, built (once per test process) with the same profile and
-/// features as this test. `cargo test` only builds a package's own binaries, so the tests ask
-/// cargo for the workspace's; when they are up to date this is a no-op.
-pub fn binaries() -> &'static (PathBuf, PathBuf) {
-    static BINS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    BINS.get_or_init(|| {
-        // target/<profile>/deps/<test-binary>
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root()).args(["build", "--workspace", "--bins"]).args(features());
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build for the binaries");
-        assert!(status.success(), "building the binaries failed");
-        let bin = |name: &str| profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-        (bin("fedtune-coordinator"), bin("fedtune-client"))
-    })
-}
-
-pub fn coordinator_bin() -> &'static Path {
-    &binaries().0
-}
-
-pub fn client_bin() -> &'static Path {
-    &binaries().1
-}
-
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A child process whose stdout and stderr go to a log file; killed when dropped.
@@ -76,7 +42,11 @@ impl Proc {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
-        Self { name: name.to_string(), log, child }
+        Self {
+            name: name.to_string(),
+            log,
+            child,
+        }
     }
 
     /// Waits for the process to exit, killing it after `timeout`.

@@ -5,7 +5,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use fedtune_common::data::{DataFolder, dirichlet_partition};
-use fedtune_tests::{Proc, client_bin, coordinator_bin, fashion_subset, free_port};
+use fedtune_tests::{Proc, fashion_subset, free_port};
+
+/// The two binaries, built by cargo for this test from coordinator/src/main.rs and
+/// client/src/main.rs (see tests/Cargo.toml).
+fn coordinator_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_fedtune-coordinator-under-test"))
+}
+
+fn client_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_fedtune-client-under-test"))
+}
 
 const ROUNDS: usize = 3;
 const CLIENTS: usize = 3;
@@ -21,8 +31,21 @@ fn run_federation(device: &str, dir: &Path) -> Vec<serde_json::Value> {
         "coordinator",
         coordinator_bin(),
         &[
-            "serve", "--listen", &format!("127.0.0.1:{port}"), "--rounds", &ROUNDS.to_string(), "--min-clients", &CLIENTS.to_string(),
-            "--model", "mlp", "--eval-data", fashion_subset().to_str().unwrap(), "--out", out.to_str().unwrap(), "--log-format", "json",
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--rounds",
+            &ROUNDS.to_string(),
+            "--min-clients",
+            &CLIENTS.to_string(),
+            "--model",
+            "mlp",
+            "--eval-data",
+            fashion_subset().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--log-format",
+            "json",
         ]
         .map(String::from),
         dir,
@@ -35,19 +58,45 @@ fn run_federation(device: &str, dir: &Path) -> Vec<serde_json::Value> {
             let data = dir.join(format!("client{i}"));
             std::fs::create_dir_all(&data).unwrap();
             train.subset(part).write_pair(&data, "train-").unwrap();
-            let args = ["run", "--coordinator", &format!("http://127.0.0.1:{port}"), "--data", data.to_str().unwrap(), "--name", &format!("edge-{i}"), "--device", device, "--no-progress"].map(String::from);
+            let args = [
+                "run",
+                "--coordinator",
+                &format!("http://127.0.0.1:{port}"),
+                "--data",
+                data.to_str().unwrap(),
+                "--name",
+                &format!("edge-{i}"),
+                "--device",
+                device,
+                "--no-progress",
+            ]
+            .map(String::from);
             Proc::spawn(&format!("client{i}"), client_bin(), &args, dir)
         })
         .collect();
 
     let status = coordinator.wait(Duration::from_secs(300));
-    assert!(status.is_some_and(|s| s.success()), "coordinator failed: {status:?}\n{}", coordinator.output());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "coordinator failed: {status:?}\n{}",
+        coordinator.output()
+    );
     for c in &mut clients {
         let status = c.wait(Duration::from_secs(60));
-        assert!(status.is_some_and(|s| s.success()), "{} failed: {status:?}\n{}", c.name, c.output());
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} failed: {status:?}\n{}",
+            c.name,
+            c.output()
+        );
         let log = c.output();
         // Each client logs its own line per round.
-        assert_eq!(log.matches("| train loss").count(), ROUNDS, "{}: {log}", c.name);
+        assert_eq!(
+            log.matches("| train loss").count(),
+            ROUNDS,
+            "{}: {log}",
+            c.name
+        );
     }
 
     // The JSON round lines of the log and metrics.jsonl hold the same objects.
@@ -57,13 +106,38 @@ fn run_federation(device: &str, dir: &Path) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v.get("clients_reported").is_some())
         .collect();
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(metrics.len(), ROUNDS);
     assert_eq!(logged.len(), ROUNDS);
     for (m, l) in metrics.iter().zip(&logged) {
-        for key in ["round", "rounds", "clients_selected", "clients_reported", "clients_failed", "train_loss", "eval_loss", "eval_accuracy", "eval_f1", "bytes_down", "bytes_up", "aggregate_ms", "round_ms"] {
-            assert!(m.get(key).is_some_and(|v| !v.is_null()), "metrics.jsonl lacks {key}: {m}");
-            assert_eq!(m.get(key), l.get(key), "log and metrics.jsonl differ on {key}");
+        for key in [
+            "round",
+            "rounds",
+            "clients_selected",
+            "clients_reported",
+            "clients_failed",
+            "train_loss",
+            "eval_loss",
+            "eval_accuracy",
+            "eval_f1",
+            "bytes_down",
+            "bytes_up",
+            "aggregate_ms",
+            "round_ms",
+        ] {
+            assert!(
+                m.get(key).is_some_and(|v| !v.is_null()),
+                "metrics.jsonl lacks {key}: {m}"
+            );
+            assert_eq!(
+                m.get(key),
+                l.get(key),
+                "log and metrics.jsonl differ on {key}"
+            );
         }
         assert_eq!(m["clients_reported"], CLIENTS);
         assert_eq!(m["clients_failed"], 0);
@@ -83,7 +157,10 @@ fn three_clients_three_rounds_on_fashion_mnist() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = run_federation("flex", dir.path());
     let acc: Vec<f64> = metrics.iter().map(accuracy).collect();
-    assert!(acc[ROUNDS - 1] > acc[0], "accuracy did not rise over the rounds: {acc:?}");
+    assert!(
+        acc[ROUNDS - 1] > acc[0],
+        "accuracy did not rise over the rounds: {acc:?}"
+    );
     assert!(acc[ROUNDS - 1] > 0.70, "final accuracy too low: {acc:?}");
 }
 
@@ -93,6 +170,9 @@ fn three_libtorch_clients_three_rounds_on_fashion_mnist() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = run_federation("libtorch", dir.path());
     let acc: Vec<f64> = metrics.iter().map(accuracy).collect();
-    assert!(acc[ROUNDS - 1] > acc[0], "accuracy did not rise over the rounds: {acc:?}");
+    assert!(
+        acc[ROUNDS - 1] > acc[0],
+        "accuracy did not rise over the rounds: {acc:?}"
+    );
     assert!(acc[ROUNDS - 1] > 0.70, "final accuracy too low: {acc:?}");
 }

@@ -12,7 +12,9 @@ use fedtune_common::train::OptimizerKind;
 use fedtune_common::wire::{Assembler, EncodedTensors, MAX_CHUNK_BYTES};
 use fedtune_coordinator::config::ServeConfig;
 use fedtune_proto::federation_client::FederationClient;
-use fedtune_proto::{self as pb, PROTOCOL_VERSION, model_frame, submit_reply::Outcome, task::Kind, update_frame};
+use fedtune_proto::{
+    self as pb, PROTOCOL_VERSION, model_frame, submit_reply::Outcome, task::Kind, update_frame,
+};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -48,13 +50,32 @@ struct RawClient {
 impl RawClient {
     async fn join(url: &str, name: &str, examples: u64) -> Self {
         let mut rpc = FederationClient::connect(url.to_string()).await.unwrap();
-        let reply = rpc.join(pb::JoinRequest { protocol_version: PROTOCOL_VERSION, name: name.into(), device: "test".into(), num_examples: examples }).await.unwrap().into_inner();
-        Self { rpc, token: reply.session_token }
+        let reply = rpc
+            .join(pb::JoinRequest {
+                protocol_version: PROTOCOL_VERSION,
+                name: name.into(),
+                device: "test".into(),
+                num_examples: examples,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            rpc,
+            token: reply.session_token,
+        }
     }
 
     async fn next(&mut self) -> Kind {
         loop {
-            let task = self.rpc.next_task(pb::NextTaskRequest { session_token: self.token.clone() }).await.unwrap().into_inner();
+            let task = self
+                .rpc
+                .next_task(pb::NextTaskRequest {
+                    session_token: self.token.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
             match task.kind.unwrap() {
                 Kind::Wait(_) => continue,
                 other => return other,
@@ -70,21 +91,45 @@ impl RawClient {
     }
 
     async fn fetch(&mut self, task_id: &str) -> TensorSet {
-        let mut frames = self.rpc.fetch_model(pb::FetchModelRequest { session_token: self.token.clone(), task_id: task_id.into() }).await.unwrap().into_inner();
-        let Some(Ok(pb::ModelFrame { frame: Some(model_frame::Frame::Manifest(m)) })) = frames.next().await else { panic!("no manifest") };
+        let mut frames = self
+            .rpc
+            .fetch_model(pb::FetchModelRequest {
+                session_token: self.token.clone(),
+                task_id: task_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(Ok(pb::ModelFrame {
+            frame: Some(model_frame::Frame::Manifest(m)),
+        })) = frames.next().await
+        else {
+            panic!("no manifest")
+        };
         let mut asm = Assembler::new(m, u64::MAX).unwrap();
         let mut chunks = 0;
         while let Some(f) = frames.next().await {
-            let Some(model_frame::Frame::Chunk(c)) = f.unwrap().frame else { panic!("not a chunk") };
+            let Some(model_frame::Frame::Chunk(c)) = f.unwrap().frame else {
+                panic!("not a chunk")
+            };
             assert!(c.data.len() <= MAX_CHUNK_BYTES);
             asm.push(&c).unwrap();
             chunks += 1;
         }
-        assert!(chunks > 8, "a 10 MB model must travel in more than 8 chunks, got {chunks}");
+        assert!(
+            chunks > 8,
+            "a 10 MB model must travel in more than 8 chunks, got {chunks}"
+        );
         asm.finish().unwrap().into_tensor_set().unwrap()
     }
 
-    async fn submit(&mut self, task: &pb::TrainTask, delta: &TensorSet, examples: u64, corrupt_chunk: Option<usize>) -> Result<pb::SubmitReply, tonic::Status> {
+    async fn submit(
+        &mut self,
+        task: &pb::TrainTask,
+        delta: &TensorSet,
+        examples: u64,
+        corrupt_chunk: Option<usize>,
+    ) -> Result<pb::SubmitReply, tonic::Status> {
         let enc = EncodedTensors::encode(delta, task.model_version, MAX_CHUNK_BYTES).unwrap();
         let header = pb::UpdateHeader {
             session_token: self.token.clone(),
@@ -95,21 +140,39 @@ impl RawClient {
             manifest: Some(enc.manifest.clone()),
             metrics: [("train_loss".to_string(), 1.0)].into(),
         };
-        let mut frames = vec![pb::UpdateFrame { frame: Some(update_frame::Frame::Header(header)) }];
+        let mut frames = vec![pb::UpdateFrame {
+            frame: Some(update_frame::Frame::Header(header)),
+        }];
         for (i, mut c) in enc.chunks.into_iter().enumerate() {
             if corrupt_chunk == Some(i) {
                 let mut data = c.data.to_vec();
                 data[3] ^= 0x40;
                 c.data = data.into();
             }
-            frames.push(pb::UpdateFrame { frame: Some(update_frame::Frame::Chunk(c)) });
+            frames.push(pb::UpdateFrame {
+                frame: Some(update_frame::Frame::Chunk(c)),
+            });
         }
-        self.rpc.submit_update(tokio_stream::iter(frames)).await.map(|r| r.into_inner())
+        self.rpc
+            .submit_update(tokio_stream::iter(frames))
+            .await
+            .map(|r| r.into_inner())
     }
 }
 
 fn pattern(global: &TensorSet, f: impl Fn(usize) -> f32) -> TensorSet {
-    TensorSet::new(global.tensors().iter().map(|t| NamedTensor { name: t.name.clone(), shape: t.shape.clone(), data: (0..t.data.len()).map(&f).collect() }).collect()).unwrap()
+    TensorSet::new(
+        global
+            .tensors()
+            .iter()
+            .map(|t| NamedTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                data: (0..t.data.len()).map(&f).collect(),
+            })
+            .collect(),
+    )
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -122,32 +185,63 @@ async fn fedavg_exactly_once_and_clear_refusals_over_grpc() {
 
     // A client speaking another protocol version is refused with both versions named.
     let mut rpc = FederationClient::connect(url.clone()).await.unwrap();
-    let err = rpc.join(pb::JoinRequest { protocol_version: 999, name: "old".into(), device: "x".into(), num_examples: 1 }).await.unwrap_err();
+    let err = rpc
+        .join(pb::JoinRequest {
+            protocol_version: 999,
+            name: "old".into(),
+            device: "x".into(),
+            num_examples: 1,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("999") && err.message().contains(&PROTOCOL_VERSION.to_string()), "{}", err.message());
+    assert!(
+        err.message().contains("999") && err.message().contains(&PROTOCOL_VERSION.to_string()),
+        "{}",
+        err.message()
+    );
 
     let mut a = RawClient::join(&url, "a", 1).await;
     let mut b = RawClient::join(&url, "b", 3).await;
     let mut c = RawClient::join(&url, "c", 2).await;
     let mut d = RawClient::join(&url, "d", 2).await;
     let mut e = RawClient::join(&url, "e", 2).await;
-    let (ta, tb, tc, td, te) = (a.next_train().await, b.next_train().await, c.next_train().await, d.next_train().await, e.next_train().await);
+    let (ta, tb, tc, td, te) = (
+        a.next_train().await,
+        b.next_train().await,
+        c.next_train().await,
+        d.next_train().await,
+        e.next_train().await,
+    );
     assert_eq!(ta.round, 1);
 
     // The broadcast arrives in chunks, bit-exact.
-    let initial = ModelSpec::parse(MODEL, 10).unwrap().init_weights(SEED).unwrap();
+    let initial = ModelSpec::parse(MODEL, 10)
+        .unwrap()
+        .init_weights(SEED)
+        .unwrap();
     assert!(initial.byte_len() > 8 << 20);
     let global = a.fetch(&ta.task_id).await;
     for (x, y) in initial.tensors().iter().zip(global.tensors()) {
         assert_eq!(x.name, y.name);
-        assert!(x.data.iter().zip(&y.data).all(|(p, q)| p.to_bits() == q.to_bits()), "{} differs", x.name);
+        assert!(
+            x.data
+                .iter()
+                .zip(&y.data)
+                .all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{} differs",
+            x.name
+        );
     }
 
     let d1 = pattern(&global, |i| (i % 7) as f32 * 0.01);
     let d2 = pattern(&global, |i| -((i % 5) as f32) * 0.02);
 
     // A: accepted, then the same upload again counts once.
-    assert_eq!(a.submit(&ta, &d1, 1, None).await.unwrap().outcome, Outcome::Accepted as i32);
+    assert_eq!(
+        a.submit(&ta, &d1, 1, None).await.unwrap().outcome,
+        Outcome::Accepted as i32
+    );
     let dup = a.submit(&ta, &d1, 1, None).await.unwrap();
     assert_eq!(dup.outcome, Outcome::Duplicate as i32, "{}", dup.message);
 
@@ -155,27 +249,47 @@ async fn fedavg_exactly_once_and_clear_refusals_over_grpc() {
     let err = b.submit(&tb, &d2, 3, Some(4)).await.unwrap_err();
     assert_eq!(err.code(), Code::DataLoss, "{}", err.message());
     assert!(err.message().contains("corrupted"), "{}", err.message());
-    assert_eq!(b.submit(&tb, &d2, 3, None).await.unwrap().outcome, Outcome::Accepted as i32);
+    assert_eq!(
+        b.submit(&tb, &d2, 3, None).await.unwrap().outcome,
+        Outcome::Accepted as i32
+    );
 
     // C: a NaN; D: an unknown tensor; E: a wrong shape. Each is refused with the tensor named.
     let mut nan = d1.clone().into_tensors();
     nan[2].data[12345] = f32::NAN;
-    let err = c.submit(&tc, &TensorSet::new(nan).unwrap(), 2, None).await.unwrap_err();
+    let err = c
+        .submit(&tc, &TensorSet::new(nan).unwrap(), 2, None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains(&d1.tensors()[2].name) && err.message().contains("12345"), "{}", err.message());
+    assert!(
+        err.message().contains(&d1.tensors()[2].name) && err.message().contains("12345"),
+        "{}",
+        err.message()
+    );
 
     let mut unknown = d1.clone().into_tensors();
     unknown[0].name = "encoder.bogus".into();
-    let err = d.submit(&td, &TensorSet::new(unknown).unwrap(), 2, None).await.unwrap_err();
+    let err = d
+        .submit(&td, &TensorSet::new(unknown).unwrap(), 2, None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("encoder.bogus"), "{}", err.message());
 
     let mut reshaped = d1.clone().into_tensors();
     let t = &mut reshaped[1];
     t.shape = vec![t.data.len()];
-    let err = e.submit(&te, &TensorSet::new(reshaped).unwrap(), 2, None).await.unwrap_err();
+    let err = e
+        .submit(&te, &TensorSet::new(reshaped).unwrap(), 2, None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains(&d1.tensors()[1].name) && err.message().contains("shape"), "{}", err.message());
+    assert!(
+        err.message().contains(&d1.tensors()[1].name) && err.message().contains("shape"),
+        "{}",
+        err.message()
+    );
 
     // The round closed with A and B: global += (1*d1 + 3*d2) / 4, computed by hand.
     let ta2 = a.next_train().await;
@@ -185,30 +299,57 @@ async fn fedavg_exactly_once_and_clear_refusals_over_grpc() {
     for t in initial.tensors() {
         let got = after_round1.get(&t.name).unwrap();
         for (i, (&g0, &g1)) in t.data.iter().zip(&got.data).enumerate() {
-            let want = g0 as f64 + (1.0 * ((i % 7) as f64 * 0.01) + 3.0 * (-((i % 5) as f64) * 0.02)) / 4.0;
-            assert!((g1 as f64 - want).abs() < 1e-5, "{}[{i}]: {g1} vs {want}", t.name);
+            let want = g0 as f64
+                + (1.0 * ((i % 7) as f64 * 0.01) + 3.0 * (-((i % 5) as f64) * 0.02)) / 4.0;
+            assert!(
+                (g1 as f64 - want).abs() < 1e-5,
+                "{}[{i}]: {g1} vs {want}",
+                t.name
+            );
         }
     }
 
     // C's round-1 upload arrives late: refused with the round named.
     let err = c.submit(&tc, &d1, 2, None).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("round 1 has closed") && err.message().contains("current round is 2"), "{}", err.message());
+    assert!(
+        err.message().contains("round 1 has closed")
+            && err.message().contains("current round is 2"),
+        "{}",
+        err.message()
+    );
 
     // Round 2: everyone sends a zero update; then the run finishes.
     let zero = pattern(&global, |_| 0.0);
-    assert_eq!(a.submit(&ta2, &zero, 1, None).await.unwrap().outcome, Outcome::Accepted as i32);
+    assert_eq!(
+        a.submit(&ta2, &zero, 1, None).await.unwrap().outcome,
+        Outcome::Accepted as i32
+    );
     for client in [&mut b, &mut c, &mut d, &mut e] {
         let t = client.next_train().await;
         assert_eq!(t.round, 2);
-        assert_eq!(client.submit(&t, &zero, 1, None).await.unwrap().outcome, Outcome::Accepted as i32);
+        assert_eq!(
+            client.submit(&t, &zero, 1, None).await.unwrap().outcome,
+            Outcome::Accepted as i32
+        );
     }
     for client in [&mut a, &mut b, &mut c, &mut d, &mut e] {
         assert!(matches!(client.next().await, Kind::Finished(_)));
     }
-    let summary = tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let r = &summary.records;
-    assert_eq!((r[0].clients_selected, r[0].clients_reported, r[0].clients_failed), (5, 2, 3));
+    assert_eq!(
+        (
+            r[0].clients_selected,
+            r[0].clients_reported,
+            r[0].clients_failed
+        ),
+        (5, 2, 3)
+    );
     assert_eq!((r[1].clients_reported, r[1].clients_failed), (5, 0));
     // Bytes: A downloaded once in round 1. Uploads count the tensor bytes that arrived: A, B's
     // retry and C in full, B's corrupted attempt up to the bad chunk; the duplicate and the

@@ -13,19 +13,34 @@ use fedtune_tests::fashion_subset;
 fn logits(spec: &ModelSpec, device: DeviceChoice) -> Vec<f32> {
     let weights = spec.init_weights(3).unwrap();
     let device = device.device().unwrap();
-    let model = params::inject(spec.build(&device).unwrap(), &weights).unwrap().valid();
-    let test = DataFolder::open(&fashion_subset()).unwrap().evaluation_set();
+    let model = params::inject(spec.build(&device).unwrap(), &weights)
+        .unwrap()
+        .valid();
+    let test = DataFolder::open(&fashion_subset())
+        .unwrap()
+        .evaluation_set();
     let (images, _) = train::batch(&test, &(0..64).collect::<Vec<_>>(), &device);
-    model.forward(images).into_data().try_into_vec_as::<f32>().unwrap()
+    model
+        .forward(images)
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap()
 }
 
 #[test]
 fn same_weights_same_outputs_on_flex_and_libtorch() {
     for name in ["mlp", "cnn"] {
         let spec = ModelSpec::parse(name, 10).unwrap();
-        let (a, b) = (logits(&spec, DeviceChoice::Flex), logits(&spec, DeviceChoice::LibTorch));
+        let (a, b) = (
+            logits(&spec, DeviceChoice::Flex),
+            logits(&spec, DeviceChoice::LibTorch),
+        );
         assert_eq!(a.len(), 64 * 10);
-        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
         assert!(worst < 1e-4, "{name}: flex and libtorch differ by {worst}");
     }
 }

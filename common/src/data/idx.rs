@@ -17,7 +17,10 @@ pub struct IdxError {
 }
 
 fn err(path: &Path, reason: impl Into<String>) -> IdxError {
-    IdxError { path: path.to_path_buf(), reason: reason.into() }
+    IdxError {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 /// The dimensions and raw u8 values of one IDX file.
@@ -44,26 +47,43 @@ pub fn read(path: &Path) -> Result<IdxArray, IdxError> {
 
 fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
     if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
-        return Err("not an IDX file (it must start with two zero bytes, a type byte and a rank byte)".into());
+        return Err(
+            "not an IDX file (it must start with two zero bytes, a type byte and a rank byte)"
+                .into(),
+        );
     }
     if bytes[2] != 0x08 {
-        return Err(format!("IDX value type 0x{:02x} is not supported (only 0x08, unsigned bytes)", bytes[2]));
+        return Err(format!(
+            "IDX value type 0x{:02x} is not supported (only 0x08, unsigned bytes)",
+            bytes[2]
+        ));
     }
     let rank = bytes[3] as usize;
     let header = 4 + 4 * rank;
     if rank == 0 || bytes.len() < header {
-        return Err(format!("header declares rank {rank} but the file ends after {} bytes", bytes.len()));
+        return Err(format!(
+            "header declares rank {rank} but the file ends after {} bytes",
+            bytes.len()
+        ));
     }
     let dims: Vec<usize> = bytes[4..header]
         .chunks_exact(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
         .collect();
-    let expected = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("dimensions overflow")?;
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("dimensions overflow")?;
     let actual = bytes.len() - header;
     if actual != expected {
-        return Err(format!("dimensions {dims:?} need {expected} values but the file holds {actual}"));
+        return Err(format!(
+            "dimensions {dims:?} need {expected} values but the file holds {actual}"
+        ));
     }
-    Ok(IdxArray { dims, values: bytes[header..].to_vec() })
+    Ok(IdxArray {
+        dims,
+        values: bytes[header..].to_vec(),
+    })
 }
 
 /// Writes u8 values as an uncompressed IDX file.
@@ -90,7 +110,10 @@ mod tests {
         assert_eq!(a.dims, vec![2, 2, 3]);
         assert_eq!(a.values[11], 12);
         let gz = dir.path().join("x-images-idx3-ubyte.gz");
-        let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::fast());
+        let mut enc = flate2::write::GzEncoder::new(
+            std::fs::File::create(&gz).unwrap(),
+            flate2::Compression::fast(),
+        );
         enc.write_all(&std::fs::read(&p).unwrap()).unwrap();
         enc.finish().unwrap();
         assert_eq!(read(&gz).unwrap().values, a.values);
@@ -102,9 +125,17 @@ mod tests {
         let p = dir.path().join("bad");
         std::fs::write(&p, [0, 0, 8, 1, 0, 0, 0, 5, 1, 2]).unwrap();
         let e = read(&p).unwrap_err().to_string();
-        assert!(e.contains("bad") && e.contains("need 5 values but the file holds 2"), "{e}");
+        assert!(
+            e.contains("bad") && e.contains("need 5 values but the file holds 2"),
+            "{e}"
+        );
         std::fs::write(&p, b"hello world").unwrap();
-        assert!(read(&p).unwrap_err().to_string().contains("not an IDX file"));
+        assert!(
+            read(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("not an IDX file")
+        );
         std::fs::write(&p, [0x1f, 0x8b, 1, 2, 3]).unwrap();
         assert!(read(&p).unwrap_err().to_string().contains("corrupt gzip"));
     }

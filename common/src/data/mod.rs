@@ -16,9 +16,29 @@ pub enum DataError {
     #[error("{}: {reason}", path.display())]
     Folder { path: PathBuf, reason: String },
     #[error("{images} and {labels} disagree: {image_count} images but {label_count} labels")]
-    CountMismatch { images: String, labels: String, image_count: usize, label_count: usize },
-    #[error("{path}: label {label} at index {index} is not below the number of classes ({classes})")]
-    LabelOutOfRange { path: String, index: usize, label: u8, classes: u32 },
+    CountMismatch {
+        images: String,
+        labels: String,
+        image_count: usize,
+        label_count: usize,
+    },
+    #[error("{path}: images are {rows}x{cols}, the model takes {want_rows}x{want_cols}")]
+    ImageSize {
+        path: String,
+        rows: usize,
+        cols: usize,
+        want_rows: usize,
+        want_cols: usize,
+    },
+    #[error(
+        "{path}: label {label} at index {index} is not below the number of classes ({classes})"
+    )]
+    LabelOutOfRange {
+        path: String,
+        index: usize,
+        label: u8,
+        classes: u32,
+    },
 }
 
 /// Grey images with one u8 label each, stored contiguously (`len * rows * cols` bytes).
@@ -51,10 +71,21 @@ impl ImageDataset {
         let img = idx::read(images)?;
         let lab = idx::read(labels)?;
         if img.dims.len() != 3 {
-            return Err(idx::IdxError { path: images.into(), reason: format!("images must have 3 dimensions (count, rows, cols), found {:?}", img.dims) }.into());
+            return Err(idx::IdxError {
+                path: images.into(),
+                reason: format!(
+                    "images must have 3 dimensions (count, rows, cols), found {:?}",
+                    img.dims
+                ),
+            }
+            .into());
         }
         if lab.dims.len() != 1 {
-            return Err(idx::IdxError { path: labels.into(), reason: format!("labels must have 1 dimension, found {:?}", lab.dims) }.into());
+            return Err(idx::IdxError {
+                path: labels.into(),
+                reason: format!("labels must have 1 dimension, found {:?}", lab.dims),
+            }
+            .into());
         }
         if img.dims[0] != lab.dims[0] {
             return Err(DataError::CountMismatch {
@@ -64,14 +95,39 @@ impl ImageDataset {
                 label_count: lab.dims[0],
             });
         }
-        Ok(Self { images: img.values, labels: lab.values, rows: img.dims[1], cols: img.dims[2], source: images.display().to_string() })
+        Ok(Self {
+            images: img.values,
+            labels: lab.values,
+            rows: img.dims[1],
+            cols: img.dims[2],
+            source: images.display().to_string(),
+        })
+    }
+
+    /// Images must have the size the model takes.
+    pub fn check_image_size(&self, rows: usize, cols: usize) -> Result<(), DataError> {
+        if (self.rows, self.cols) == (rows, cols) {
+            return Ok(());
+        }
+        Err(DataError::ImageSize {
+            path: self.source.clone(),
+            rows: self.rows,
+            cols: self.cols,
+            want_rows: rows,
+            want_cols: cols,
+        })
     }
 
     /// Every label must index one of `classes` outputs.
     pub fn check_labels(&self, classes: u32) -> Result<(), DataError> {
         match self.labels.iter().position(|&l| u32::from(l) >= classes) {
             None => Ok(()),
-            Some(index) => Err(DataError::LabelOutOfRange { path: self.source.clone(), index, label: self.labels[index], classes }),
+            Some(index) => Err(DataError::LabelOutOfRange {
+                path: self.source.clone(),
+                index,
+                label: self.labels[index],
+                classes,
+            }),
         }
     }
 
@@ -81,13 +137,27 @@ impl ImageDataset {
         for &i in indices {
             images.extend_from_slice(self.image(i));
         }
-        Self { images, labels: indices.iter().map(|&i| self.labels[i]).collect(), rows: self.rows, cols: self.cols, source: self.source.clone() }
+        Self {
+            images,
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            rows: self.rows,
+            cols: self.cols,
+            source: self.source.clone(),
+        }
     }
 
     /// Writes `<dir>/<prefix>images-idx3-ubyte` and `<dir>/<prefix>labels-idx1-ubyte`.
     pub fn write_pair(&self, dir: &Path, prefix: &str) -> std::io::Result<()> {
-        idx::write(&dir.join(format!("{prefix}images-idx3-ubyte")), &[self.len(), self.rows, self.cols], &self.images)?;
-        idx::write(&dir.join(format!("{prefix}labels-idx1-ubyte")), &[self.len()], &self.labels)
+        idx::write(
+            &dir.join(format!("{prefix}images-idx3-ubyte")),
+            &[self.len(), self.rows, self.cols],
+            &self.images,
+        )?;
+        idx::write(
+            &dir.join(format!("{prefix}labels-idx1-ubyte")),
+            &[self.len()],
+            &self.labels,
+        )
     }
 }
 
@@ -105,13 +175,20 @@ impl DataFolder {
     /// Opens a folder of IDX pairs as Fashion-MNIST ships them. With both `train-*` and `t10k-*`
     /// pairs, training uses `train-*` and evaluation `t10k-*`; a folder with one pair uses it.
     pub fn open(dir: &Path) -> Result<Self, DataError> {
-        let folder_err = |reason: String| DataError::Folder { path: dir.to_path_buf(), reason };
-        let entries = std::fs::read_dir(dir).map_err(|e| folder_err(format!("cannot read the data folder: {e}")))?;
+        let folder_err = |reason: String| DataError::Folder {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| folder_err(format!("cannot read the data folder: {e}")))?;
         // prefix -> (images, labels)
-        let mut pairs: std::collections::BTreeMap<String, (Option<PathBuf>, Option<PathBuf>)> = Default::default();
+        let mut pairs: std::collections::BTreeMap<String, (Option<PathBuf>, Option<PathBuf>)> =
+            Default::default();
         for entry in entries.flatten() {
             let path = entry.path();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
             let stem = name.strip_suffix(".gz").unwrap_or(name);
             if let Some(prefix) = stem.strip_suffix(IMAGES_SUFFIX) {
                 pairs.entry(prefix.to_string()).or_default().0 = Some(path.clone());
@@ -123,8 +200,18 @@ impl DataFolder {
         for (prefix, (images, labels)) in &pairs {
             match (images, labels) {
                 (Some(i), Some(l)) => complete.push((prefix.clone(), i.clone(), l.clone())),
-                (Some(i), None) => return Err(folder_err(format!("{} has no matching `{prefix}{LABELS_SUFFIX}[.gz]` file", i.display()))),
-                (None, Some(l)) => return Err(folder_err(format!("{} has no matching `{prefix}{IMAGES_SUFFIX}[.gz]` file", l.display()))),
+                (Some(i), None) => {
+                    return Err(folder_err(format!(
+                        "{} has no matching `{prefix}{LABELS_SUFFIX}[.gz]` file",
+                        i.display()
+                    )));
+                }
+                (None, Some(l)) => {
+                    return Err(folder_err(format!(
+                        "{} has no matching `{prefix}{IMAGES_SUFFIX}[.gz]` file",
+                        l.display()
+                    )));
+                }
                 (None, None) => {}
             }
         }
@@ -134,14 +221,20 @@ impl DataFolder {
                 train: ImageDataset::read_pair(&train.1, &train.2)?,
                 test: Some(ImageDataset::read_pair(&test.1, &test.2)?),
             }),
-            (_, _, [only]) => Ok(Self { train: ImageDataset::read_pair(&only.1, &only.2)?, test: None }),
+            (_, _, [only]) => Ok(Self {
+                train: ImageDataset::read_pair(&only.1, &only.2)?,
+                test: None,
+            }),
             (_, _, []) => Err(folder_err(format!(
                 "no IDX data found: expected files ending in `{IMAGES_SUFFIX}` and `{LABELS_SUFFIX}` (optionally .gz), e.g. Fashion-MNIST's train-images-idx3-ubyte.gz"
             ))),
             (_, _, many) => Err(folder_err(format!(
                 "found {} IDX pairs ({}); a folder holds one pair, or a `train-` and a `t10k-` pair",
                 many.len(),
-                many.iter().map(|(p, _, _)| format!("`{p}*`")).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|(p, _, _)| format!("`{p}*`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }

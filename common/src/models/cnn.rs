@@ -23,9 +23,18 @@ pub struct Cnn {
 
 impl Cnn {
     /// `height` and `width` must be multiples of 4 (two 2x2 poolings).
-    pub fn new(channels: usize, height: usize, width: usize, num_classes: usize, dropout: f64, device: &Device) -> Self {
+    pub fn new(
+        channels: usize,
+        height: usize,
+        width: usize,
+        num_classes: usize,
+        dropout: f64,
+        device: &Device,
+    ) -> Self {
         let conv = |c_in, c_out| {
-            Conv2dConfig::new([c_in, c_out], [3, 3]).with_padding(PaddingConfig2d::Same).init(device)
+            Conv2dConfig::new([c_in, c_out], [3, 3])
+                .with_padding(PaddingConfig2d::Same)
+                .init(device)
         };
         Self {
             conv1: conv(channels, C1),

@@ -25,7 +25,9 @@ pub const IMAGE_SIZE: usize = 28;
 pub enum ModelError {
     #[error("unknown model `{0}`: choose mlp, cnn or synthetic:<params> (e.g. synthetic:10M)")]
     Unknown(String),
-    #[error("`{0}`: the parameter count after `synthetic:` must be a positive number, optionally with k, M or G (e.g. synthetic:600M)")]
+    #[error(
+        "`{0}`: the parameter count after `synthetic:` must be a positive number, optionally with k, M or G (e.g. synthetic:600M)"
+    )]
     BadSyntheticSize(String),
     #[error("number of classes must be at least 2, got {0}")]
     BadClasses(u32),
@@ -105,8 +107,20 @@ impl ModelSpec {
     pub fn build(&self, device: &Device) -> Result<Net, ModelError> {
         let classes = self.num_classes as usize;
         match self.kind {
-            ModelKind::Mlp => Ok(Net::Mlp(Mlp::new(IMAGE_CHANNELS * IMAGE_SIZE * IMAGE_SIZE, classes, DROPOUT, device))),
-            ModelKind::Cnn => Ok(Net::Cnn(Cnn::new(IMAGE_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, classes, DROPOUT, device))),
+            ModelKind::Mlp => Ok(Net::Mlp(Mlp::new(
+                IMAGE_CHANNELS * IMAGE_SIZE * IMAGE_SIZE,
+                classes,
+                DROPOUT,
+                device,
+            ))),
+            ModelKind::Cnn => Ok(Net::Cnn(Cnn::new(
+                IMAGE_CHANNELS,
+                IMAGE_SIZE,
+                IMAGE_SIZE,
+                classes,
+                DROPOUT,
+                device,
+            ))),
             ModelKind::Synthetic { .. } => Err(ModelError::NotTrainable(self.kind.to_string())),
         }
     }
@@ -118,7 +132,10 @@ impl ModelSpec {
             _ => {
                 let device = Device::flex();
                 device.seed(seed);
-                let net = self.build(&device).map_err(|e| ParamsError::Read { name: self.kind.to_string(), message: e.to_string() })?;
+                let net = self.build(&device).map_err(|e| ParamsError::Read {
+                    name: self.kind.to_string(),
+                    message: e.to_string(),
+                })?;
                 params::extract(&net)
             }
         }
@@ -160,10 +177,22 @@ mod tests {
     #[test]
     fn names_parse() {
         assert_eq!("mlp".parse(), Ok(ModelKind::Mlp));
-        assert_eq!("synthetic:10M".parse(), Ok(ModelKind::Synthetic { params: 10_000_000 }));
-        assert_eq!("synthetic:1.5k".parse(), Ok(ModelKind::Synthetic { params: 1_500 }));
-        assert!(matches!("synthetic:-3".parse::<ModelKind>(), Err(ModelError::BadSyntheticSize(_))));
-        assert!(matches!("resnet".parse::<ModelKind>(), Err(ModelError::Unknown(_))));
+        assert_eq!(
+            "synthetic:10M".parse(),
+            Ok(ModelKind::Synthetic { params: 10_000_000 })
+        );
+        assert_eq!(
+            "synthetic:1.5k".parse(),
+            Ok(ModelKind::Synthetic { params: 1_500 })
+        );
+        assert!(matches!(
+            "synthetic:-3".parse::<ModelKind>(),
+            Err(ModelError::BadSyntheticSize(_))
+        ));
+        assert!(matches!(
+            "resnet".parse::<ModelKind>(),
+            Err(ModelError::Unknown(_))
+        ));
         assert!(ModelSpec::parse("mlp", 1).is_err());
     }
 
@@ -171,6 +200,18 @@ mod tests {
     fn built_in_models_have_stable_names() {
         let spec = ModelSpec::parse("cnn", 10).unwrap();
         let names: Vec<_> = spec.specs().into_iter().map(|s| s.name).collect();
-        assert_eq!(names, ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
+        assert_eq!(
+            names,
+            [
+                "conv1.weight",
+                "conv1.bias",
+                "conv2.weight",
+                "conv2.bias",
+                "fc1.weight",
+                "fc1.bias",
+                "fc2.weight",
+                "fc2.bias"
+            ]
+        );
     }
 }

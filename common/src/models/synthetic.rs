@@ -15,11 +15,17 @@ pub fn specs(params: u64) -> Vec<TensorSpec> {
         let cols = (per as f64).sqrt().max(1.0) as u64;
         let rows = per / cols;
         for i in 0..TENSORS - 1 {
-            out.push(TensorSpec { name: format!("layer{i}.weight"), shape: vec![rows as usize, cols as usize] });
+            out.push(TensorSpec {
+                name: format!("layer{i}.weight"),
+                shape: vec![rows as usize, cols as usize],
+            });
         }
     }
     let used: u64 = out.iter().map(|s| s.num_elements() as u64).sum();
-    out.push(TensorSpec { name: "head.weight".into(), shape: vec![(params - used) as usize] });
+    out.push(TensorSpec {
+        name: "head.weight".into(),
+        shape: vec![(params - used) as usize],
+    });
     out
 }
 
@@ -30,7 +36,11 @@ pub fn init(params: u64) -> TensorSet {
         .map(|s| {
             let n = s.num_elements();
             let data = (0..n).map(|i| ((i % 1024) as f32 - 512.0) * 1e-5).collect();
-            NamedTensor { name: s.name, shape: s.shape, data }
+            NamedTensor {
+                name: s.name,
+                shape: s.shape,
+                data,
+            }
         })
         .collect();
     TensorSet::new(tensors).expect("synthetic tensor names are distinct")

@@ -24,7 +24,12 @@ impl FedAvg {
             layout.insert(s.name.clone(), (offset, s.num_elements()));
             offset += s.num_elements();
         }
-        Self { layout, sum: vec![0.0; offset], total_weight: 0.0, accepted: 0 }
+        Self {
+            layout,
+            sum: vec![0.0; offset],
+            total_weight: 0.0,
+            accepted: 0,
+        }
     }
 }
 
@@ -34,7 +39,10 @@ impl Aggregator for FedAvg {
         for (spec, bytes) in delta.tensors() {
             // The caller verified names and shapes against the global model.
             if let Some(&(offset, len)) = self.layout.get(&spec.name) {
-                for (acc, d) in self.sum[offset..offset + len].iter_mut().zip(decode_le(bytes)) {
+                for (acc, d) in self.sum[offset..offset + len]
+                    .iter_mut()
+                    .zip(decode_le(bytes))
+                {
                     *acc += w * d;
                 }
             }
@@ -69,7 +77,11 @@ mod tests {
     use fedtune_common::wire::{Assembler, EncodedTensors};
 
     fn payload(a: Vec<f32>, b: Vec<f32>) -> Payload {
-        let set = TensorSet::new(vec![NamedTensor::new("b", vec![1], b).unwrap(), NamedTensor::new("a", vec![2], a).unwrap()]).unwrap();
+        let set = TensorSet::new(vec![
+            NamedTensor::new("b", vec![1], b).unwrap(),
+            NamedTensor::new("a", vec![2], a).unwrap(),
+        ])
+        .unwrap();
         let enc = EncodedTensors::encode(&set, 0, 1024).unwrap();
         let mut asm = Assembler::new(enc.manifest, u64::MAX).unwrap();
         enc.chunks.iter().for_each(|c| asm.push(c).unwrap());
@@ -78,7 +90,11 @@ mod tests {
 
     #[test]
     fn weighted_mean_of_deltas_matches_hand_computation() {
-        let mut global = TensorSet::new(vec![NamedTensor::new("a", vec![2], vec![10.0, -1.0]).unwrap(), NamedTensor::new("b", vec![1], vec![0.5]).unwrap()]).unwrap();
+        let mut global = TensorSet::new(vec![
+            NamedTensor::new("a", vec![2], vec![10.0, -1.0]).unwrap(),
+            NamedTensor::new("b", vec![1], vec![0.5]).unwrap(),
+        ])
+        .unwrap();
         let mut agg: Box<dyn Aggregator> = Box::new(FedAvg::new(&global.specs()));
         // n=1: a+=(1,2) b+=4 ; n=3: a+=(5,6) b+=-4  (sent in another tensor order than the global)
         agg.accept(&payload(vec![1.0, 2.0], vec![4.0]), 1);
@@ -92,7 +108,8 @@ mod tests {
 
     #[test]
     fn no_update_leaves_global_unchanged() {
-        let mut global = TensorSet::new(vec![NamedTensor::new("a", vec![1], vec![3.0]).unwrap()]).unwrap();
+        let mut global =
+            TensorSet::new(vec![NamedTensor::new("a", vec![1], vec![3.0]).unwrap()]).unwrap();
         let before = global.clone();
         Box::new(FedAvg::new(&global.specs())).finish(&mut global);
         assert_eq!(global, before);

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Transport benchmark: a synthetic model of PARAMS parameters (~10 tensors), CLIENTS clients that
+# send a fixed delta without training (--train none), ROUNDS rounds on 127.0.0.1. Prints each
+# round's time and bytes (from metrics.jsonl), the effective throughput, and the peak memory
+# (max RSS) of the coordinator and of each client.
+#
+#   deploy/bench-transport.sh [PARAMS=100M] [CLIENTS=2] [ROUNDS=3]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+params="${1:-100M}"; clients="${2:-2}"; rounds="${3:-3}"
+cargo build --release --workspace --bin fedtune-coordinator --bin fedtune-client >&2
+bin="$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)/release"
+work="$(mktemp -d)"; trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+
+/usr/bin/time -f "%M" -o "$work/coordinator.rss" "$bin/fedtune-coordinator" serve --listen "127.0.0.1:$port" \
+  --model "synthetic:$params" --rounds "$rounds" --min-clients "$clients" --out "$work/out" 2> "$work/coordinator.log" &
+coord=$!
+for i in $(seq 1 "$clients"); do
+  /usr/bin/time -f "%M" -o "$work/client$i.rss" "$bin/fedtune-client" run --coordinator "http://127.0.0.1:$port" \
+    --train none --name "bench-$i" --no-progress 2> "$work/client$i.log" &
+done
+wait $coord || { echo "coordinator failed:"; tail -20 "$work/coordinator.log"; exit 1; }
+wait
+echo "transport benchmark: synthetic:$params, $clients clients (--train none), $rounds rounds, 127.0.0.1"
+python3 - "$work" "$clients" <<'PY'
+import json, sys
+work, clients = sys.argv[1], int(sys.argv[2])
+rows = [json.loads(l) for l in open(f"{work}/out/metrics.jsonl")]
+for r in rows:
+    moved = r["bytes_down"] + r["bytes_up"]
+    print(f"  round {r['round']}: {r['round_ms']/1000:7.2f} s  down {r['bytes_down']/1e9:6.2f} GB  up {r['bytes_up']/1e9:6.2f} GB"
+          f"  -> {moved/1e9/(r['round_ms']/1000):5.2f} GB/s  (aggregate {r['aggregate_ms']} ms)")
+rss = lambda name: int(open(f"{work}/{name}.rss").read().split()[-1]) / 1024 / 1024
+print(f"  peak RSS: coordinator {rss('coordinator'):.2f} GiB; clients " + ", ".join(f"{rss(f'client{i}'):.2f}" for i in range(1, clients + 1)) + " GiB")
+PY
