@@ -35,7 +35,7 @@ impl ServerEval {
         })
     }
 
-    pub fn len(&self) -> usize {
+    pub fn examples(&self) -> usize {
         self.indices.len()
     }
 

@@ -82,7 +82,7 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
             let eval = ServerEval::open(dir, cfg.model)?;
             info!(
                 "server-side evaluation on {} examples from {}",
-                eval.len(),
+                eval.examples(),
                 dir.display()
             );
             Some(Arc::new(eval))

@@ -547,8 +547,9 @@ impl Federation {
         server_eval: Option<Arc<ServerEval>>,
     ) -> anyhow::Result<RunSummary> {
         let mut records = Vec::new();
-        let mut model_version = 0u64;
         for round in 1..=self.cfg.rounds {
+            // Version v is the model after v aggregations: round r trains on version r - 1.
+            let model_version = round - 1;
             self.wait_for_clients(round).await;
             let started = Instant::now();
 
@@ -570,7 +571,6 @@ impl Federation {
                 global
             })
             .await?;
-            model_version += 1;
             let aggregate_ms = agg_started.elapsed().as_millis() as u64;
 
             // Evaluate.
@@ -578,7 +578,7 @@ impl Federation {
             let mut record = RoundRecord {
                 round,
                 rounds: self.cfg.rounds,
-                model_version,
+                model_version: model_version + 1,
                 clients_selected: selected.len(),
                 clients_reported: reports.len(),
                 clients_failed: failed,

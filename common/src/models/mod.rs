@@ -154,6 +154,8 @@ impl ModelSpec {
 }
 
 /// One of the trainable built-in networks.
+// A process holds one or two of these; boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Net {
     Mlp(Mlp),
