@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 params="${1:-100M}"; clients="${2:-2}"; rounds="${3:-3}"
 cargo build --release --workspace --bin fedtune-coordinator --bin fedtune-client >&2
 bin="$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)/release"
-work="$(mktemp -d)"; trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+work="$(mktemp -d)"; trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
 /usr/bin/time -f "%M" -o "$work/coordinator.rss" "$bin/fedtune-coordinator" serve --listen "127.0.0.1:$port" \

@@ -72,10 +72,13 @@ def torch_step_ms(images, labels, batch, steps, warmup=5):
 
 
 def fedtune_step_ms(binary, data, batches, steps):
-    out = subprocess.run(
+    run = subprocess.run(
         [binary, "bench-step", "--data", data, "--model", "cnn", "--device", "cuda:0",
          "--batch-sizes", ",".join(map(str, batches)), "--steps", str(steps)],
-        check=True, capture_output=True, text=True).stdout
+        capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"fedtune bench-step failed ({run.returncode}):\n{run.stderr}")
+    out = run.stdout
     print(out.strip())
     return {int(b): float(ms) for b, ms in re.findall(r"batch=(\d+) steps=\d+ mean_ms=([\d.]+)", out)}
 

@@ -78,7 +78,8 @@ fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
         .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20)))
+        .initial_connection_window_size(Some(16 << 20))
+        .max_frame_size(Some((1 << 20) + (64 << 10))))
 }
 
 fn transient(s: &Status) -> bool {
@@ -309,7 +310,12 @@ async fn train_round(
     // Heartbeats from download to upload, so a long transfer or training is never taken for
     // a dead client.
     let _heartbeat = spawn_heartbeat(s, format!("round {}", task.round));
+    let download_started = std::time::Instant::now();
     let payload = download(s, &task, &spec).await?;
+    let (bytes_down, download_s) = (
+        payload.bytes.len() as u64,
+        download_started.elapsed().as_secs_f64(),
+    );
 
     let cfg = task
         .config
@@ -326,9 +332,11 @@ async fn train_round(
 
     let started = std::time::Instant::now();
     let update = match (opts.train, data) {
-        // The download was verified; its values are not needed to send a fixed delta.
         (TrainMode::None, _) => {
-            fine_tune::fixed_update(&payload.specs, data.map_or(1, |d| d.train_idx.len() as u64))
+            // The download was verified; free it before building the fixed delta.
+            let Payload { specs, bytes, .. } = payload;
+            drop(bytes);
+            fine_tune::fixed_update(&specs, data.map_or(1, |d| d.train_idx.len() as u64))
         }
         (TrainMode::Full, None) => Err(anyhow::anyhow!("no local data")),
         (TrainMode::Full, Some(data)) => {
@@ -367,13 +375,17 @@ async fn train_round(
     } = update;
     let encoded = EncodedTensors::encode(&delta, task.model_version, MAX_CHUNK_BYTES)?;
     drop(delta);
+    let upload_started = std::time::Instant::now();
     let (accepted, bytes_up, message) = upload(s, &task, &encoded, num_examples, &metrics).await?;
+    let upload_s = upload_started.elapsed().as_secs_f64();
     let m = |k: &str| metrics.get(k).copied();
     let fmt = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| format!("{v:.d$}"));
     info!(
-        "{} round {} | {} epochs on {} examples in {:.1} s | train loss {} | val loss {} acc {} f1 {} | up {:.2} MB | {}",
+        "{} round {} | down {:.2} MB in {:.1} s | {} epochs on {} examples in {:.1} s | train loss {} | val loss {} acc {} f1 {} | up {:.2} MB in {:.1} s | {}",
         opts.name,
         task.round,
+        bytes_down as f64 / 1e6,
+        download_s,
         settings.epochs,
         num_examples,
         train_s,
@@ -382,6 +394,7 @@ async fn train_round(
         m("val_accuracy").map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
         fmt(m("val_f1"), 4),
         bytes_up as f64 / 1e6,
+        upload_s,
         message
     );
     Ok(accepted)

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors, View};
 
 use crate::tensors::{NamedTensor, TensorSet, TensorSpec};
-use crate::wire::decode_le;
+use crate::wire::decode_le_vec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -45,11 +45,11 @@ impl View for F32View<'_> {
         &self.0.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        let mut out = Vec::with_capacity(self.0.data.len() * 4);
-        for v in &self.0.data {
-            out.extend_from_slice(&v.to_le_bytes());
+        if cfg!(target_endian = "little") {
+            Cow::Borrowed(bytemuck::cast_slice(&self.0.data))
+        } else {
+            Cow::Owned(self.0.data.iter().flat_map(|v| v.to_le_bytes()).collect())
         }
-        Cow::Owned(out)
     }
     fn data_len(&self) -> usize {
         self.0.data.len() * 4
@@ -110,12 +110,8 @@ pub fn load(path: &Path) -> Result<(TensorSet, HashMap<String, String>), Checkpo
                 dtype: format!("{:?}", view.dtype()),
             });
         }
-        let t = NamedTensor::new(
-            name,
-            view.shape().to_vec(),
-            decode_le(view.data()).collect(),
-        )
-        .map_err(|e| format(&e))?;
+        let t = NamedTensor::new(name, view.shape().to_vec(), decode_le_vec(view.data()))
+            .map_err(|e| format(&e))?;
         tensors.push(t);
     }
     let set = TensorSet::new(tensors).map_err(|e| format(&e))?;

@@ -109,8 +109,13 @@ fn tensor_info(t: &NamedTensor) -> pb::TensorInfo {
 }
 
 fn extend_le(out: &mut Vec<u8>, values: &[f32]) {
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
+    if cfg!(target_endian = "little") {
+        // The wire format is the in-memory format: one copy.
+        out.extend_from_slice(bytemuck::cast_slice(values));
+    } else {
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
     }
 }
 
@@ -120,6 +125,15 @@ pub fn decode_le(bytes: &[u8]) -> impl ExactSizeIterator<Item = f32> + '_ {
     bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+/// Decodes little-endian f32 values into a new vector (one copy on little-endian machines).
+pub fn decode_le_vec(bytes: &[u8]) -> Vec<f32> {
+    if cfg!(target_endian = "little") {
+        bytemuck::pod_collect_to_vec(&bytes[..bytes.len() / 4 * 4])
+    } else {
+        decode_le(bytes).collect()
+    }
 }
 
 /// Checks a manifest's internal consistency and returns its tensors' specs.
@@ -293,11 +307,7 @@ impl Payload {
         let tensors = self
             .tensors()
             .map(|(spec, bytes)| {
-                NamedTensor::new(
-                    spec.name.clone(),
-                    spec.shape.clone(),
-                    decode_le(bytes).collect(),
-                )
+                NamedTensor::new(spec.name.clone(), spec.shape.clone(), decode_le_vec(bytes))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(TensorSet::new(tensors)?)

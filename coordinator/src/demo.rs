@@ -175,7 +175,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         children.push(child);
     }
 
-    let summary = crate::serve(cfg, listener).await?;
+    // A client that dies (bad device, bad data) must end the demo, not leave it waiting.
+    let summary = tokio::select! {
+        summary = crate::serve(cfg, listener) => summary?,
+        (i, status) = first_failure(&mut children) => {
+            bail!("client-{} exited with {status} before the federation finished; its error is above", i + 1)
+        }
+    };
 
     let mut failed = Vec::new();
     for (i, mut child) in children.into_iter().enumerate() {
@@ -215,4 +221,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("some clients did not finish cleanly: {}", failed.join("; "));
     }
     Ok(())
+}
+
+/// Resolves when a child exits unsuccessfully (index and status); pends while all run or
+/// succeed.
+async fn first_failure(
+    children: &mut [tokio::process::Child],
+) -> (usize, std::process::ExitStatus) {
+    loop {
+        for (i, child) in children.iter_mut().enumerate() {
+            if let Ok(Some(status)) = child.try_wait()
+                && !status.success()
+            {
+                return (i, status);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -38,6 +38,8 @@ use crate::service::FederationService;
 /// on loopback.
 pub const STREAM_WINDOW: u32 = 8 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// HTTP/2 frames large enough that a 1 MiB chunk is a handful of frames, not 64.
+pub const MAX_FRAME: u32 = (1 << 20) + (64 << 10);
 /// Transport keep-alive, so idle connections through NATs and load balancers stay open.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -107,6 +109,7 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(service)

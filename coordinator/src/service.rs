@@ -104,6 +104,7 @@ impl FederationRpc for FederationService {
         &self,
         request: Request<Streaming<pb::UpdateFrame>>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
+        let started = std::time::Instant::now();
         let mut frames = request.into_inner();
         let header = match frames.next().await {
             Some(Ok(pb::UpdateFrame {
@@ -183,18 +184,24 @@ impl FederationRpc for FederationService {
             Ok(p) => p,
             Err(e) => return Err(self.wire_failure(ticket, &task_id, e)),
         };
+        let received = started.elapsed();
         let engine = self.engine.clone();
         let outcome = tokio::task::spawn_blocking(move || {
+            let checked_at = std::time::Instant::now();
             if let Err(e) = payload.check_finite() {
                 engine.abort_upload(ticket, Some(e.to_string()));
                 return Err(Status::invalid_argument(format!(
                     "update for task `{task_id}` refused: {e}"
                 )));
             }
-            engine
-                .commit_upload(ticket, &payload)
-                .map(|o| reply(o, &task_id))
-                .map_err(Status::from)
+            let checked = checked_at.elapsed();
+            let outcome = engine.commit_upload(ticket, &payload);
+            tracing::debug!(
+                "update `{task_id}`: {} bytes received in {received:?}, checked in {checked:?}, folded in {:?}",
+                payload.bytes.len(),
+                checked_at.elapsed() - checked
+            );
+            outcome.map(|o| reply(o, &task_id)).map_err(Status::from)
         })
         .await
         .map_err(|e| Status::internal(format!("aggregation task failed: {e}")))??;
