@@ -64,7 +64,6 @@ pub struct RunReport {
 struct Session {
     rpc: FederationClient<Channel>,
     token: String,
-    client_id: String,
     heartbeat_every: Duration,
 }
 
@@ -291,7 +290,6 @@ async fn join(
     Ok(Session {
         rpc,
         token: reply.session_token,
-        client_id: reply.client_id,
         heartbeat_every: Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(1000))),
     })
 }
@@ -326,8 +324,8 @@ async fn train_round(
         batch_size: cfg.batch_size as usize,
         lr: cfg.lr,
         optimizer: cfg.optimizer.parse().map_err(anyhow::Error::msg)?,
-        // Different clients shuffle differently within a round.
-        seed: cfg.seed ^ opts.seed.rotate_left(17) ^ fxhash(&s.client_id),
+        // Different clients shuffle differently within a round, the same way in every run.
+        seed: cfg.seed ^ opts.seed.rotate_left(17) ^ fxhash(&opts.name),
     };
 
     let started = std::time::Instant::now();
