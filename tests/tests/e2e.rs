@@ -148,31 +148,28 @@ fn run_federation(device: &str, dir: &Path) -> Vec<serde_json::Value> {
     metrics
 }
 
-fn accuracy(m: &serde_json::Value) -> f64 {
-    m["eval_accuracy"].as_f64().unwrap()
-}
-
-#[test]
-fn three_clients_three_rounds_on_fashion_mnist() {
+/// Runs the federation with clients on `device` and checks that the global model learned.
+fn federation_learns(device: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let metrics = run_federation("flex", dir.path());
-    let acc: Vec<f64> = metrics.iter().map(accuracy).collect();
+    let metrics = run_federation(device, dir.path());
+    let acc: Vec<f64> = metrics
+        .iter()
+        .map(|m| m["eval_accuracy"].as_f64().unwrap())
+        .collect();
     assert!(
         acc[ROUNDS - 1] > acc[0],
         "accuracy did not rise over the rounds: {acc:?}"
     );
     assert!(acc[ROUNDS - 1] > 0.70, "final accuracy too low: {acc:?}");
+}
+
+#[test]
+fn three_clients_three_rounds_on_fashion_mnist() {
+    federation_learns("flex");
 }
 
 #[cfg(feature = "tch")]
 #[test]
 fn three_libtorch_clients_three_rounds_on_fashion_mnist() {
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = run_federation("libtorch", dir.path());
-    let acc: Vec<f64> = metrics.iter().map(accuracy).collect();
-    assert!(
-        acc[ROUNDS - 1] > acc[0],
-        "accuracy did not rise over the rounds: {acc:?}"
-    );
-    assert!(acc[ROUNDS - 1] > 0.70, "final accuracy too low: {acc:?}");
+    federation_learns("libtorch");
 }
