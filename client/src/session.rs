@@ -68,6 +68,19 @@ struct Session {
 }
 
 fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    let uri: tonic::transport::Uri = url.parse().with_context(|| {
+        format!("invalid coordinator URL `{url}` (expected e.g. http://10.0.0.5:50051)")
+    })?;
+    if uri.scheme_str() == Some("https") {
+        bail!(
+            "coordinator URL `{url}`: TLS (https://) is not supported in this release; use http:// on a trusted network or VPN"
+        );
+    }
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        bail!(
+            "invalid coordinator URL `{url}`: it must start with http:// and name a host, e.g. http://10.0.0.5:50051"
+        );
+    }
     Ok(Endpoint::from_shared(url.to_string())
         .with_context(|| {
             format!("invalid coordinator URL `{url}` (expected e.g. http://10.0.0.5:50051)")
