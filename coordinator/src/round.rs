@@ -71,8 +71,6 @@ pub enum Refusal {
     TaskFailed { task_id: String, reason: String },
     #[error("update for task `{task_id}` refused: {reason}")]
     InvalidUpdate { task_id: String, reason: String },
-    #[error("the run has finished")]
-    Finished,
 }
 
 /// An update's claims, before its tensors arrive.

@@ -29,8 +29,7 @@ impl From<Refusal> for Status {
         match r {
             Refusal::ProtocolMismatch { .. }
             | Refusal::RoundClosed { .. }
-            | Refusal::TaskFailed { .. }
-            | Refusal::Finished => Status::failed_precondition(msg),
+            | Refusal::TaskFailed { .. } => Status::failed_precondition(msg),
             Refusal::UnknownSession => Status::unauthenticated(msg),
             Refusal::UnknownTask(_) => Status::not_found(msg),
             Refusal::NotYourTask { .. } => Status::permission_denied(msg),
