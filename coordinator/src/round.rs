@@ -686,6 +686,12 @@ impl Federation {
         broadcast: Arc<EncodedTensors>,
     ) -> Vec<String> {
         let bytes = broadcast.total_bytes();
+        // Installed before `state` is locked (lock order: `aggregate` is never taken while
+        // `state` is held). Nothing is folded into it before the phase below names this round.
+        *lock(&self.aggregate) = Some(RoundAggregate {
+            round,
+            aggregator: Box::new(FedAvg::new(&self.specs)),
+        });
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let selected: Vec<(String, String)> = st
@@ -706,10 +712,6 @@ impl Federation {
                 },
             );
         }
-        *lock(&self.aggregate) = Some(RoundAggregate {
-            round,
-            aggregator: Box::new(FedAvg::new(&self.specs)),
-        });
         st.current_round = round;
         st.phase = Phase::Training(OpenRound {
             round,
