@@ -57,7 +57,7 @@ pub fn fine_tune(
         EVAL_BATCH,
         spec.num_classes as usize,
         &plain,
-    );
+    )?;
     let m = eval.metrics();
     let metrics = HashMap::from([
         ("train_loss".to_string(), outcome.train_loss),

@@ -152,6 +152,11 @@ pub fn train(
     }
 }
 
+/// The device could not hand back the model's predictions.
+#[derive(Debug, thiserror::Error)]
+#[error("reading predictions back from the device failed: {0}")]
+pub struct EvalError(String);
+
 /// Loss and confusion matrix of a model on some examples.
 #[derive(Debug, Clone)]
 pub struct Evaluation {
@@ -174,7 +179,7 @@ pub fn evaluate(
     batch_size: usize,
     num_classes: usize,
     device: &Device,
-) -> Evaluation {
+) -> Result<Evaluation, EvalError> {
     let model = model.valid();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut confusion = ConfusionMatrix::new(num_classes);
@@ -188,7 +193,7 @@ pub fn evaluate(
             .argmax(1)
             .into_data()
             .try_into_vec_as::<i64>()
-            .unwrap_or_default();
+            .map_err(|e| EvalError(format!("{e:?}")))?;
         for (&i, &p) in chunk.iter().zip(&predicted) {
             confusion.add(data.labels[i] as usize, p.max(0) as usize);
         }
@@ -198,5 +203,5 @@ pub fn evaluate(
     } else {
         loss_sum / indices.len() as f64
     };
-    Evaluation { loss, confusion }
+    Ok(Evaluation { loss, confusion })
 }

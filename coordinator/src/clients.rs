@@ -18,7 +18,8 @@ pub struct ClientInfo {
 
 #[derive(Debug, Default)]
 pub struct Clients {
-    by_token: HashMap<String, ClientInfo>,
+    by_id: HashMap<String, ClientInfo>,
+    id_by_token: HashMap<String, String>,
     joined: u64,
 }
 
@@ -35,8 +36,9 @@ impl Clients {
         } else {
             name.trim().to_string()
         };
-        self.by_token.insert(
-            token.clone(),
+        self.id_by_token.insert(token.clone(), id.clone());
+        self.by_id.insert(
+            id.clone(),
             ClientInfo {
                 id: id.clone(),
                 name,
@@ -51,20 +53,21 @@ impl Clients {
 
     /// The client holding `token`, marked as seen now.
     pub fn touch(&mut self, token: &str) -> Option<&mut ClientInfo> {
-        let c = self.by_token.get_mut(token)?;
+        let id = self.id_by_token.get(token)?;
+        let c = self.by_id.get_mut(id)?;
         c.last_seen = Instant::now();
         Some(c)
     }
 
     pub fn by_id(&self, id: &str) -> Option<&ClientInfo> {
-        self.by_token.values().find(|c| c.id == id)
+        self.by_id.get(id)
     }
 
     /// Clients heard from within `timeout`, ordered by join order.
     pub fn live(&self, timeout: Duration) -> Vec<&ClientInfo> {
         let now = Instant::now();
         let mut v: Vec<_> = self
-            .by_token
+            .by_id
             .values()
             .filter(|c| now.duration_since(c.last_seen) <= timeout)
             .collect();

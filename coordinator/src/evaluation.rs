@@ -50,6 +50,6 @@ impl ServerEval {
             EVAL_BATCH,
             self.spec.num_classes as usize,
             &device,
-        ))
+        )?)
     }
 }
