@@ -33,6 +33,7 @@ pub fn time_steps(
         lr: 1e-3,
         optimizer: OptimizerKind::Adam,
         seed: n as u64,
+        proximal_mu: 0.0,
     };
     let indices = |n: usize| {
         (0..n * batch_size)

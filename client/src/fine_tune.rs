@@ -76,6 +76,38 @@ pub fn fine_tune(
     })
 }
 
+/// Evaluates the global model as received on the local validation split: the client's part of
+/// federated evaluation. Returns (examples, loss / accuracy / precision / recall / f1).
+pub fn evaluate_global(
+    global: &TensorSet,
+    spec: &ModelSpec,
+    data: &LocalData,
+    device: DeviceChoice,
+    batch_size: usize,
+) -> anyhow::Result<(u64, HashMap<String, f64>)> {
+    let plain = device.device()?;
+    let model = params::inject(spec.build(&plain)?, global)?;
+    let eval = train::evaluate(
+        &model,
+        &data.train,
+        &data.val_idx,
+        batch_size,
+        spec.num_classes as usize,
+        &plain,
+    )?;
+    let m = eval.metrics();
+    let mut metrics = HashMap::from([
+        ("accuracy".to_string(), m.accuracy),
+        ("precision".to_string(), m.precision),
+        ("recall".to_string(), m.recall),
+        ("f1".to_string(), m.f1),
+    ]);
+    if eval.loss.is_finite() {
+        metrics.insert("loss".to_string(), eval.loss);
+    }
+    Ok((m.examples, metrics))
+}
+
 /// `--train none`: a small fixed delta for every parameter, without training (protocol
 /// benchmarks).
 pub fn fixed_update(specs: &[TensorSpec], num_examples: u64) -> anyhow::Result<LocalUpdate> {

@@ -4,7 +4,9 @@
 //! - [`session`]: the protocol loop (join, tasks, transfers, reconnects, heartbeats).
 //! - [`fine_tune`]: a Train task -> a delta and metrics (no gRPC).
 //! - [`local_data`]: the private data and its validation split; [`progress`]: what a user sees.
+//! - [`attack`]: `--simulate-attack`, a test tool for robustness experiments.
 
+pub mod attack;
 pub mod bench;
 pub mod fine_tune;
 pub mod local_data;

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use fedtune_client::attack::Attack;
 use fedtune_client::session::{self, ClientOptions, TrainMode};
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::logging::{self, LogFormat};
@@ -85,6 +86,10 @@ struct RunArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    /// TEST TOOL for robustness experiments: tamper with every update this client sends
+    /// (sign-flip, scale:K, noise:SIGMA). Never use it in a real federation.
+    #[arg(long)]
+    simulate_attack: Option<Attack>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -113,7 +118,14 @@ fn main() -> anyhow::Result<()> {
         seed: args.seed,
         progress_bar: !args.no_progress && session::stderr_is_terminal(),
         give_up_after: args.give_up_after,
+        attack: args.simulate_attack,
     };
+    if let Some(attack) = opts.attack {
+        tracing::warn!(
+            "{}: --simulate-attack {attack}: this client will send tampered updates (a test tool for robustness experiments)",
+            opts.name
+        );
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(session::run(opts))?;
     Ok(())

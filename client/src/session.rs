@@ -21,6 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
+use crate::attack::Attack;
 use crate::fine_tune::{self, LocalUpdate};
 use crate::local_data::LocalData;
 use crate::progress::ProgressView;
@@ -52,12 +53,15 @@ pub struct ClientOptions {
     pub progress_bar: bool,
     /// Give up when the coordinator stays unreachable this long.
     pub give_up_after: Duration,
+    /// Test tool: tamper with every update (robustness experiments).
+    pub attack: Option<Attack>,
 }
 
 /// What the client did over the run.
 #[derive(Debug, Default)]
 pub struct RunReport {
     pub rounds_trained: u64,
+    pub rounds_evaluated: u64,
     pub updates_accepted: u64,
 }
 
@@ -243,10 +247,21 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
                 }
             }
             Some(Kind::Evaluate(t)) => {
-                warn!(
-                    "coordinator asked for evaluation task {}; this client version does not run federated evaluation",
-                    t.task_id
-                );
+                let round = t.round;
+                match evaluate_round(s, t, &opts, data.as_ref()).await {
+                    Ok(()) => report.rounds_evaluated += 1,
+                    Err(e)
+                        if e.downcast_ref::<Status>()
+                            .is_some_and(|st| st.code() == Code::Unauthenticated) =>
+                    {
+                        warn!("round {round}: session lost ({e}); joining again");
+                        session = None;
+                    }
+                    Err(e) if e.downcast_ref::<Status>().is_some_and(transient) => {
+                        warn!("round {round}: evaluation: {e:#}; asking for work again");
+                    }
+                    Err(e) => return Err(e.context(format!("round {round} evaluation"))),
+                }
             }
             Some(Kind::Wait(w)) => {
                 tracing::debug!("waiting: {}", w.reason);
@@ -322,7 +337,15 @@ async fn train_round(
     // a dead client.
     let _heartbeat = spawn_heartbeat(s, format!("round {}", task.round));
     let download_started = std::time::Instant::now();
-    let payload = download(s, &task, &spec).await?;
+    let payload = download(
+        s,
+        TaskRef {
+            task_id: &task.task_id,
+            round: task.round,
+        },
+        &spec,
+    )
+    .await?;
     let (bytes_down, download_s) = (
         payload.bytes.len() as u64,
         download_started.elapsed().as_secs_f64(),
@@ -339,7 +362,14 @@ async fn train_round(
         optimizer: cfg.optimizer.parse().map_err(anyhow::Error::msg)?,
         // Different clients shuffle differently within a round, the same way in every run.
         seed: cfg.seed ^ opts.seed.rotate_left(17) ^ fxhash(&opts.name),
+        proximal_mu: cfg.proximal_mu,
     };
+    if !(cfg.proximal_mu.is_finite() && cfg.proximal_mu >= 0.0) {
+        bail!(
+            "the coordinator sent proximal_mu = {}, which is not a number >= 0",
+            cfg.proximal_mu
+        );
+    }
 
     let started = std::time::Instant::now();
     let update = match (opts.train, data) {
@@ -375,8 +405,11 @@ async fn train_round(
             })
         }
     };
-    let update = update?;
+    let mut update = update?;
     let train_s = started.elapsed().as_secs_f64();
+    if let Some(attack) = opts.attack {
+        attack.apply(&mut update.delta, settings.seed);
+    }
 
     // Encode, then free the delta before streaming: one model-sized buffer, not two.
     let LocalUpdate {
@@ -443,10 +476,17 @@ fn spawn_heartbeat(s: &Session, activity: String) -> Heartbeat {
     }))
 }
 
+/// The task a model download is for.
+#[derive(Clone, Copy)]
+struct TaskRef<'a> {
+    task_id: &'a str,
+    round: u64,
+}
+
 /// Streams the global model of `task`, checking it against the model the task names.
 async fn download(
     s: &mut Session,
-    task: &pb::TrainTask,
+    task: TaskRef<'_>,
     spec: &ModelSpec,
 ) -> anyhow::Result<Payload> {
     let expected = spec.specs();
@@ -478,7 +518,7 @@ async fn download(
 
 async fn try_download(
     s: &mut Session,
-    task: &pb::TrainTask,
+    task: TaskRef<'_>,
     expected: &[TensorSpec],
     limit: u64,
 ) -> anyhow::Result<Payload> {
@@ -486,7 +526,7 @@ async fn try_download(
         .rpc
         .fetch_model(pb::FetchModelRequest {
             session_token: s.token.clone(),
-            task_id: task.task_id.clone(),
+            task_id: task.task_id.to_string(),
         })
         .await?
         .into_inner();
@@ -576,6 +616,86 @@ async fn upload(
             Err(st) => return Err(st.into()),
         }
     }
+}
+
+/// One Evaluate task: download the global model, evaluate it on the local validation split,
+/// report the figures.
+async fn evaluate_round(
+    s: &mut Session,
+    task: pb::EvaluateTask,
+    opts: &ClientOptions,
+    data: Option<&LocalData>,
+) -> anyhow::Result<()> {
+    let spec_pb = task.model.clone().context("evaluate task without a model")?;
+    let spec = ModelSpec::parse(&spec_pb.name, spec_pb.num_classes)
+        .context("coordinator asked for a model this client cannot build")?;
+    let _heartbeat = spawn_heartbeat(s, format!("evaluating round {}", task.round));
+    let evaluable = opts.train == TrainMode::Full
+        && !matches!(spec.kind, ModelKind::Synthetic { .. })
+        && data.is_some_and(|d| !d.val_idx.is_empty());
+    let (num_examples, metrics) = match data.filter(|_| evaluable) {
+        None => {
+            // Nothing to evaluate on (no validation split, or `--train none`): say so with a
+            // zero-weight report rather than leaving the round waiting.
+            (0, HashMap::new())
+        }
+        Some(data) => {
+            data.check_classes(spec.num_classes)?;
+            let payload = download(
+                s,
+                TaskRef {
+                    task_id: &task.task_id,
+                    round: task.round,
+                },
+                &spec,
+            )
+            .await?;
+            let global = payload.into_tensor_set()?;
+            let (device, batch) = (opts.device, task.batch_size.max(1) as usize);
+            tokio::task::block_in_place(|| {
+                fine_tune::evaluate_global(&global, &spec, data, device, batch)
+            })?
+        }
+    };
+    let report = pb::EvaluationReport {
+        session_token: s.token.clone(),
+        task_id: task.task_id.clone(),
+        round: task.round,
+        num_examples,
+        metrics: metrics.clone(),
+    };
+    let mut attempt = 0;
+    let reply = loop {
+        attempt += 1;
+        match s.rpc.submit_evaluation(report.clone()).await {
+            Ok(r) => break r.into_inner().message,
+            Err(st) if attempt < TRANSFER_ATTEMPTS && transient(&st) => {
+                tokio::time::sleep(BACKOFF_START * attempt).await;
+            }
+            Err(st)
+                if matches!(
+                    st.code(),
+                    Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound
+                ) =>
+            {
+                break format!("refused: {}", st.message());
+            }
+            Err(st) => return Err(st.into()),
+        }
+    };
+    let m = |k: &str| metrics.get(k).copied();
+    info!(
+        "{} round {} evaluation of model v{} | {} validation examples | loss {} acc {} f1 {} | {}",
+        opts.name,
+        task.round,
+        task.model_version,
+        num_examples,
+        m("loss").map_or("-".into(), |v| format!("{v:.4}")),
+        m("accuracy").map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
+        m("f1").map_or("-".into(), |v| format!("{v:.4}")),
+        reply
+    );
+    Ok(())
 }
 
 /// Whether to draw a progress bar: only on a terminal.

@@ -3,7 +3,8 @@
 //! - [`tensors`]: named flat tensors, the currency between burn, the wire and aggregation.
 //! - [`wire`]: the chunked tensor codec of the protocol (the only module that sees gRPC types).
 //! - [`params`]: burn modules <-> named tensors.
-//! - [`models`], [`data`], [`metrics`], [`train`]: the ML side; none of it knows about gRPC.
+//! - [`models`], [`data`], [`metrics`], [`train`], [`proximal`]: the ML side; none of it knows
+//!   about gRPC.
 //! - [`checkpoint`]: safetensors files in and out.
 //! - [`device`]: choosing flex / libtorch / CUDA at run time.
 
@@ -14,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod models;
 pub mod params;
+pub mod proximal;
 pub mod tensors;
 pub mod train;
 pub mod wire;

@@ -16,6 +16,7 @@ use rand::seq::SliceRandom;
 use crate::data::ImageDataset;
 use crate::metrics::{ClassificationMetrics, ConfusionMatrix};
 use crate::models::Net;
+use crate::proximal::Proximal;
 
 /// Fashion-MNIST's pixel mean and standard deviation (of x / 255).
 const PIXEL_MEAN: f32 = 0.2860;
@@ -55,6 +56,8 @@ pub struct TrainSettings {
     pub lr: f64,
     pub optimizer: OptimizerKind,
     pub seed: u64,
+    /// FedProx μ: adds μ/2·‖w − w_start‖² to the loss (0 = off).
+    pub proximal_mu: f64,
 }
 
 /// Reported after every optimiser step.
@@ -113,6 +116,7 @@ pub fn train(
         OptimizerKind::Adam => AdamConfig::new().init(),
     };
     let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let proximal = (settings.proximal_mu > 0.0).then(|| Proximal::new(&model, settings.proximal_mu));
     let mut rng = StdRng::seed_from_u64(settings.seed);
     let mut order = indices.to_vec();
     let batch_size = settings.batch_size.max(1);
@@ -126,7 +130,12 @@ pub fn train(
             let (images, labels) = batch(data, chunk, device);
             let logits = model.forward(images);
             let loss = loss_fn.forward(logits, labels);
+            // The reported loss is the data loss; the proximal term only shapes the gradient.
             let loss_value = f64::from(loss.clone().into_scalar::<f32>());
+            let loss = match proximal.as_ref().and_then(|p| p.penalty(&model)) {
+                Some(term) => loss + term,
+                None => loss,
+            };
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(settings.lr, model, grads);
 
@@ -204,4 +213,74 @@ pub fn evaluate(
         loss_sum / indices.len() as f64
     };
     Ok(Evaluation { loss, confusion })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::ModelSpec;
+    use crate::params;
+
+    /// 64 random 28x28 images with labels that depend on their mean brightness.
+    fn data() -> ImageDataset {
+        let mut x = 0x2545_F491u32;
+        let mut images = Vec::with_capacity(64 * 784);
+        let mut labels = Vec::new();
+        for i in 0..64 {
+            let bright = (i % 4) as u32 * 60;
+            for _ in 0..784 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                images.push(((x % 64) + bright) as u8);
+            }
+            labels.push((i % 4) as u8);
+        }
+        ImageDataset {
+            images,
+            labels,
+            rows: 28,
+            cols: 28,
+            source: "test".into(),
+        }
+    }
+
+    /// ‖w − w₀‖ after a few SGD steps with proximal μ.
+    fn drift(mu: f64) -> f64 {
+        let spec = ModelSpec::parse("mlp", 4).unwrap();
+        let device = Device::flex().autodiff();
+        device.seed(3);
+        let start = spec.init_weights(3).unwrap();
+        let model = params::inject(spec.build(&device).unwrap(), &start).unwrap();
+        let settings = TrainSettings {
+            epochs: 3,
+            batch_size: 16,
+            lr: 0.05,
+            optimizer: OptimizerKind::Sgd,
+            seed: 1,
+            proximal_mu: mu,
+        };
+        let d = data();
+        let idx: Vec<usize> = (0..d.len()).collect();
+        let out = train(model, &d, &idx, &settings, &device, &mut |_| {});
+        let end = params::extract(&out.model).unwrap();
+        let delta = end.delta_from(&start).unwrap();
+        delta
+            .tensors()
+            .iter()
+            .flat_map(|t| t.data.iter())
+            .map(|&v| f64::from(v).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    #[test]
+    fn proximal_term_pulls_towards_the_starting_weights() {
+        let (free, pulled) = (drift(0.0), drift(5.0));
+        assert!(free > 0.0);
+        assert!(
+            pulled < 0.8 * free,
+            "with mu = 5 the weights moved {pulled}, without {free}"
+        );
+    }
 }

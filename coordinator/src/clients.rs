@@ -14,6 +14,9 @@ pub struct ClientInfo {
     pub last_seen: Instant,
     /// The client has been told the run is over.
     pub told_finished: bool,
+    /// Training and evaluation rounds it was selected for (sampling favours the least used).
+    pub times_trained: u64,
+    pub times_evaluated: u64,
 }
 
 #[derive(Debug, Default)]
@@ -46,6 +49,8 @@ impl Clients {
                 num_examples,
                 last_seen: Instant::now(),
                 told_finished: false,
+                times_trained: 0,
+                times_evaluated: 0,
             },
         );
         (id, token)
@@ -61,6 +66,10 @@ impl Clients {
 
     pub fn by_id(&self, id: &str) -> Option<&ClientInfo> {
         self.by_id.get(id)
+    }
+
+    pub fn by_id_mut(&mut self, id: &str) -> Option<&mut ClientInfo> {
+        self.by_id.get_mut(id)
     }
 
     /// Clients heard from within `timeout`, ordered by join order.

@@ -12,13 +12,18 @@ use fedtune_common::models::{ModelKind, ModelSpec};
 use fedtune_common::train::OptimizerKind;
 use serde::Deserialize;
 
+use crate::strategy::{StrategyKind, StrategySettings};
+
 /// The TOML file: the same keys as the flags, with `-` written `_` (e.g. `min_clients = 3`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: SocketAddr,
     pub rounds: u64,
-    pub min_clients: usize,
+    #[serde(alias = "min_clients")]
+    pub min_available_clients: usize,
+    #[serde(with = "humantime_serde")]
+    pub available_timeout: Duration,
     pub model: String,
     pub num_classes: u32,
     pub init: Option<PathBuf>,
@@ -30,8 +35,41 @@ pub struct FileConfig {
     pub optimizer: String,
     #[serde(with = "humantime_serde")]
     pub round_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Option<Duration>,
+    pub accept_failures: bool,
+    pub on_round_failure: OnRoundFailure,
+    pub round_retries: u32,
+    pub strategy: String,
+    pub server_lr: Option<f64>,
+    pub server_momentum: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub tau: f64,
+    pub proximal_mu: f64,
+    pub trim_fraction: f64,
+    pub krum_f: usize,
+    pub krum_m: usize,
+    pub fraction_fit: f64,
+    pub min_fit_clients: usize,
+    pub fraction_evaluate: f64,
+    pub min_evaluate_clients: usize,
+    pub evaluate_every: u64,
+    pub buffer_memory_mb: u64,
+    pub resume: bool,
     pub log_format: LogFormat,
     pub seed: u64,
+}
+
+/// What happens to a round that gathered too few updates (or any failure, without
+/// `accept_failures`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRoundFailure {
+    /// Run the round again with freshly selected clients (up to `round_retries` times).
+    Retry,
+    /// End the run with an error; the last completed round stays in the output folder.
+    Stop,
 }
 
 impl Default for FileConfig {
@@ -39,7 +77,8 @@ impl Default for FileConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             rounds: 5,
-            min_clients: 2,
+            min_available_clients: 2,
+            available_timeout: Duration::from_secs(30 * 60),
             model: "mlp".into(),
             num_classes: 10,
             init: None,
@@ -50,6 +89,27 @@ impl Default for FileConfig {
             lr: 0.001,
             optimizer: "adam".into(),
             round_timeout: Duration::from_secs(600),
+            grace_period: None,
+            accept_failures: true,
+            on_round_failure: OnRoundFailure::Retry,
+            round_retries: 3,
+            strategy: "fedavg".into(),
+            server_lr: None,
+            server_momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+            proximal_mu: 0.01,
+            trim_fraction: 0.2,
+            krum_f: 1,
+            krum_m: 0,
+            fraction_fit: 1.0,
+            min_fit_clients: 1,
+            fraction_evaluate: 0.0,
+            min_evaluate_clients: 1,
+            evaluate_every: 1,
+            buffer_memory_mb: 1024,
+            resume: false,
             log_format: LogFormat::Text,
             seed: 42,
         }
@@ -68,9 +128,12 @@ pub struct ServeArgs {
     /// Number of federation rounds [default: 5].
     #[arg(long)]
     pub rounds: Option<u64>,
-    /// Clients that must have joined before the first round starts [default: 2].
-    #[arg(long)]
-    pub min_clients: Option<usize>,
+    /// Live clients needed before a round starts; the wait is logged every 5 s [default: 2].
+    #[arg(long, visible_alias = "min-clients")]
+    pub min_available_clients: Option<usize>,
+    /// Longest to wait for `min_available_clients`; then the run ends with an error [default: 30m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub available_timeout: Option<Duration>,
     /// Model: mlp, cnn (28x28x1 images) or synthetic:<params> (protocol benchmarks) [default: mlp].
     #[arg(long)]
     pub model: Option<String>,
@@ -98,9 +161,77 @@ pub struct ServeArgs {
     /// Local optimiser: sgd or adam [default: adam].
     #[arg(long)]
     pub optimizer: Option<String>,
-    /// Longest a round waits for updates, e.g. 90s, 10m [default: 10m].
+    /// Round deadline: longest a round waits for updates, e.g. 90s, 10m [default: 10m].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub round_timeout: Option<Duration>,
+    /// Once `min_fit_clients` updates are in, wait at most this much longer for the rest
+    /// [default: off: wait for every selected client or the deadline].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub grace_period: Option<Duration>,
+    /// Aggregate a round in which some selected clients failed, if at least `min_fit_clients`
+    /// reported; with false any failure fails the round [default: true].
+    #[arg(long)]
+    pub accept_failures: Option<bool>,
+    /// A failed round is retried (`retry`) or ends the run (`stop`) [default: retry].
+    #[arg(long, value_enum)]
+    pub on_round_failure: Option<OnRoundFailure>,
+    /// Retries of one failed round before the run stops [default: 3].
+    #[arg(long)]
+    pub round_retries: Option<u32>,
+    /// Aggregation strategy: fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox, median,
+    /// trimmed-mean, krum, multi-krum [default: fedavg].
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// Server learning rate η [default: 1.0; 0.01 for fedadam, fedyogi, fedadagrad].
+    #[arg(long)]
+    pub server_lr: Option<f64>,
+    /// fedavgm: server momentum β [default: 0.9].
+    #[arg(long)]
+    pub server_momentum: Option<f64>,
+    /// fedadam/fedyogi/fedadagrad: first-moment decay β1 [default: 0.9].
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// fedadam/fedyogi: second-moment decay β2 [default: 0.99].
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// fedadam/fedyogi/fedadagrad: adaptivity τ [default: 0.001].
+    #[arg(long)]
+    pub tau: Option<f64>,
+    /// fedprox: proximal term μ sent to clients [default: 0.01].
+    #[arg(long)]
+    pub proximal_mu: Option<f64>,
+    /// trimmed-mean: fraction β cut from each end, 0 ≤ β < 0.5 [default: 0.2].
+    #[arg(long)]
+    pub trim_fraction: Option<f64>,
+    /// krum/multi-krum: number of attackers f to tolerate [default: 1].
+    #[arg(long)]
+    pub krum_f: Option<usize>,
+    /// multi-krum: updates kept, m; 0 keeps n − f [default: 0].
+    #[arg(long)]
+    pub krum_m: Option<usize>,
+    /// Fraction of live clients selected to train each round [default: 1.0].
+    #[arg(long)]
+    pub fraction_fit: Option<f64>,
+    /// Fewest clients selected to train, and fewest updates for a round to count [default: 1].
+    #[arg(long)]
+    pub min_fit_clients: Option<usize>,
+    /// Fraction of live clients that evaluate the new global model on their validation data
+    /// after a round; 0 turns federated evaluation off [default: 0].
+    #[arg(long)]
+    pub fraction_evaluate: Option<f64>,
+    /// Fewest clients selected to evaluate [default: 1].
+    #[arg(long)]
+    pub min_evaluate_clients: Option<usize>,
+    /// Federated evaluation after every N-th round [default: 1].
+    #[arg(long)]
+    pub evaluate_every: Option<u64>,
+    /// Robust strategies (median, trimmed-mean, krum) hold a round's updates in memory up to
+    /// this many MiB, then spill them to `<out>/spill` [default: 1024].
+    #[arg(long)]
+    pub buffer_memory_mb: Option<u64>,
+    /// Continue the run in `--out` from its last checkpoint (model, server state, metrics).
+    #[arg(long)]
+    pub resume: bool,
     /// Log format: text or json [default: text].
     #[arg(long)]
     pub log_format: Option<LogFormat>,
@@ -114,7 +245,9 @@ pub struct ServeArgs {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub rounds: u64,
-    pub min_clients: usize,
+    pub policy: RoundPolicy,
+    pub strategy: StrategySettings,
+    pub resume: bool,
     pub model: ModelSpec,
     pub init: Option<PathBuf>,
     pub out: PathBuf,
@@ -123,9 +256,20 @@ pub struct ServeConfig {
     pub batch_size: u32,
     pub lr: f64,
     pub optimizer: OptimizerKind,
-    pub round_timeout: Duration,
     pub log_format: LogFormat,
     pub seed: u64,
+}
+
+/// When rounds start and end, and what a failed round does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundPolicy {
+    pub min_available_clients: usize,
+    pub available_timeout: Duration,
+    pub round_timeout: Duration,
+    pub grace_period: Option<Duration>,
+    pub accept_failures: bool,
+    pub on_round_failure: OnRoundFailure,
+    pub round_retries: u32,
 }
 
 impl ServeArgs {
@@ -139,14 +283,59 @@ impl ServeArgs {
         let model_name = self.model.clone().unwrap_or(file.model);
         let num_classes = self.num_classes.unwrap_or(file.num_classes);
         let optimizer = self.optimizer.clone().unwrap_or(file.optimizer);
+        let out = self.out.clone().unwrap_or(file.out);
+        let kind: StrategyKind = self
+            .strategy
+            .clone()
+            .unwrap_or(file.strategy)
+            .parse()
+            .map_err(anyhow::Error::msg)
+            .context("invalid `strategy`")?;
+        let strategy = StrategySettings {
+            kind,
+            server_lr: self
+                .server_lr
+                .or(file.server_lr)
+                .unwrap_or(kind.default_server_lr()),
+            server_momentum: self.server_momentum.unwrap_or(file.server_momentum),
+            beta1: self.beta1.unwrap_or(file.beta1),
+            beta2: self.beta2.unwrap_or(file.beta2),
+            tau: self.tau.unwrap_or(file.tau),
+            proximal_mu: self.proximal_mu.unwrap_or(file.proximal_mu),
+            trim_fraction: self.trim_fraction.unwrap_or(file.trim_fraction),
+            krum_f: self.krum_f.unwrap_or(file.krum_f),
+            krum_m: self.krum_m.unwrap_or(file.krum_m),
+            fraction_fit: self.fraction_fit.unwrap_or(file.fraction_fit),
+            min_fit_clients: self.min_fit_clients.unwrap_or(file.min_fit_clients),
+            fraction_evaluate: self.fraction_evaluate.unwrap_or(file.fraction_evaluate),
+            min_evaluate_clients: self
+                .min_evaluate_clients
+                .unwrap_or(file.min_evaluate_clients),
+            evaluate_every: self.evaluate_every.unwrap_or(file.evaluate_every),
+            buffer_memory: self.buffer_memory_mb.unwrap_or(file.buffer_memory_mb) << 20,
+            spill_dir: out.join("spill"),
+            seed: self.seed.unwrap_or(file.seed),
+        };
         let cfg = ServeConfig {
             listen: self.listen.unwrap_or(file.listen),
             rounds: self.rounds.unwrap_or(file.rounds),
-            min_clients: self.min_clients.unwrap_or(file.min_clients),
+            policy: RoundPolicy {
+                min_available_clients: self
+                    .min_available_clients
+                    .unwrap_or(file.min_available_clients),
+                available_timeout: self.available_timeout.unwrap_or(file.available_timeout),
+                round_timeout: self.round_timeout.unwrap_or(file.round_timeout),
+                grace_period: self.grace_period.or(file.grace_period),
+                accept_failures: self.accept_failures.unwrap_or(file.accept_failures),
+                on_round_failure: self.on_round_failure.unwrap_or(file.on_round_failure),
+                round_retries: self.round_retries.unwrap_or(file.round_retries),
+            },
+            strategy,
+            resume: self.resume || file.resume,
             model: ModelSpec::parse(&model_name, num_classes)
                 .context("invalid `model` / `num_classes`")?,
             init: pick(&self.init, file.init),
-            out: self.out.clone().unwrap_or(file.out),
+            out,
             eval_data: pick(&self.eval_data, file.eval_data),
             local_epochs: self.local_epochs.unwrap_or(file.local_epochs),
             batch_size: self.batch_size.unwrap_or(file.batch_size),
@@ -155,7 +344,6 @@ impl ServeArgs {
                 .parse()
                 .map_err(anyhow::Error::msg)
                 .context("invalid `optimizer`")?,
-            round_timeout: self.round_timeout.unwrap_or(file.round_timeout),
             log_format: self.log_format.unwrap_or(file.log_format),
             seed: self.seed.unwrap_or(file.seed),
         };
@@ -175,9 +363,8 @@ impl ServeConfig {
         if self.rounds == 0 {
             bail!("`rounds` must be at least 1");
         }
-        if self.min_clients == 0 {
-            bail!("`min_clients` must be at least 1");
-        }
+        self.validate_policy()?;
+        self.validate_strategy()?;
         if self.local_epochs == 0 {
             bail!("`local_epochs` must be at least 1");
         }
@@ -186,9 +373,6 @@ impl ServeConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("`lr` must be a positive number, got {}", self.lr);
-        }
-        if self.round_timeout.is_zero() {
-            bail!("`round_timeout` must be longer than zero");
         }
         if let Some(init) = &self.init
             && !init.is_file()
@@ -210,6 +394,84 @@ impl ServeConfig {
         }
         Ok(())
     }
+
+    fn validate_policy(&self) -> anyhow::Result<()> {
+        let p = &self.policy;
+        if p.min_available_clients == 0 {
+            bail!("`min_available_clients` must be at least 1");
+        }
+        if p.round_timeout.is_zero() {
+            bail!("`round_timeout` must be longer than zero");
+        }
+        if p.available_timeout.is_zero() {
+            bail!("`available_timeout` must be longer than zero");
+        }
+        if p.grace_period.is_some_and(|g| g >= p.round_timeout) {
+            bail!(
+                "`grace_period` ({}) must be shorter than `round_timeout` ({})",
+                humantime::format_duration(p.grace_period.unwrap_or_default()),
+                humantime::format_duration(p.round_timeout)
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_strategy(&self) -> anyhow::Result<()> {
+        let s = &self.strategy;
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        let unit = |v: f64| v.is_finite() && (0.0..1.0).contains(&v);
+        if !(positive(s.fraction_fit) && s.fraction_fit <= 1.0) {
+            bail!("`fraction_fit` must be in (0, 1], got {}", s.fraction_fit);
+        }
+        if !(unit(s.fraction_evaluate) || s.fraction_evaluate == 1.0) {
+            bail!(
+                "`fraction_evaluate` must be in [0, 1] (0 turns federated evaluation off), got {}",
+                s.fraction_evaluate
+            );
+        }
+        if s.min_fit_clients == 0 || s.min_evaluate_clients == 0 || s.evaluate_every == 0 {
+            bail!("`min_fit_clients`, `min_evaluate_clients` and `evaluate_every` must be at least 1");
+        }
+        if !positive(s.server_lr) {
+            bail!("`server_lr` must be a positive number, got {}", s.server_lr);
+        }
+        if !unit(s.server_momentum) {
+            bail!("`server_momentum` must be in [0, 1), got {}", s.server_momentum);
+        }
+        if !unit(s.beta1) || !unit(s.beta2) {
+            bail!(
+                "`beta1` and `beta2` must be in [0, 1), got {} and {}",
+                s.beta1,
+                s.beta2
+            );
+        }
+        if !positive(s.tau) {
+            bail!("`tau` must be a positive number, got {}", s.tau);
+        }
+        if !(s.proximal_mu.is_finite() && s.proximal_mu >= 0.0) {
+            bail!("`proximal_mu` must be 0 or more, got {}", s.proximal_mu);
+        }
+        if s.kind == StrategyKind::FedProx && s.proximal_mu == 0.0 {
+            bail!("`strategy = fedprox` needs `proximal_mu` > 0 (with 0 it is fedavg)");
+        }
+        if !(s.trim_fraction.is_finite() && (0.0..0.5).contains(&s.trim_fraction)) {
+            bail!("`trim_fraction` must be in [0, 0.5), got {}", s.trim_fraction);
+        }
+        if s.kind == StrategyKind::MultiKrum && s.krum_m == 1 {
+            tracing::warn!("multi-krum with `krum_m = 1` is krum");
+        }
+        if matches!(s.kind, StrategyKind::Krum | StrategyKind::MultiKrum) {
+            let needed = s.krum_f + 3;
+            if self.policy.min_available_clients.max(s.min_fit_clients) < needed {
+                bail!(
+                    "{} with `krum_f = {}` needs at least {needed} updates per round: set `min_fit_clients` (and `min_available_clients`) to {needed} or more",
+                    s.kind,
+                    s.krum_f
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -227,12 +489,12 @@ mod tests {
         .unwrap();
         let args = ServeArgs {
             config: Some(p.clone()),
-            min_clients: Some(3),
+            min_available_clients: Some(3),
             ..Default::default()
         };
         let cfg = args.resolve().unwrap();
-        assert_eq!((cfg.rounds, cfg.min_clients), (7, 3));
-        assert_eq!(cfg.round_timeout, Duration::from_secs(90));
+        assert_eq!((cfg.rounds, cfg.policy.min_available_clients), (7, 3));
+        assert_eq!(cfg.policy.round_timeout, Duration::from_secs(90));
         assert_eq!(cfg.model.kind.to_string(), "cnn");
 
         std::fs::write(&p, "roundz = 7\n").unwrap();
@@ -243,5 +505,50 @@ mod tests {
             ..Default::default()
         };
         assert!(format!("{:#}", bad.resolve().unwrap_err()).contains("lr"));
+    }
+
+    #[test]
+    fn strategy_keys_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "strategy = \"fedadam\"\nbeta2 = 0.999\nfraction_fit = 0.5\ngrace_period = \"30s\"\non_round_failure = \"stop\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(p.clone()),
+            tau: Some(0.01),
+            ..Default::default()
+        };
+        let cfg = args.resolve().unwrap();
+        assert_eq!(cfg.strategy.kind, StrategyKind::FedAdam);
+        assert_eq!(cfg.strategy.server_lr, 0.01, "fedadam's default server lr");
+        assert_eq!((cfg.strategy.beta2, cfg.strategy.tau), (0.999, 0.01));
+        assert_eq!(cfg.strategy.fraction_fit, 0.5);
+        assert_eq!(cfg.policy.grace_period, Some(Duration::from_secs(30)));
+        assert_eq!(cfg.policy.on_round_failure, OnRoundFailure::Stop);
+
+        let bad = |a: ServeArgs| format!("{:#}", a.resolve().unwrap_err());
+        let e = bad(ServeArgs {
+            strategy: Some("fedsgd".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("fedsgd") && e.contains("krum"), "{e}");
+        let e = bad(ServeArgs {
+            strategy: Some("krum".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("min_fit_clients") && e.contains('4'), "{e}");
+        let e = bad(ServeArgs {
+            trim_fraction: Some(0.5),
+            ..Default::default()
+        });
+        assert!(e.contains("trim_fraction"), "{e}");
+        let e = bad(ServeArgs {
+            fraction_fit: Some(0.0),
+            ..Default::default()
+        });
+        assert!(e.contains("fraction_fit"), "{e}");
     }
 }

@@ -12,10 +12,9 @@ use clap::Args;
 use fedtune_common::data::{DataFolder, dirichlet_partition};
 use fedtune_common::logging::{self, LogFormat};
 use fedtune_common::models::ModelSpec;
-use fedtune_common::train::OptimizerKind;
 use tokio::process::Command;
 
-use crate::config::ServeConfig;
+use crate::config::ServeArgs;
 
 /// Where Debian's `dataset-fashion-mnist` package puts the full data set.
 pub const SYSTEM_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
@@ -53,6 +52,16 @@ pub struct DemoArgs {
     /// Local learning rate (Adam).
     #[arg(long, default_value_t = 0.001)]
     pub lr: f64,
+    /// Aggregation strategy (see `serve --help`).
+    #[arg(long, default_value = "fedavg")]
+    pub strategy: String,
+    /// Server learning rate of the strategy [default: the strategy's].
+    #[arg(long)]
+    pub server_lr: Option<f64>,
+    /// Fraction of clients that evaluate the new global model on their validation data after
+    /// every round (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub fraction_evaluate: f64,
     /// Device of the clients: flex, libtorch or cuda:N.
     #[arg(long, default_value = "flex")]
     pub device: String,
@@ -137,22 +146,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         client_dirs.push(dir);
     }
 
-    let cfg = ServeConfig {
-        listen: "127.0.0.1:0".parse()?,
-        rounds: args.rounds,
-        min_clients: args.clients,
-        model,
-        init: None,
-        out: args.out.clone(),
+    let cfg = ServeArgs {
+        listen: Some("127.0.0.1:0".parse()?),
+        rounds: Some(args.rounds),
+        min_available_clients: Some(args.clients),
+        model: Some(args.model.clone()),
+        num_classes: Some(model.num_classes),
+        out: Some(args.out.clone()),
         eval_data: Some(data_dir.clone()),
-        local_epochs: args.local_epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        optimizer: OptimizerKind::Adam,
-        round_timeout: Duration::from_secs(1800),
-        log_format: LogFormat::Text,
-        seed: args.seed,
-    };
+        local_epochs: Some(args.local_epochs),
+        batch_size: Some(args.batch_size),
+        lr: Some(args.lr),
+        optimizer: Some("adam".into()),
+        round_timeout: Some(Duration::from_secs(1800)),
+        strategy: Some(args.strategy.clone()),
+        server_lr: args.server_lr,
+        fraction_evaluate: Some(args.fraction_evaluate),
+        log_format: Some(LogFormat::Text),
+        seed: Some(args.seed),
+        ..Default::default()
+    }
+    .resolve()?;
     let listener = crate::bind(&cfg).await?;
     let url = format!("http://{}", listener.local_addr()?);
 

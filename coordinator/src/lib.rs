@@ -4,7 +4,7 @@
 //! - [`config`]: `serve` settings (defaults < TOML < flags), validated once.
 //! - [`round`]: the round state machine, the heart; [`clients`]: who joined.
 //! - [`service`]: the thin tonic service over the engine.
-//! - [`strategy`]: streaming aggregation (FedAvg).
+//! - [`strategy`]: configure and aggregate: FedAvg and the other strategies, client sampling.
 //! - [`run_dir`], [`round_record`]: what each round writes and logs.
 //! - [`evaluation`]: server-side evaluation; [`demo`]: the one-command local federation.
 
@@ -30,9 +30,10 @@ use tracing::info;
 
 use crate::config::ServeConfig;
 use crate::evaluation::ServerEval;
-use crate::round::{Federation, RunSummary};
+use crate::round::{Federation, RunSummary, Start};
 use crate::run_dir::RunDir;
 use crate::service::FederationService;
+use crate::strategy::{BuiltIn, Strategy};
 
 /// HTTP/2 flow-control windows: the defaults (64 KiB) halve throughput for large models even
 /// on loopback.
@@ -91,19 +92,56 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         }
         None => None,
     };
-    let run_dir = RunDir::create(&cfg.out)?;
+    let specs = global.specs();
+    let mut strategy = BuiltIn::new(cfg.strategy.clone(), &specs);
+    let strategy_name = cfg.strategy.kind.to_string();
+    let (run_dir, start) = if cfg.resume {
+        let r = RunDir::resume(
+            &cfg.out,
+            &cfg.model,
+            &strategy_name,
+            cfg.strategy.kind.is_stateful(),
+        )?;
+        r.global
+            .check_matches(&specs)
+            .with_context(|| format!("--resume: {} does not fit the model", r.run_dir.global_path().display()))?;
+        if let Some(state) = &r.strategy_state {
+            strategy
+                .restore(state)
+                .map_err(anyhow::Error::msg)
+                .context("--resume: the saved server state does not fit the model")?;
+        }
+        if r.round >= cfg.rounds {
+            anyhow::bail!(
+                "--resume: the run in {} already completed {} of {} rounds; raise --rounds to continue it",
+                cfg.out.display(),
+                r.round,
+                cfg.rounds
+            );
+        }
+        info!(
+            "resuming the run in {} after round {} ({} server state restored)",
+            cfg.out.display(),
+            r.round,
+            if r.strategy_state.is_some() { strategy_name.as_str() } else { "no" }
+        );
+        (r.run_dir, Start { global: r.global, round: r.round + 1 })
+    } else {
+        (RunDir::create(&cfg.out, &strategy_name)?, Start { global, round: 1 })
+    };
     let addr = listener.local_addr()?;
     info!(
-        "coordinator listening on {addr}: model {} ({} tensors, {} parameters), {} rounds, waiting for {} clients; writing to {}",
+        "coordinator listening on {addr}: model {} ({} tensors, {} parameters), rounds {}..={}, waiting for {} clients; writing to {}",
         cfg.model.kind,
-        global.len(),
-        global.num_params(),
+        specs.len(),
+        start.global.num_params(),
+        start.round,
         cfg.rounds,
-        cfg.min_clients,
+        cfg.policy.min_available_clients,
         cfg.out.display()
     );
 
-    let engine = Arc::new(Federation::new(cfg.clone(), global.specs()));
+    let engine = Arc::new(Federation::new(cfg.clone(), specs));
     let service = FederationServer::new(FederationService::new(engine.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
@@ -118,7 +156,9 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         });
     let server = tokio::spawn(server);
 
-    let result = engine.run(global, run_dir, server_eval).await;
+    let result = engine
+        .run(start, Box::new(strategy), run_dir, server_eval)
+        .await;
     let _ = stop_tx.send(());
     // Open long-polls end with the server; give it a moment, then stop regardless.
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;

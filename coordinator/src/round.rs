@@ -1,22 +1,28 @@
 //! The round state machine: the one place that decides what happens when.
 //!
 //! ```text
-//!  Waiting ──(min clients live)──▶ Training(round r) ──(all selected reported/failed, or deadline)──▶
-//!  Closing(r): aggregate ▶ evaluate ▶ checkpoint ▶ log ──(r < rounds)──▶ Training(r+1)
-//!                                                     └─(r = rounds)──▶ Finished
+//!            ┌──────────── retry (same round, fresh selection) ◀── failed ──┐
+//!            ▼                                                              │
+//!  Waiting ──(≥ min available live)──▶ Open(fit r) ──(all selected reported/failed,
+//!     ▲         deadline, or grace after min_fit)──▶ Closing(r): combine ─┴─ ok ─▶ server step
+//!     │      ▶ [Open(evaluate r) ─(all reported / deadline)─▶] server eval ▶ checkpoint ▶ log
+//!     └───────────────────────────────(r < rounds)─────────────────────────────┘   (r = rounds) ▶ Finished
 //! ```
 //!
-//! [`Federation::run`] drives the transitions; the RPC-facing methods (`join`, `next_task`,
-//! `model_for`, `begin_upload`, `commit_upload`, ...) only read the current phase and record
-//! what clients did. Locks: `state` is never held across an await or a heavy computation;
-//! `aggregate` is taken before `state` when both are needed, never the other way round.
+//! [`Federation::run`] drives the transitions and owns the [`Strategy`]; the RPC-facing methods
+//! (`join`, `next_task`, `model_for`, `begin_upload`, `commit_upload`, `evaluation_report`, ...)
+//! only read the current phase and record what clients did. Every opened phase (a training
+//! attempt or an evaluation) has a serial number; a task is only valid while its serial is the
+//! open one, so a late or repeated upload can never reach another phase's aggregate. Locks:
+//! `state` is never held across an await or a heavy computation; `aggregate` is taken before
+//! `state` when both are needed, never the other way round.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use fedtune_common::logging::LogFormat;
 use fedtune_common::tensors::{TensorSet, TensorSpec};
 use fedtune_common::wire::{EncodedTensors, MAX_CHUNK_BYTES, Payload};
@@ -25,11 +31,13 @@ use tokio::sync::{Notify, Semaphore};
 use tracing::{info, warn};
 
 use crate::clients::Clients;
-use crate::config::ServeConfig;
+use crate::config::{OnRoundFailure, ServeConfig};
 use crate::evaluation::ServerEval;
 use crate::round_record::{RoundRecord, human_bytes};
 use crate::run_dir::RunDir;
-use crate::strategy::{Aggregator, FedAvg};
+use crate::strategy::{
+    AggregateError, Aggregator, Candidate, EvalReport, FitPlan, Strategy,
+};
 
 /// How long NextTask holds a call open when there is nothing to do.
 pub const LONG_POLL: Duration = Duration::from_secs(20);
@@ -43,6 +51,8 @@ const WAIT_LOG_EVERY: Duration = Duration::from_secs(5);
 const FINISH_GRACE: Duration = Duration::from_secs(10);
 /// Uploads staged at once; each holds one model-sized buffer, so this bounds memory.
 pub const UPLOAD_SLOTS: usize = 2;
+/// Batch size clients use to evaluate the global model.
+const EVAL_BATCH: u32 = 256;
 
 /// Why an RPC was refused; the service turns it into a gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -58,12 +68,22 @@ pub enum Refusal {
     #[error("task `{task_id}` belongs to another client")]
     NotYourTask { task_id: String },
     #[error(
-        "round {task_round} has closed (the current round is {current}); update for task `{task_id}` refused"
+        "round {task_round} has closed (the current round is {current}); update for task `{task_id}` refused as late"
     )]
     RoundClosed {
         task_id: String,
         task_round: u64,
         current: u64,
+    },
+    #[error(
+        "task `{task_id}` belongs to an earlier attempt of round {round}, which has closed; refused as late"
+    )]
+    AttemptClosed { task_id: String, round: u64 },
+    #[error("task `{task_id}` is {is}; {hint}")]
+    WrongKind {
+        task_id: String,
+        is: &'static str,
+        hint: &'static str,
     },
     #[error("an upload for task `{0}` is already in progress")]
     UploadInProgress(String),
@@ -71,6 +91,8 @@ pub enum Refusal {
     TaskFailed { task_id: String, reason: String },
     #[error("update for task `{task_id}` refused: {reason}")]
     InvalidUpdate { task_id: String, reason: String },
+    #[error("the coordinator could not keep the update for task `{task_id}`: {reason}")]
+    Internal { task_id: String, reason: String },
 }
 
 /// An update's claims, before its tensors arrive.
@@ -85,8 +107,10 @@ pub struct UpdateClaim {
 /// Permission to stream one upload, from `begin_upload` to `commit_upload` / `abort_upload`.
 pub struct UploadTicket {
     pub task_id: String,
+    serial: u64,
     round: u64,
     client_id: String,
+    client_name: String,
     num_examples: u64,
     metrics: HashMap<String, f64>,
     stats: Arc<RoundStats>,
@@ -134,8 +158,27 @@ struct ClientReport {
     metrics: HashMap<String, f64>,
 }
 
-struct OpenRound {
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PhaseKind {
+    Fit { proximal_mu: f64 },
+    Evaluate,
+}
+
+impl PhaseKind {
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Fit { .. } => "a training task",
+            Self::Evaluate => "an evaluation task",
+        }
+    }
+}
+
+/// A phase in which selected clients have tasks: a training attempt or an evaluation.
+struct OpenPhase {
+    serial: u64,
+    kind: PhaseKind,
     round: u64,
+    attempt: u32,
     model_version: u64,
     broadcast: Arc<EncodedTensors>,
     /// client id -> its task.
@@ -145,25 +188,36 @@ struct OpenRound {
 }
 
 enum Phase {
-    Waiting,
-    Training(OpenRound),
+    Waiting { round: u64 },
+    Open(OpenPhase),
     Closing { round: u64 },
-    Finished,
+    Finished { reason: String },
+}
+
+/// A task id as issued.
+#[derive(Clone)]
+struct Issued {
+    serial: u64,
+    kind: PhaseKind,
+    round: u64,
+    client_id: String,
 }
 
 struct State {
     clients: Clients,
     phase: Phase,
-    /// Every task id ever issued: task id -> (round, client id).
-    issued: HashMap<String, (u64, String)>,
-    /// Task ids whose update was counted, with their round: a repeat is answered DUPLICATE.
+    /// Every task id ever issued.
+    issued: HashMap<String, Issued>,
+    /// Task ids whose result was counted, with their round: a repeat is answered DUPLICATE.
     counted: HashMap<String, u64>,
     current_round: u64,
 }
 
 struct RoundAggregate {
-    round: u64,
+    serial: u64,
     aggregator: Box<dyn Aggregator>,
+    /// An update that could not be kept (e.g. the spill disk is full) fails the round.
+    error: Option<AggregateError>,
 }
 
 /// The coordinator's shared state and the round engine.
@@ -175,6 +229,7 @@ pub struct Federation {
     state: Mutex<State>,
     changed: Notify,
     aggregate: Mutex<Option<RoundAggregate>>,
+    next_serial: AtomicU64,
     pub upload_slots: Semaphore,
 }
 
@@ -184,6 +239,13 @@ pub struct RunSummary {
     pub records: Vec<RoundRecord>,
     pub global_path: std::path::PathBuf,
     pub metrics_path: std::path::PathBuf,
+}
+
+/// Where a run starts: round 1 with fresh weights, or after the last checkpoint of `--resume`.
+pub struct Start {
+    pub global: TensorSet,
+    /// The first round to run.
+    pub round: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -203,13 +265,14 @@ impl Federation {
             model_bytes,
             state: Mutex::new(State {
                 clients: Clients::default(),
-                phase: Phase::Waiting,
+                phase: Phase::Waiting { round: 1 },
                 issued: HashMap::new(),
                 counted: HashMap::new(),
                 current_round: 0,
             }),
             changed: Notify::new(),
             aggregate: Mutex::new(None),
+            next_serial: AtomicU64::new(1),
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
         }
     }
@@ -227,6 +290,14 @@ impl Federation {
             name: self.cfg.model.kind.to_string(),
             num_classes: self.cfg.model.num_classes,
         }
+    }
+
+    /// Clients needed before a round opens.
+    fn needed_clients(&self) -> usize {
+        self.cfg
+            .policy
+            .min_available_clients
+            .max(self.cfg.strategy.min_fit_clients)
     }
 
     // ----- RPC-facing -------------------------------------------------------------------------
@@ -274,35 +345,23 @@ impl Federation {
             notified.as_mut().enable();
             let reason = {
                 let mut st = lock(&self.state);
-                let min_clients = self.cfg.min_clients;
+                let needed = self.needed_clients();
                 let st = &mut *st;
                 let client = st.clients.touch(token).ok_or(Refusal::UnknownSession)?;
                 let client_id = client.id.clone();
                 match &st.phase {
-                    Phase::Finished => {
+                    Phase::Finished { reason } => {
                         client.told_finished = true;
                         return Ok(pb::Task {
                             kind: Some(Kind::Finished(pb::Finished {
-                                reason: format!("all {} rounds done", self.cfg.rounds),
+                                reason: reason.clone(),
                             })),
                         });
                     }
-                    Phase::Training(open) => match open.tasks.get(&client_id) {
+                    Phase::Open(open) => match open.tasks.get(&client_id) {
                         Some(t) if t.status == TaskStatus::Assigned => {
                             return Ok(pb::Task {
-                                kind: Some(Kind::Train(pb::TrainTask {
-                                    round: open.round,
-                                    task_id: t.task_id.clone(),
-                                    model_version: open.model_version,
-                                    model: Some(self.model_spec_pb()),
-                                    config: Some(pb::TrainConfig {
-                                        local_epochs: self.cfg.local_epochs,
-                                        batch_size: self.cfg.batch_size,
-                                        lr: self.cfg.lr,
-                                        optimizer: self.cfg.optimizer.to_string(),
-                                        seed: self.cfg.seed.wrapping_add(open.round),
-                                    }),
-                                })),
+                                kind: Some(self.task_message(open, &t.task_id)),
                             });
                         }
                         Some(_) => format!(
@@ -310,14 +369,14 @@ impl Federation {
                             open.round
                         ),
                         None => format!(
-                            "round {} in progress without you; you will be selected in the next round",
+                            "round {} in progress without you (not selected this time)",
                             open.round
                         ),
                     },
                     Phase::Closing { round } => format!("aggregating round {round}"),
-                    Phase::Waiting => {
+                    Phase::Waiting { round } => {
                         let live = st.clients.live(LIVENESS_TIMEOUT).len();
-                        format!("waiting for clients: {live}/{min_clients} joined")
+                        format!("waiting for clients before round {round}: {live}/{needed} live")
                     }
                 }
             };
@@ -330,6 +389,75 @@ impl Federation {
         }
     }
 
+    fn task_message(&self, open: &OpenPhase, task_id: &str) -> pb::task::Kind {
+        use pb::task::Kind;
+        match open.kind {
+            PhaseKind::Fit { proximal_mu } => Kind::Train(pb::TrainTask {
+                round: open.round,
+                task_id: task_id.to_string(),
+                model_version: open.model_version,
+                model: Some(self.model_spec_pb()),
+                config: Some(pb::TrainConfig {
+                    local_epochs: self.cfg.local_epochs,
+                    batch_size: self.cfg.batch_size,
+                    lr: self.cfg.lr,
+                    optimizer: self.cfg.optimizer.to_string(),
+                    seed: self
+                        .cfg
+                        .seed
+                        .wrapping_add(open.round)
+                        .wrapping_add(u64::from(open.attempt - 1) << 32),
+                    proximal_mu,
+                }),
+            }),
+            PhaseKind::Evaluate => Kind::Evaluate(pb::EvaluateTask {
+                round: open.round,
+                task_id: task_id.to_string(),
+                model_version: open.model_version,
+                model: Some(self.model_spec_pb()),
+                batch_size: EVAL_BATCH,
+            }),
+        }
+    }
+
+    /// Finds the task `task_id` of the client holding `token`; checks it is this client's.
+    fn task_of(st: &mut State, token: &str, task_id: &str) -> Result<(Issued, String), Refusal> {
+        let client = st.clients.touch(token).ok_or(Refusal::UnknownSession)?;
+        let (client_id, client_name) = (client.id.clone(), client.name.clone());
+        let issued = st
+            .issued
+            .get(task_id)
+            .cloned()
+            .ok_or_else(|| Refusal::UnknownTask(task_id.to_string()))?;
+        if issued.client_id != client_id {
+            return Err(Refusal::NotYourTask {
+                task_id: task_id.to_string(),
+            });
+        }
+        Ok((issued, client_name))
+    }
+
+    /// The open phase `issued` belongs to, or why it is over.
+    fn open_for<'a>(
+        phase: &'a mut Phase,
+        current_round: u64,
+        issued: &Issued,
+        task_id: &str,
+    ) -> Result<&'a mut OpenPhase, Refusal> {
+        match phase {
+            Phase::Open(open) if open.serial == issued.serial => Ok(open),
+            _ if issued.round == current_round => Err(Refusal::AttemptClosed {
+                task_id: task_id.to_string(),
+                round: issued.round,
+            }),
+            _ => Err(Refusal::RoundClosed {
+                task_id: task_id.to_string(),
+                task_round: issued.round,
+                current: current_round,
+            }),
+        }
+    }
+
     /// The broadcast a client must download for `task_id`, and the round's byte counters.
     pub fn model_for(
         &self,
@@ -338,32 +466,9 @@ impl Federation {
     ) -> Result<(Arc<EncodedTensors>, Arc<RoundStats>), Refusal> {
         let mut st = lock(&self.state);
         let st = &mut *st;
-        let client_id = st
-            .clients
-            .touch(token)
-            .ok_or(Refusal::UnknownSession)?
-            .id
-            .clone();
-        let (task_round, owner) = st
-            .issued
-            .get(task_id)
-            .cloned()
-            .ok_or_else(|| Refusal::UnknownTask(task_id.to_string()))?;
-        if owner != client_id {
-            return Err(Refusal::NotYourTask {
-                task_id: task_id.to_string(),
-            });
-        }
-        match &st.phase {
-            Phase::Training(open) if open.round == task_round => {
-                Ok((open.broadcast.clone(), open.stats.clone()))
-            }
-            _ => Err(Refusal::RoundClosed {
-                task_id: task_id.to_string(),
-                task_round,
-                current: st.current_round,
-            }),
-        }
+        let (issued, _) = Self::task_of(st, token, task_id)?;
+        let open = Self::open_for(&mut st.phase, st.current_round, &issued, task_id)?;
+        Ok((open.broadcast.clone(), open.stats.clone()))
     }
 
     /// Checks an update's header before any tensor bytes are accepted.
@@ -373,40 +478,26 @@ impl Federation {
     ) -> Result<Result<UploadTicket, SubmitOutcome>, Refusal> {
         let mut st = lock(&self.state);
         let st = &mut *st;
-        let client_id = st
-            .clients
-            .touch(&claim.token)
-            .ok_or(Refusal::UnknownSession)?
-            .id
-            .clone();
         let task_id = claim.task_id.clone();
-        let (task_round, owner) = st
-            .issued
-            .get(&task_id)
-            .cloned()
-            .ok_or_else(|| Refusal::UnknownTask(task_id.clone()))?;
-        if owner != client_id {
-            return Err(Refusal::NotYourTask { task_id });
+        let (issued, client_name) = Self::task_of(st, &claim.token, &task_id)?;
+        if issued.kind == PhaseKind::Evaluate {
+            return Err(Refusal::WrongKind {
+                task_id,
+                is: issued.kind.noun(),
+                hint: "send its result with SubmitEvaluation",
+            });
         }
         if let Some(&round) = st.counted.get(&task_id) {
             return Ok(Err(SubmitOutcome::Duplicate { round }));
         }
-        let current = st.current_round;
-        let Phase::Training(open) = &mut st.phase else {
-            return Err(Refusal::RoundClosed {
-                task_id,
-                task_round,
-                current,
-            });
+        let open = match Self::open_for(&mut st.phase, st.current_round, &issued, &task_id) {
+            Ok(open) => open,
+            Err(refusal) => {
+                warn!("late update from {client_name}: {refusal}");
+                return Err(refusal);
+            }
         };
-        if open.round != task_round {
-            return Err(Refusal::RoundClosed {
-                task_id,
-                task_round,
-                current,
-            });
-        }
-        let Some(task) = open.tasks.get_mut(&client_id) else {
+        let Some(task) = open.tasks.get_mut(&issued.client_id) else {
             return Err(Refusal::UnknownTask(task_id));
         };
         let invalid = if claim.model_version != open.model_version {
@@ -427,7 +518,10 @@ impl Federation {
             && task.status == TaskStatus::Assigned
         {
             // The same task would fail the same way again: the round goes on without it.
-            warn!("round {task_round}: update for task `{task_id}` refused: {reason}");
+            warn!(
+                "round {}: update for task `{task_id}` refused: {reason}",
+                issued.round
+            );
             task.status = TaskStatus::Failed(reason.clone());
             return Err(Refusal::InvalidUpdate { task_id, reason });
         }
@@ -439,13 +533,19 @@ impl Federation {
                     reason: reason.clone(),
                 });
             }
-            TaskStatus::Reported => return Ok(Err(SubmitOutcome::Duplicate { round: task_round })),
+            TaskStatus::Reported => {
+                return Ok(Err(SubmitOutcome::Duplicate {
+                    round: issued.round,
+                }));
+            }
             TaskStatus::Assigned => task.status = TaskStatus::Uploading,
         }
         Ok(Ok(UploadTicket {
             task_id,
-            round: task_round,
-            client_id,
+            serial: issued.serial,
+            round: issued.round,
+            client_id: issued.client_id,
+            client_name,
             num_examples: claim.num_examples,
             metrics: claim.metrics,
             stats: open.stats.clone(),
@@ -456,8 +556,8 @@ impl Federation {
     /// content); `None` lets the client retry (a broken stream).
     pub fn abort_upload(&self, ticket: UploadTicket, failure: Option<String>) {
         let mut st = lock(&self.state);
-        if let Phase::Training(open) = &mut st.phase
-            && open.round == ticket.round
+        if let Phase::Open(open) = &mut st.phase
+            && open.serial == ticket.serial
             && let Some(task) = open.tasks.get_mut(&ticket.client_id)
             && task.status == TaskStatus::Uploading
         {
@@ -487,15 +587,22 @@ impl Federation {
         {
             let mut st = lock(&self.state);
             let st = &mut *st;
-            let current = st.current_round;
-            let open = match &mut st.phase {
-                Phase::Training(open) if open.round == ticket.round => open,
-                _ => {
-                    return Err(Refusal::RoundClosed {
-                        task_id: ticket.task_id,
-                        task_round: ticket.round,
-                        current,
-                    });
+            let issued = Issued {
+                serial: ticket.serial,
+                kind: PhaseKind::Fit { proximal_mu: 0.0 },
+                round: ticket.round,
+                client_id: ticket.client_id.clone(),
+            };
+            let open = match Self::open_for(
+                &mut st.phase,
+                st.current_round,
+                &issued,
+                &ticket.task_id,
+            ) {
+                Ok(open) => open,
+                Err(refusal) => {
+                    warn!("late update from {}: {refusal}", ticket.client_name);
+                    return Err(refusal);
                 }
             };
             let Some(task) = open
@@ -503,10 +610,9 @@ impl Federation {
                 .get_mut(&ticket.client_id)
                 .filter(|t| t.status == TaskStatus::Uploading)
             else {
-                return Err(Refusal::RoundClosed {
+                return Err(Refusal::AttemptClosed {
                     task_id: ticket.task_id,
-                    task_round: ticket.round,
-                    current,
+                    round: ticket.round,
                 });
             };
             task.status = TaskStatus::Reported;
@@ -517,70 +623,250 @@ impl Federation {
             st.counted.insert(ticket.task_id.clone(), ticket.round);
         }
         // Still holding `aggregate`: the round cannot close before this update is folded in.
-        if let Some(agg) = aggregate.as_mut().filter(|a| a.round == ticket.round) {
-            agg.aggregator.accept(delta, ticket.num_examples);
+        if let Some(agg) = aggregate.as_mut().filter(|a| a.serial == ticket.serial) {
+            if let Err(e) = agg
+                .aggregator
+                .accept(&ticket.client_name, delta, ticket.num_examples)
+            {
+                let reason = e.to_string();
+                warn!("round {}: {reason}", ticket.round);
+                agg.error.get_or_insert(e);
+                drop(aggregate);
+                self.changed.notify_waiters();
+                return Err(Refusal::Internal {
+                    task_id: ticket.task_id,
+                    reason,
+                });
+            }
         }
         drop(aggregate);
         self.changed.notify_waiters();
         Ok(SubmitOutcome::Accepted)
     }
 
-    /// Records a client's evaluation report. Federated evaluation rounds are not scheduled yet
-    /// (no Evaluate task is issued), so any report refers to an unknown task.
-    pub fn evaluation_report(&self, token: &str, task_id: &str) -> Result<SubmitOutcome, Refusal> {
-        lock(&self.state)
-            .clients
-            .touch(token)
-            .ok_or(Refusal::UnknownSession)?;
-        Err(Refusal::UnknownTask(task_id.to_string()))
+    /// Records a client's evaluation of the global model.
+    pub fn evaluation_report(
+        &self,
+        token: &str,
+        report: &pb::EvaluationReport,
+    ) -> Result<SubmitOutcome, Refusal> {
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let task_id = report.task_id.clone();
+        let (issued, client_name) = Self::task_of(st, token, &task_id)?;
+        if issued.kind != PhaseKind::Evaluate {
+            return Err(Refusal::WrongKind {
+                task_id,
+                is: issued.kind.noun(),
+                hint: "send its result with SubmitUpdate",
+            });
+        }
+        if let Some(&round) = st.counted.get(&task_id) {
+            return Ok(SubmitOutcome::Duplicate { round });
+        }
+        let open = match Self::open_for(&mut st.phase, st.current_round, &issued, &task_id) {
+            Ok(open) => open,
+            Err(refusal) => {
+                warn!("late evaluation from {client_name}: {refusal}");
+                return Err(refusal);
+            }
+        };
+        let Some(task) = open.tasks.get_mut(&issued.client_id) else {
+            return Err(Refusal::UnknownTask(task_id));
+        };
+        if let Some((k, v)) = report.metrics.iter().find(|(_, v)| !v.is_finite()) {
+            let reason = format!("metric `{k}` is not finite ({v})");
+            task.status = TaskStatus::Failed(reason.clone());
+            return Err(Refusal::InvalidUpdate { task_id, reason });
+        }
+        match &task.status {
+            TaskStatus::Failed(reason) => {
+                return Err(Refusal::TaskFailed {
+                    task_id,
+                    reason: reason.clone(),
+                });
+            }
+            TaskStatus::Reported => {
+                return Ok(SubmitOutcome::Duplicate {
+                    round: issued.round,
+                });
+            }
+            TaskStatus::Assigned | TaskStatus::Uploading => task.status = TaskStatus::Reported,
+        }
+        open.reports.push(ClientReport {
+            num_examples: report.num_examples,
+            metrics: report.metrics.clone(),
+        });
+        st.counted.insert(task_id, issued.round);
+        drop(guard);
+        self.changed.notify_waiters();
+        Ok(SubmitOutcome::Accepted)
     }
 
     // ----- the round engine ---------------------------------------------------------------------
 
-    /// Runs every round to the end and returns what was written.
+    /// Runs the rounds from `start` to the end and returns what was written. On every exit,
+    /// clients are told the run is over, and why.
     pub async fn run(
         self: Arc<Self>,
-        mut global: TensorSet,
+        start: Start,
+        strategy: Box<dyn Strategy>,
+        run_dir: RunDir,
+        server_eval: Option<Arc<ServerEval>>,
+    ) -> anyhow::Result<RunSummary> {
+        info!("strategy: {}", strategy.describe());
+        let result = self
+            .clone()
+            .run_rounds(start, strategy, run_dir, server_eval)
+            .await;
+        let reason = match &result {
+            Ok(_) => format!("all {} rounds done", self.cfg.rounds),
+            Err(e) => format!("the coordinator stopped the run: {e:#}"),
+        };
+        lock(&self.state).phase = Phase::Finished { reason };
+        self.changed.notify_waiters();
+        self.wait_for_goodbyes().await;
+        result
+    }
+
+    async fn run_rounds(
+        self: Arc<Self>,
+        start: Start,
+        mut strategy: Box<dyn Strategy>,
         mut run_dir: RunDir,
         server_eval: Option<Arc<ServerEval>>,
     ) -> anyhow::Result<RunSummary> {
+        let mut global = start.global;
         let mut records = Vec::new();
-        for round in 1..=self.cfg.rounds {
+        // The broadcast of the current global model, when evaluation or a failed attempt
+        // already encoded it.
+        let mut encoded: Option<Arc<EncodedTensors>> = None;
+        for round in start.round..=self.cfg.rounds {
             // Version v is the model after v aggregations: round r trains on version r - 1.
             let model_version = round - 1;
-            self.wait_for_clients(round).await;
             let started = Instant::now();
+            let mut attempt = 0;
+            let (fit, combined, aggregate_ms) = loop {
+                attempt += 1;
+                self.wait_for_clients(round).await?;
+                let broadcast = match encoded.take() {
+                    Some(b) => b,
+                    None => Arc::new(tokio::task::block_in_place(|| {
+                        EncodedTensors::encode(&global, model_version, MAX_CHUNK_BYTES)
+                    })?),
+                };
+                let plan = strategy.configure_fit(round, attempt, &self.candidates(false));
+                let serial = self.open_phase(
+                    PhaseKind::Fit {
+                        proximal_mu: plan.proximal_mu,
+                    },
+                    round,
+                    attempt,
+                    model_version,
+                    broadcast.clone(),
+                    &plan.clients,
+                    Some(strategy.aggregator(round)),
+                );
+                self.wait_for_reports(serial, round, true).await;
+                let fit = self.close_phase(serial, round);
 
-            // Encoded once per round, on this thread (no copy of the global model).
-            let encoded = tokio::task::block_in_place(|| {
-                EncodedTensors::encode(&global, model_version, MAX_CHUNK_BYTES)
-            })?;
-            let selected = self.open_round(round, model_version, Arc::new(encoded));
-            self.wait_for_reports(round).await;
-            let (reports, failed, stats) = self.close_round(round, selected.len());
-
-            // Aggregate.
-            let agg_started = Instant::now();
-            let this = self.clone();
-            global = tokio::task::spawn_blocking(move || {
-                if let Some(agg) = lock(&this.aggregate).take() {
-                    agg.aggregator.finish(&mut global);
+                // Combine (heavy: off the async threads).
+                let agg_started = Instant::now();
+                let aggregate = lock(&self.aggregate).take().filter(|a| a.serial == serial);
+                let combined = tokio::task::spawn_blocking(move || match aggregate {
+                    Some(RoundAggregate {
+                        error: Some(e), ..
+                    }) => Err(e),
+                    Some(a) => a.aggregator.finish(),
+                    None => Ok(None),
+                })
+                .await?;
+                let aggregate_ms = agg_started.elapsed().as_millis() as u64;
+                let failure = match (&combined, self.round_failure(&plan, &fit)) {
+                    (_, Some(why)) => Some(why),
+                    (Err(e), None) => Some(e.to_string()),
+                    (Ok(_), None) => None,
+                };
+                match failure {
+                    None => break (fit, combined.ok().flatten(), aggregate_ms),
+                    Some(why) => {
+                        let policy = &self.cfg.policy;
+                        if policy.on_round_failure == OnRoundFailure::Retry
+                            && attempt <= policy.round_retries
+                        {
+                            warn!(
+                                "round {round} failed (attempt {attempt}): {why}; retrying with freshly selected clients (retry {attempt} of {})",
+                                policy.round_retries
+                            );
+                            encoded = Some(broadcast);
+                            continue;
+                        }
+                        let what = if policy.on_round_failure == OnRoundFailure::Retry {
+                            format!("after {} retries", policy.round_retries)
+                        } else {
+                            "on_round_failure = stop".to_string()
+                        };
+                        bail!(
+                            "round {round} failed: {why}; stopping ({what}). The output folder holds the model after round {model_version}; run again with --resume to continue from there"
+                        );
+                    }
                 }
-                global
-            })
-            .await?;
-            let aggregate_ms = agg_started.elapsed().as_millis() as u64;
+            };
 
-            // Evaluate.
+            // The server step.
+            if let Some(combined) = combined {
+                let (s, g) = tokio::task::spawn_blocking(move || {
+                    strategy.apply(&mut global, &combined);
+                    (strategy, global)
+                })
+                .await?;
+                (strategy, global) = (s, g);
+            }
+
+            // Federated evaluation of the new model.
+            let eval_clients = strategy.configure_evaluate(round, &self.candidates(true));
+            let mut fed_eval = None;
+            let mut eval_bytes_down = 0;
+            if !eval_clients.is_empty() {
+                let broadcast = Arc::new(tokio::task::block_in_place(|| {
+                    EncodedTensors::encode(&global, round, MAX_CHUNK_BYTES)
+                })?);
+                // Clients train on this same model next round: encode it once.
+                encoded = Some(broadcast.clone());
+                let serial = self.open_phase(
+                    PhaseKind::Evaluate,
+                    round,
+                    1,
+                    round,
+                    broadcast,
+                    &eval_clients,
+                    None,
+                );
+                self.wait_for_reports(serial, round, false).await;
+                let closed = self.close_phase(serial, round);
+                eval_bytes_down = closed.stats.bytes_down.load(Ordering::Relaxed);
+                let reports: Vec<EvalReport> = closed
+                    .reports
+                    .into_iter()
+                    .map(|r| EvalReport {
+                        num_examples: r.num_examples,
+                        metrics: r.metrics,
+                    })
+                    .collect();
+                fed_eval = Some(strategy.aggregate_evaluate(&reports));
+            }
+
+            // Server-side evaluation.
             let eval_started = Instant::now();
             let mut record = RoundRecord {
                 round,
                 rounds: self.cfg.rounds,
+                attempt,
                 model_version: model_version + 1,
-                clients_selected: selected.len(),
-                clients_reported: reports.len(),
-                clients_failed: failed,
-                train_loss: weighted_mean(&reports, "train_loss", |r| r.num_examples as f64),
+                clients_selected: fit.selected,
+                clients_reported: fit.reports.len(),
+                clients_failed: fit.selected - fit.reports.len(),
+                train_loss: weighted_mean(&fit.reports, "train_loss", |r| r.num_examples as f64),
                 eval_source: "clients",
                 eval_loss: None,
                 eval_accuracy: None,
@@ -588,12 +874,22 @@ impl Federation {
                 eval_recall: None,
                 eval_f1: None,
                 eval_examples: 0,
-                bytes_down: stats.bytes_down.load(Ordering::Relaxed),
-                bytes_up: stats.bytes_up.load(Ordering::Relaxed),
+                fed_eval_clients: 0,
+                fed_eval_examples: 0,
+                fed_eval_loss: None,
+                fed_eval_accuracy: None,
+                fed_eval_precision: None,
+                fed_eval_recall: None,
+                fed_eval_f1: None,
+                bytes_down: fit.stats.bytes_down.load(Ordering::Relaxed) + eval_bytes_down,
+                bytes_up: fit.stats.bytes_up.load(Ordering::Relaxed),
                 aggregate_ms,
                 eval_ms: 0,
                 round_ms: 0,
             };
+            if let Some(f) = fed_eval {
+                record.set_fed_eval(&f);
+            }
             match &server_eval {
                 Some(eval) => {
                     let (eval, g) = (eval.clone(), global.clone());
@@ -612,28 +908,23 @@ impl Federation {
                 None => {
                     let by_val =
                         |r: &ClientReport| r.metrics.get("val_examples").copied().unwrap_or(0.0);
-                    record.eval_loss = weighted_mean(&reports, "val_loss", by_val);
-                    record.eval_accuracy = weighted_mean(&reports, "val_accuracy", by_val);
-                    record.eval_precision = weighted_mean(&reports, "val_precision", by_val);
-                    record.eval_recall = weighted_mean(&reports, "val_recall", by_val);
-                    record.eval_f1 = weighted_mean(&reports, "val_f1", by_val);
-                    record.eval_examples = reports.iter().map(by_val).sum::<f64>() as u64;
+                    record.eval_loss = weighted_mean(&fit.reports, "val_loss", by_val);
+                    record.eval_accuracy = weighted_mean(&fit.reports, "val_accuracy", by_val);
+                    record.eval_precision = weighted_mean(&fit.reports, "val_precision", by_val);
+                    record.eval_recall = weighted_mean(&fit.reports, "val_recall", by_val);
+                    record.eval_f1 = weighted_mean(&fit.reports, "val_f1", by_val);
+                    record.eval_examples = fit.reports.iter().map(by_val).sum::<f64>() as u64;
                 }
             }
             record.eval_ms = eval_started.elapsed().as_millis() as u64;
             record.round_ms = started.elapsed().as_millis() as u64;
 
             // Checkpoint, then tell the world.
-            run_dir.checkpoint(&global, &self.cfg.model, &record)?;
+            let state = strategy.state();
+            run_dir.checkpoint(&global, &self.cfg.model, &record, state.as_ref())?;
             log_round(&record, self.cfg.log_format);
-            if reports.is_empty() {
-                warn!("round {round} closed without any update: the global model is unchanged");
-            }
             records.push(record);
         }
-        lock(&self.state).phase = Phase::Finished;
-        self.changed.notify_waiters();
-        self.wait_for_goodbyes().await;
         Ok(RunSummary {
             records,
             global_path: run_dir.global_path(),
@@ -641,33 +932,88 @@ impl Federation {
         })
     }
 
-    async fn wait_for_clients(&self, round: u64) {
+    /// Why a closed training attempt cannot be aggregated, if it cannot.
+    fn round_failure(&self, plan: &FitPlan, fit: &Closed) -> Option<String> {
+        let min = self.cfg.strategy.min_fit_clients;
+        let got = fit.reports.len();
+        if got < min {
+            return Some(format!(
+                "{got} of {} selected clients sent an update, fewer than min_fit_clients = {min}",
+                plan.clients.len()
+            ));
+        }
+        let failed = fit.selected - got;
+        if failed > 0 && !self.cfg.policy.accept_failures {
+            return Some(format!(
+                "{failed} of {} selected clients failed and accept_failures is false",
+                plan.clients.len()
+            ));
+        }
+        None
+    }
+
+    /// The live clients, with how often each was selected for training (or evaluation).
+    fn candidates(&self, evaluation: bool) -> Vec<Candidate> {
+        let st = lock(&self.state);
+        st.clients
+            .live(LIVENESS_TIMEOUT)
+            .iter()
+            .map(|c| Candidate {
+                id: c.id.clone(),
+                times_selected: if evaluation {
+                    c.times_evaluated
+                } else {
+                    c.times_trained
+                },
+            })
+            .collect()
+    }
+
+    /// Waits until enough clients are live, logging the wait; gives up after
+    /// `available_timeout` with an error that says what to do.
+    async fn wait_for_clients(&self, round: u64) -> anyhow::Result<()> {
+        let needed = self.needed_clients();
+        let timeout = self.cfg.policy.available_timeout;
+        let give_up = Instant::now() + timeout;
         let mut last_log = Instant::now() - WAIT_LOG_EVERY;
+        {
+            let mut st = lock(&self.state);
+            if !matches!(st.phase, Phase::Open(_)) {
+                st.phase = Phase::Waiting { round };
+            }
+        }
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (live, names) = {
+            let names: Vec<String> = {
                 let st = lock(&self.state);
-                let live = st.clients.live(LIVENESS_TIMEOUT);
-                (
-                    live.len(),
-                    live.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
-                )
+                st.clients
+                    .live(LIVENESS_TIMEOUT)
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .collect()
             };
-            if live >= self.cfg.min_clients {
-                return;
+            let live = names.len();
+            if live >= needed {
+                return Ok(());
+            }
+            if Instant::now() >= give_up {
+                bail!(
+                    "only {live} of the {needed} clients needed for round {round} were live after waiting {}; start more clients, lower --min-available-clients / --min-fit-clients, or wait longer with --available-timeout",
+                    humantime::format_duration(timeout)
+                );
             }
             if last_log.elapsed() >= WAIT_LOG_EVERY {
                 info!(
-                    "waiting for clients before round {round}: {live}/{} joined{}; waiting for {} more",
-                    self.cfg.min_clients,
+                    "waiting for clients before round {round}: {live}/{needed} live{}; waiting for {} more (gives up in {}s)",
                     if names.is_empty() {
                         String::new()
                     } else {
                         format!(" ({})", names.join(", "))
                     },
-                    self.cfg.min_clients - live
+                    needed - live,
+                    give_up.saturating_duration_since(Instant::now()).as_secs()
                 );
                 last_log = Instant::now();
             }
@@ -678,32 +1024,55 @@ impl Federation {
         }
     }
 
-    /// Selects the live clients, issues their tasks and opens the round. Returns the selected ids.
-    fn open_round(
+    /// Issues tasks to `clients` and opens a phase. Returns its serial number.
+    #[allow(clippy::too_many_arguments)]
+    fn open_phase(
         &self,
+        kind: PhaseKind,
         round: u64,
+        attempt: u32,
         model_version: u64,
         broadcast: Arc<EncodedTensors>,
-    ) -> Vec<String> {
+        clients: &[String],
+        aggregator: Option<Box<dyn Aggregator>>,
+    ) -> u64 {
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let bytes = broadcast.total_bytes();
-        // Installed before `state` is locked (lock order: `aggregate` is never taken while
-        // `state` is held). Nothing is folded into it before the phase below names this round.
-        *lock(&self.aggregate) = Some(RoundAggregate {
-            round,
-            aggregator: Box::new(FedAvg::new(&self.specs)),
-        });
+        if let Some(aggregator) = aggregator {
+            // Installed before `state` is locked (lock order: `aggregate` is never taken while
+            // `state` is held). Nothing is folded into it before the phase below opens.
+            *lock(&self.aggregate) = Some(RoundAggregate {
+                serial,
+                aggregator,
+                error: None,
+            });
+        }
         let mut guard = lock(&self.state);
         let st = &mut *guard;
-        let selected: Vec<(String, String)> = st
-            .clients
-            .live(LIVENESS_TIMEOUT)
-            .iter()
-            .map(|c| (c.id.clone(), c.name.clone()))
-            .collect();
         let mut tasks = HashMap::new();
-        for (id, _) in &selected {
-            let task_id = format!("r{round}-{id}");
-            st.issued.insert(task_id.clone(), (round, id.clone()));
+        let mut names = Vec::new();
+        for id in clients {
+            let task_id = match (kind, attempt) {
+                (PhaseKind::Evaluate, _) => format!("e{round}-{id}"),
+                (_, 1) => format!("r{round}-{id}"),
+                _ => format!("r{round}.{attempt}-{id}"),
+            };
+            if let Some(c) = st.clients.by_id_mut(id) {
+                match kind {
+                    PhaseKind::Evaluate => c.times_evaluated += 1,
+                    PhaseKind::Fit { .. } => c.times_trained += 1,
+                }
+                names.push(c.name.clone());
+            }
+            st.issued.insert(
+                task_id.clone(),
+                Issued {
+                    serial,
+                    kind,
+                    round,
+                    client_id: id.clone(),
+                },
+            );
             tasks.insert(
                 id.clone(),
                 TaskState {
@@ -713,34 +1082,50 @@ impl Federation {
             );
         }
         st.current_round = round;
-        st.phase = Phase::Training(OpenRound {
+        st.phase = Phase::Open(OpenPhase {
+            serial,
+            kind,
             round,
+            attempt,
             model_version,
             broadcast,
             tasks,
             reports: Vec::new(),
             stats: Arc::new(RoundStats::default()),
         });
+        let live = st.clients.live(LIVENESS_TIMEOUT).len();
         drop(guard);
-        info!(
-            "round {round}/{} started: {} clients selected ({}), model v{model_version}, broadcast {}",
-            self.cfg.rounds,
-            selected.len(),
-            selected
-                .iter()
-                .map(|(_, n)| n.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            human_bytes(bytes)
-        );
+        match kind {
+            PhaseKind::Fit { .. } => info!(
+                "round {round}/{}{} started: {} of {live} live clients selected ({}), model v{model_version}, broadcast {}",
+                self.cfg.rounds,
+                if attempt > 1 {
+                    format!(" (attempt {attempt})")
+                } else {
+                    String::new()
+                },
+                clients.len(),
+                names.join(", "),
+                human_bytes(bytes)
+            ),
+            PhaseKind::Evaluate => info!(
+                "round {round}/{}: federated evaluation of model v{model_version} by {} of {live} live clients ({})",
+                self.cfg.rounds,
+                clients.len(),
+                names.join(", ")
+            ),
+        }
         self.changed.notify_waiters();
-        selected.into_iter().map(|(id, _)| id).collect()
+        serial
     }
 
-    /// Until every selected client reported or failed, or the round deadline. Clients silent
-    /// for longer than [`LIVENESS_TIMEOUT`] (no heartbeat, no call) are marked failed.
-    async fn wait_for_reports(&self, round: u64) {
-        let deadline = tokio::time::Instant::now() + self.cfg.round_timeout;
+    /// Until every selected client reported or failed, the round deadline, or (training, with
+    /// `grace_period`) the grace period after `min_fit_clients` reported. Clients silent for
+    /// longer than [`LIVENESS_TIMEOUT`] (no heartbeat, no call) are marked failed.
+    async fn wait_for_reports(&self, serial: u64, round: u64, training: bool) {
+        let policy = &self.cfg.policy;
+        let mut deadline = tokio::time::Instant::now() + policy.round_timeout;
+        let mut grace_started = false;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -748,9 +1133,12 @@ impl Federation {
             {
                 let mut st = lock(&self.state);
                 let st = &mut *st;
-                let Phase::Training(open) = &mut st.phase else {
+                let Phase::Open(open) = &mut st.phase else {
                     return;
                 };
+                if open.serial != serial {
+                    return;
+                }
                 for (id, task) in open.tasks.iter_mut() {
                     if task.status == TaskStatus::Assigned
                         && let Some(c) = st.clients.by_id(id)
@@ -772,45 +1160,83 @@ impl Federation {
                 {
                     return;
                 }
+                if training
+                    && !grace_started
+                    && let Some(grace) = policy.grace_period
+                    && open.reports.len() >= self.cfg.strategy.min_fit_clients
+                {
+                    grace_started = true;
+                    let until = tokio::time::Instant::now() + grace;
+                    if until < deadline {
+                        deadline = until;
+                        info!(
+                            "round {round}: {} updates in (min_fit_clients = {}); waiting up to {} for the other {}",
+                            open.reports.len(),
+                            self.cfg.strategy.min_fit_clients,
+                            humantime::format_duration(grace),
+                            open.tasks.len() - open.reports.len()
+                        );
+                    }
+                }
             }
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = tokio::time::sleep_until(deadline) => {
-                    warn!("round {round} deadline ({}) reached: closing with the updates received", humantime::format_duration(self.cfg.round_timeout));
+                    let what = if !training { "evaluation" } else if grace_started { "grace period" } else { "deadline" };
+                    warn!("round {round} {what} reached: closing with the results received");
                     return;
                 }
             }
         }
     }
 
-    /// Stops accepting updates for `round`; returns the reports, the failure count and the stats.
-    fn close_round(
-        &self,
-        round: u64,
-        selected: usize,
-    ) -> (Vec<ClientReport>, usize, Arc<RoundStats>) {
+    /// Stops accepting results for phase `serial`; returns what it gathered.
+    fn close_phase(&self, serial: u64, round: u64) -> Closed {
         let mut st = lock(&self.state);
         let phase = std::mem::replace(&mut st.phase, Phase::Closing { round });
+        let names: HashMap<String, String> = match &phase {
+            Phase::Open(open) => open
+                .tasks
+                .keys()
+                .map(|id| {
+                    let name = st.clients.by_id(id).map_or(id.clone(), |c| c.name.clone());
+                    (id.clone(), name)
+                })
+                .collect(),
+            _ => HashMap::new(),
+        };
         drop(st);
         self.changed.notify_waiters();
         match phase {
-            Phase::Training(open) => {
-                let reported = open.reports.len();
+            Phase::Open(open) if open.serial == serial => {
+                let what = match open.kind {
+                    PhaseKind::Fit { .. } => "update",
+                    PhaseKind::Evaluate => "evaluation",
+                };
                 for (id, t) in &open.tasks {
+                    let name = names.get(id).map_or(id.as_str(), String::as_str);
                     match &t.status {
                         TaskStatus::Assigned | TaskStatus::Uploading => {
-                            warn!("no update from {id} before round {round} closed")
+                            warn!("no {what} from {name} before round {round} closed")
                         }
                         TaskStatus::Failed(reason) => {
-                            warn!("{id} failed in round {round}: {reason}")
+                            warn!("{name} failed in round {round}: {reason}")
                         }
                         TaskStatus::Reported => {}
                     }
                 }
-                (open.reports, selected - reported, open.stats)
+                Closed {
+                    selected: open.tasks.len(),
+                    reports: open.reports,
+                    stats: open.stats,
+                }
             }
-            _ => (Vec::new(), selected, Arc::new(RoundStats::default())),
+            _ => Closed {
+                selected: 0,
+                reports: Vec::new(),
+                stats: Arc::new(RoundStats::default()),
+            },
         }
     }
 
@@ -831,6 +1257,13 @@ impl Federation {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// What a closed phase gathered.
+struct Closed {
+    selected: usize,
+    reports: Vec<ClientReport>,
+    stats: Arc<RoundStats>,
 }
 
 fn weighted_mean(
@@ -857,6 +1290,7 @@ fn log_round(r: &RoundRecord, format: LogFormat) {
     info!(
         round = r.round,
         rounds = r.rounds,
+        attempt = r.attempt,
         model_version = r.model_version,
         clients_selected = r.clients_selected,
         clients_reported = r.clients_reported,
@@ -869,6 +1303,13 @@ fn log_round(r: &RoundRecord, format: LogFormat) {
         eval_recall = r.eval_recall,
         eval_f1 = r.eval_f1,
         eval_examples = r.eval_examples,
+        fed_eval_clients = r.fed_eval_clients,
+        fed_eval_examples = r.fed_eval_examples,
+        fed_eval_loss = r.fed_eval_loss,
+        fed_eval_accuracy = r.fed_eval_accuracy,
+        fed_eval_precision = r.fed_eval_precision,
+        fed_eval_recall = r.fed_eval_recall,
+        fed_eval_f1 = r.fed_eval_f1,
         bytes_down = r.bytes_down,
         bytes_up = r.bytes_up,
         aggregate_ms = r.aggregate_ms,

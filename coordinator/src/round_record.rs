@@ -3,10 +3,14 @@
 
 use serde::Serialize;
 
+use crate::strategy::EvalSummary;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RoundRecord {
     pub round: u64,
     pub rounds: u64,
+    /// 1, or the attempt that succeeded when the round was retried.
+    pub attempt: u32,
     pub model_version: u64,
     pub clients_selected: usize,
     pub clients_reported: usize,
@@ -22,6 +26,17 @@ pub struct RoundRecord {
     pub eval_recall: Option<f64>,
     pub eval_f1: Option<f64>,
     pub eval_examples: u64,
+    /// Federated evaluation: clients that evaluated the new global model on their validation
+    /// data, and the example-weighted means of their figures (0 / null when not run).
+    pub fed_eval_clients: usize,
+    pub fed_eval_examples: u64,
+    pub fed_eval_loss: Option<f64>,
+    pub fed_eval_accuracy: Option<f64>,
+    pub fed_eval_precision: Option<f64>,
+    pub fed_eval_recall: Option<f64>,
+    pub fed_eval_f1: Option<f64>,
+    /// Bytes sent to clients: the training broadcast plus, with federated evaluation, the
+    /// evaluation broadcast.
     pub bytes_down: u64,
     pub bytes_up: u64,
     pub aggregate_ms: u64,
@@ -53,13 +68,39 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 impl RoundRecord {
+    pub fn set_fed_eval(&mut self, e: &EvalSummary) {
+        self.fed_eval_clients = e.clients;
+        self.fed_eval_examples = e.examples;
+        self.fed_eval_loss = e.loss;
+        self.fed_eval_accuracy = e.accuracy;
+        self.fed_eval_precision = e.precision;
+        self.fed_eval_recall = e.recall;
+        self.fed_eval_f1 = e.f1;
+    }
+
     /// One aligned line for text logs.
     pub fn text_line(&self) -> String {
         let width = self.rounds.to_string().len();
+        let fed = if self.fed_eval_clients > 0 {
+            format!(
+                " | fed-eval[{} clients] loss {:>6} acc {:>7} f1 {:>6}",
+                self.fed_eval_clients,
+                num(self.fed_eval_loss, 4),
+                pct(self.fed_eval_accuracy),
+                num(self.fed_eval_f1, 4)
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "round {:>w$}/{} | clients {}/{} ok, {} failed | train loss {:>6} | eval[{}] loss {:>6} acc {:>7} f1 {:>6} | down {:>9} up {:>9} | agg {:>4} ms | round {:>6.2} s",
+            "round {:>w$}/{}{} | clients {}/{} ok, {} failed | train loss {:>6} | eval[{}] loss {:>6} acc {:>7} f1 {:>6}{fed} | down {:>9} up {:>9} | agg {:>4} ms | round {:>6.2} s",
             self.round,
             self.rounds,
+            if self.attempt > 1 {
+                format!(" (attempt {})", self.attempt)
+            } else {
+                String::new()
+            },
             self.clients_reported,
             self.clients_selected,
             self.clients_failed,

@@ -1,12 +1,20 @@
-//! The run's output folder: `global.safetensors` (rewritten atomically after every round) and
-//! `metrics.jsonl` (one JSON object per round, appended and flushed as each round ends).
+//! The run's output folder, which is also what `--resume` continues from:
+//!
+//! - `global.safetensors`: the global model after the last completed round (metadata
+//!   `fedtune.round`, `fedtune.model`, `fedtune.strategy`, ...), rewritten atomically: the
+//!   commit point of a round;
+//! - `strategy-state.rN.safetensors`: the server state of a stateful strategy (momentum,
+//!   moments) after round N, written before the model, so the state of the committed round
+//!   always exists; older ones are removed after the commit;
+//! - `metrics.jsonl`: one JSON object per round, appended and synced before the commit; on
+//!   resume, rows past the committed round (a crash between the two writes) are dropped.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use fedtune_common::checkpoint;
 use fedtune_common::models::ModelSpec;
 use fedtune_common::tensors::TensorSet;
@@ -16,15 +24,29 @@ use crate::round_record::RoundRecord;
 pub const GLOBAL_FILE: &str = "global.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
+fn state_file(round: u64) -> String {
+    format!("strategy-state.r{round}.safetensors")
+}
+
 pub struct RunDir {
     dir: PathBuf,
+    strategy: String,
     metrics: File,
 }
 
+/// What `--resume` found in the output folder.
+pub struct Resumed {
+    pub run_dir: RunDir,
+    pub global: TensorSet,
+    /// The last completed round.
+    pub round: u64,
+    pub strategy_state: Option<TensorSet>,
+}
+
 impl RunDir {
-    /// Creates the folder. A `metrics.jsonl` left by an earlier run is kept, renamed with a
-    /// timestamp, rather than appended to or overwritten.
-    pub fn create(dir: &Path) -> anyhow::Result<Self> {
+    /// Creates the folder for a new run. A `metrics.jsonl` left by an earlier run is kept,
+    /// renamed with a timestamp, rather than appended to or overwritten.
+    pub fn create(dir: &Path, strategy: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output folder {}", dir.display()))?;
         let metrics_path = dir.join(METRICS_FILE);
@@ -43,6 +65,11 @@ impl RunDir {
                 kept.display()
             );
         }
+        Self::open(dir, strategy)
+    }
+
+    fn open(dir: &Path, strategy: &str) -> anyhow::Result<Self> {
+        let metrics_path = dir.join(METRICS_FILE);
         let metrics = OpenOptions::new()
             .create(true)
             .append(true)
@@ -50,7 +77,75 @@ impl RunDir {
             .with_context(|| format!("cannot open {}", metrics_path.display()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            strategy: strategy.to_string(),
             metrics,
+        })
+    }
+
+    /// Opens the folder of an earlier run to continue it: the committed model, its round, the
+    /// strategy's state of that round, and `metrics.jsonl` cut back to that round.
+    pub fn resume(
+        dir: &Path,
+        model: &ModelSpec,
+        strategy: &str,
+        stateful: bool,
+    ) -> anyhow::Result<Resumed> {
+        let global_path = dir.join(GLOBAL_FILE);
+        if !global_path.is_file() {
+            bail!(
+                "--resume: {} does not exist; nothing to resume in {} (start without --resume)",
+                global_path.display(),
+                dir.display()
+            );
+        }
+        let (global, meta) = checkpoint::load(&global_path)?;
+        let field = |k: &str| meta.get(k).map(String::as_str).unwrap_or("");
+        let round: u64 = field("fedtune.round").parse().with_context(|| {
+            format!(
+                "--resume: {} has no valid `fedtune.round` metadata (it was not written by a fedtune run)",
+                global_path.display()
+            )
+        })?;
+        let want_model = model.kind.to_string();
+        if field("fedtune.model") != want_model
+            || field("fedtune.num_classes") != model.num_classes.to_string()
+        {
+            bail!(
+                "--resume: {} holds model `{}` with {} classes, this run asks for `{want_model}` with {}; use the same --model / --num-classes",
+                global_path.display(),
+                field("fedtune.model"),
+                field("fedtune.num_classes"),
+                model.num_classes
+            );
+        }
+        let saved_strategy = field("fedtune.strategy");
+        if saved_strategy != strategy {
+            bail!(
+                "--resume: the run in {} used strategy `{saved_strategy}`, this run asks for `{strategy}`; use the same --strategy (server state cannot be carried across strategies)",
+                dir.display()
+            );
+        }
+        let strategy_state = if stateful {
+            let path = dir.join(state_file(round));
+            let (state, meta) = checkpoint::load(&path).with_context(|| {
+                format!("--resume: the {strategy} server state of round {round} is missing")
+            })?;
+            if meta.get("fedtune.round").map(String::as_str) != Some(&round.to_string()) {
+                bail!(
+                    "--resume: {} is not the state of round {round}",
+                    path.display()
+                );
+            }
+            Some(state)
+        } else {
+            None
+        };
+        truncate_metrics(&dir.join(METRICS_FILE), round)?;
+        Ok(Resumed {
+            run_dir: Self::open(dir, strategy)?,
+            global,
+            round,
+            strategy_state,
         })
     }
 
@@ -62,15 +157,29 @@ impl RunDir {
         self.dir.join(METRICS_FILE)
     }
 
-    /// Writes the global model after `round` (atomically) and appends the round's record.
+    /// Records a completed round: the strategy's state, the metrics row, then the model (the
+    /// commit), then removes the previous state.
     pub fn checkpoint(
         &mut self,
         global: &TensorSet,
         model: &ModelSpec,
         record: &RoundRecord,
+        strategy_state: Option<&TensorSet>,
     ) -> anyhow::Result<()> {
+        let round = record.round.to_string();
+        if let Some(state) = strategy_state {
+            let meta = HashMap::from([
+                ("fedtune.round".to_string(), round.clone()),
+                ("fedtune.strategy".to_string(), self.strategy.clone()),
+            ]);
+            checkpoint::save(state, meta, &self.dir.join(state_file(record.round)))?;
+        }
+        let line = serde_json::to_string(record)?;
+        writeln!(self.metrics, "{line}")
+            .and_then(|_| self.metrics.sync_data())
+            .with_context(|| format!("cannot append to {}", self.metrics_path().display()))?;
         let meta = HashMap::from([
-            ("fedtune.round".to_string(), record.round.to_string()),
+            ("fedtune.round".to_string(), round),
             ("fedtune.model".to_string(), model.kind.to_string()),
             (
                 "fedtune.num_classes".to_string(),
@@ -80,12 +189,53 @@ impl RunDir {
                 "fedtune.model_version".to_string(),
                 record.model_version.to_string(),
             ),
+            ("fedtune.strategy".to_string(), self.strategy.clone()),
         ]);
         checkpoint::save(global, meta, &self.global_path())?;
-        let line = serde_json::to_string(record)?;
-        writeln!(self.metrics, "{line}")
-            .and_then(|_| self.metrics.sync_data())
-            .with_context(|| format!("cannot append to {}", self.metrics_path().display()))?;
+        if record.round > 1 {
+            let old = self.dir.join(state_file(record.round - 1));
+            if old.exists()
+                && let Err(e) = std::fs::remove_file(&old)
+            {
+                tracing::warn!("cannot remove {}: {e}", old.display());
+            }
+        }
         Ok(())
     }
+}
+
+/// Keeps the rows of rounds ≤ `round` (rewritten atomically).
+fn truncate_metrics(path: &Path, round: u64) -> anyhow::Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut kept = String::new();
+    let mut dropped = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
+        match row.get("round").and_then(|r| r.as_u64()) {
+            Some(r) if r <= round => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+            Some(_) => dropped += 1,
+            None => bail!("{} line {}: no `round` field", path.display(), i + 1),
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            "{}: dropped {dropped} row(s) past round {round}, the last committed round",
+            path.display()
+        );
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot rewrite {}", path.display()))
 }

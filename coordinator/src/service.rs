@@ -29,7 +29,10 @@ impl From<Refusal> for Status {
         match r {
             Refusal::ProtocolMismatch { .. }
             | Refusal::RoundClosed { .. }
+            | Refusal::AttemptClosed { .. }
+            | Refusal::WrongKind { .. }
             | Refusal::TaskFailed { .. } => Status::failed_precondition(msg),
+            Refusal::Internal { .. } => Status::internal(msg),
             Refusal::UnknownSession => Status::unauthenticated(msg),
             Refusal::UnknownTask(_) => Status::not_found(msg),
             Refusal::NotYourTask { .. } => Status::permission_denied(msg),
@@ -43,12 +46,12 @@ fn reply(outcome: SubmitOutcome, task_id: &str) -> pb::SubmitReply {
     match outcome {
         SubmitOutcome::Accepted => pb::SubmitReply {
             outcome: Outcome::Accepted as i32,
-            message: format!("update for task `{task_id}` accepted"),
+            message: format!("result of task `{task_id}` accepted"),
         },
         SubmitOutcome::Duplicate { round } => pb::SubmitReply {
             outcome: Outcome::Duplicate as i32,
             message: format!(
-                "update for task `{task_id}` was already counted in round {round}; this copy was ignored"
+                "result of task `{task_id}` was already counted in round {round}; this copy was ignored"
             ),
         },
     }
@@ -212,9 +215,7 @@ impl FederationRpc for FederationService {
         request: Request<pb::EvaluationReport>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
         let r = request.get_ref();
-        let outcome = self
-            .engine
-            .evaluation_report(&r.session_token, &r.task_id)?;
+        let outcome = self.engine.evaluation_report(&r.session_token, r)?;
         Ok(Response::new(reply(outcome, &r.task_id)))
     }
 

@@ -8,9 +8,8 @@ use fedtune_common::checkpoint;
 use fedtune_common::logging::LogFormat;
 use fedtune_common::models::ModelSpec;
 use fedtune_common::tensors::{NamedTensor, TensorSet};
-use fedtune_common::train::OptimizerKind;
 use fedtune_common::wire::{Assembler, EncodedTensors, MAX_CHUNK_BYTES};
-use fedtune_coordinator::config::ServeConfig;
+use fedtune_coordinator::config::{ServeArgs, ServeConfig};
 use fedtune_proto::federation_client::FederationClient;
 use fedtune_proto::{
     self as pb, PROTOCOL_VERSION, model_frame, submit_reply::Outcome, task::Kind, update_frame,
@@ -24,22 +23,21 @@ const MODEL: &str = "synthetic:2500003";
 const SEED: u64 = 5;
 
 fn config(out: &std::path::Path, rounds: u64, min_clients: usize) -> ServeConfig {
-    ServeConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        rounds,
-        min_clients,
-        model: ModelSpec::parse(MODEL, 10).unwrap(),
-        init: None,
-        out: out.to_path_buf(),
-        eval_data: None,
-        local_epochs: 1,
-        batch_size: 32,
-        lr: 0.01,
-        optimizer: OptimizerKind::Sgd,
-        round_timeout: Duration::from_secs(120),
-        log_format: LogFormat::Text,
-        seed: SEED,
+    ServeArgs {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        rounds: Some(rounds),
+        min_available_clients: Some(min_clients),
+        model: Some(MODEL.into()),
+        out: Some(out.to_path_buf()),
+        lr: Some(0.01),
+        optimizer: Some("sgd".into()),
+        round_timeout: Some(Duration::from_secs(120)),
+        log_format: Some(LogFormat::Text),
+        seed: Some(SEED),
+        ..Default::default()
     }
+    .resolve()
+    .unwrap()
 }
 
 struct RawClient {

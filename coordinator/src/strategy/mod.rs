@@ -1,24 +1,410 @@
-//! How a round's updates become the next global model.
+//! Strategies: which clients do what each round (*configure*), and how their results become the
+//! next global model or the round's evaluation figures (*aggregate*), after Flower's `Strategy`.
 //!
-//! A strategy is streaming: [`Aggregator::accept`] folds each verified update in as it arrives
-//! and [`Aggregator::finish`] applies the result once the round closes, so the coordinator holds
-//! one model-sized accumulator per round, whatever the number of clients.
+//! Aggregation is split in two, as in NVFlare's `accept()` then `aggregate()`:
+//! an [`Aggregator`] is made per round and takes each verified update as it arrives
+//! (`accept`), then `finish` combines them into one delta; the strategy's server optimiser then
+//! moves the global model by it ([`Strategy::apply`]). Linear rules ([`mean`]) fold updates in
+//! as they come, so the coordinator holds one model-sized accumulator whatever the number of
+//! clients; robust rules ([`robust`]) must buffer the round's updates and do so within a memory
+//! budget, spilling to disk past it ([`buffer`]).
+//!
+//! Every built-in strategy is a combine rule plus a server optimiser:
+//!
+//! | `--strategy` | combine | server step | sent to clients |
+//! |---|---|---|---|
+//! | `fedavg` | example-weighted mean | w += η·Δ (η = 1) | |
+//! | `fedavgm` | weighted mean | momentum | |
+//! | `fedadam`, `fedyogi`, `fedadagrad` | weighted mean | adaptive | |
+//! | `fedprox` | weighted mean | w += η·Δ | proximal μ |
+//! | `median` | coordinate-wise median | w += η·Δ | |
+//! | `trimmed-mean` | coordinate-wise β-trimmed mean | w += η·Δ | |
+//! | `krum`, `multi-krum` | (multi-)Krum selection, weighted mean | w += η·Δ | |
 
-mod fedavg;
+pub mod buffer;
+pub mod layout;
+pub mod mean;
+pub mod robust;
+pub mod sampling;
+pub mod server_opt;
 
-pub use fedavg::FedAvg;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
 
-use fedtune_common::tensors::TensorSet;
+use fedtune_common::tensors::{TensorSet, TensorSpec};
 use fedtune_common::wire::Payload;
 
+use self::buffer::UpdateBuffer;
+use self::layout::Layout;
+use self::mean::WeightedMean;
+use self::robust::{Robust, Rule};
+pub use self::sampling::Candidate;
+use self::server_opt::{Adaptive, ServerOptKind, ServerOptimizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AggregateError {
+    #[error(
+        "{strategy} needs at least {needed} updates to combine, this round has {got}: select more clients (--fraction-fit, --min-fit-clients) or relax the strategy's parameters"
+    )]
+    TooFewUpdates {
+        strategy: String,
+        needed: usize,
+        got: usize,
+    },
+    #[error("cannot spill buffered updates to {}: {source}", path.display())]
+    Spill {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One round's updates on their way to one combined delta.
 pub trait Aggregator: Send {
-    /// Folds in one client's delta (already verified: names, shapes, finite values), weighted
-    /// by its number of training examples.
-    fn accept(&mut self, delta: &Payload, num_examples: u64);
+    /// Takes one client's delta (already verified: names, shapes, finite values), weighted by
+    /// its number of training examples. `source` names the client, for the log.
+    fn accept(
+        &mut self,
+        source: &str,
+        delta: &Payload,
+        num_examples: u64,
+    ) -> Result<(), AggregateError>;
 
     /// Updates accepted so far.
     fn accepted(&self) -> usize;
 
-    /// Applies the round's aggregate to `global`. With no accepted update, `global` is unchanged.
-    fn finish(self: Box<Self>, global: &mut TensorSet);
+    /// The combined delta in [`Layout`] order; `None` when no update was accepted.
+    fn finish(self: Box<Self>) -> Result<Option<Vec<f32>>, AggregateError>;
 }
+
+/// What the selected clients of a training round are asked to do beyond the run's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitPlan {
+    pub clients: Vec<String>,
+    /// FedProx: clients add μ/2·‖w − w_global‖² to their loss (0 = off).
+    pub proximal_mu: f64,
+}
+
+/// One client's evaluation of the global model.
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    pub num_examples: u64,
+    pub metrics: std::collections::HashMap<String, f64>,
+}
+
+/// Federated evaluation of one round: example-weighted means of the clients' figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EvalSummary {
+    pub clients: usize,
+    pub examples: u64,
+    pub loss: Option<f64>,
+    pub accuracy: Option<f64>,
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    pub f1: Option<f64>,
+}
+
+/// Configure and aggregate, for training and for evaluation. The round engine calls these from
+/// its own task only, in order; the per-round [`Aggregator`] is what update handlers touch.
+pub trait Strategy: Send {
+    /// A one-line description for the log, with the parameters.
+    fn describe(&self) -> String;
+
+    /// The clients of training round `round` (attempt `attempt`) and what they are sent.
+    fn configure_fit(&self, round: u64, attempt: u32, available: &[Candidate]) -> FitPlan;
+
+    /// A fresh aggregator for one training round.
+    fn aggregator(&self, round: u64) -> Box<dyn Aggregator>;
+
+    /// Moves the global model by a round's combined delta.
+    fn apply(&mut self, global: &mut TensorSet, combined: &[f32]);
+
+    /// The clients that evaluate the global model after `round` (empty: no federated
+    /// evaluation this round).
+    fn configure_evaluate(&self, round: u64, available: &[Candidate]) -> Vec<String>;
+
+    /// Combines the clients' evaluation reports.
+    fn aggregate_evaluate(&self, reports: &[EvalReport]) -> EvalSummary {
+        weighted_eval(reports)
+    }
+
+    /// Server state to checkpoint (moments, momentum); `None` for stateless strategies.
+    fn state(&self) -> Option<TensorSet>;
+
+    /// Restores [`Strategy::state`] from a checkpoint.
+    fn restore(&mut self, state: &TensorSet) -> Result<(), String>;
+}
+
+/// The `--strategy` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrategyKind {
+    FedAvg,
+    FedAvgM,
+    FedAdam,
+    FedYogi,
+    FedAdagrad,
+    FedProx,
+    Median,
+    TrimmedMean,
+    Krum,
+    MultiKrum,
+}
+
+const NAMES: [(&str, StrategyKind); 10] = [
+    ("fedavg", StrategyKind::FedAvg),
+    ("fedavgm", StrategyKind::FedAvgM),
+    ("fedadam", StrategyKind::FedAdam),
+    ("fedyogi", StrategyKind::FedYogi),
+    ("fedadagrad", StrategyKind::FedAdagrad),
+    ("fedprox", StrategyKind::FedProx),
+    ("median", StrategyKind::Median),
+    ("trimmed-mean", StrategyKind::TrimmedMean),
+    ("krum", StrategyKind::Krum),
+    ("multi-krum", StrategyKind::MultiKrum),
+];
+
+impl FromStr for StrategyKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NAMES
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, k)| *k)
+            .ok_or_else(|| {
+                format!(
+                    "unknown strategy `{s}`: use one of {}",
+                    NAMES.map(|(n, _)| n).join(", ")
+                )
+            })
+    }
+}
+
+impl fmt::Display for StrategyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = NAMES.iter().find(|(_, k)| k == self).map_or("?", |(n, _)| n);
+        f.write_str(name)
+    }
+}
+
+impl StrategyKind {
+    /// Whether the server keeps state across rounds that a checkpoint must carry.
+    pub fn is_stateful(self) -> bool {
+        matches!(
+            self,
+            Self::FedAvgM | Self::FedAdam | Self::FedYogi | Self::FedAdagrad
+        )
+    }
+
+    /// The server learning rate when none is given.
+    pub fn default_server_lr(self) -> f64 {
+        match self {
+            Self::FedAdam | Self::FedYogi | Self::FedAdagrad => 0.01,
+            _ => 1.0,
+        }
+    }
+}
+
+/// Every strategy parameter, validated by the config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StrategySettings {
+    pub kind: StrategyKind,
+    /// η of the server step.
+    pub server_lr: f64,
+    /// β of FedAvgM.
+    pub server_momentum: f64,
+    /// β₁, β₂, τ of the adaptive strategies.
+    pub beta1: f64,
+    pub beta2: f64,
+    pub tau: f64,
+    /// μ of FedProx.
+    pub proximal_mu: f64,
+    /// β of the trimmed mean: the fraction cut from each end.
+    pub trim_fraction: f64,
+    /// f (assumed attackers) and m (updates kept) of Krum.
+    pub krum_f: usize,
+    pub krum_m: usize,
+    pub fraction_fit: f64,
+    pub min_fit_clients: usize,
+    pub fraction_evaluate: f64,
+    pub min_evaluate_clients: usize,
+    pub evaluate_every: u64,
+    /// Robust strategies keep updates in memory up to this many bytes, then spill.
+    pub buffer_memory: u64,
+    pub spill_dir: PathBuf,
+    pub seed: u64,
+}
+
+/// A combine rule plus a server optimiser: every built-in strategy.
+pub struct BuiltIn {
+    s: StrategySettings,
+    layout: Arc<Layout>,
+    server: ServerOptimizer,
+}
+
+impl BuiltIn {
+    pub fn new(s: StrategySettings, specs: &[TensorSpec]) -> Self {
+        let opt = match s.kind {
+            StrategyKind::FedAvgM => ServerOptKind::Momentum {
+                beta: s.server_momentum,
+            },
+            StrategyKind::FedAdam | StrategyKind::FedYogi | StrategyKind::FedAdagrad => {
+                ServerOptKind::Adaptive {
+                    kind: match s.kind {
+                        StrategyKind::FedAdam => Adaptive::Adam,
+                        StrategyKind::FedYogi => Adaptive::Yogi,
+                        _ => Adaptive::Adagrad,
+                    },
+                    beta1: s.beta1,
+                    beta2: s.beta2,
+                    tau: s.tau,
+                }
+            }
+            _ => ServerOptKind::Plain,
+        };
+        Self {
+            server: ServerOptimizer::new(opt, s.server_lr),
+            layout: Arc::new(Layout::new(specs)),
+            s,
+        }
+    }
+}
+
+impl Strategy for BuiltIn {
+    fn describe(&self) -> String {
+        let s = &self.s;
+        let params = match s.kind {
+            StrategyKind::FedAvg => String::new(),
+            StrategyKind::FedAvgM => format!(
+                "server lr {}, momentum {}",
+                s.server_lr, s.server_momentum
+            ),
+            StrategyKind::FedAdam | StrategyKind::FedYogi | StrategyKind::FedAdagrad => format!(
+                "server lr {}, beta1 {}, beta2 {}, tau {}",
+                s.server_lr, s.beta1, s.beta2, s.tau
+            ),
+            StrategyKind::FedProx => format!("mu {}", s.proximal_mu),
+            StrategyKind::Median => String::new(),
+            StrategyKind::TrimmedMean => format!("beta {}", s.trim_fraction),
+            StrategyKind::Krum => format!("f {}", s.krum_f),
+            StrategyKind::MultiKrum => format!("f {}, m {}", s.krum_f, s.krum_m),
+        };
+        let eval = if s.fraction_evaluate > 0.0 {
+            format!(
+                "; federated evaluation by {:.0}% of clients every {} round(s)",
+                s.fraction_evaluate * 100.0,
+                s.evaluate_every
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "{}{}; {:.0}% of live clients per round (at least {}){eval}",
+            s.kind,
+            if params.is_empty() {
+                String::new()
+            } else {
+                format!(" ({params})")
+            },
+            s.fraction_fit * 100.0,
+            s.min_fit_clients,
+        )
+    }
+
+    fn configure_fit(&self, round: u64, attempt: u32, available: &[Candidate]) -> FitPlan {
+        let count = sampling::sample_size(available.len(), self.s.fraction_fit, self.s.min_fit_clients);
+        let seed = self.s.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(attempt);
+        FitPlan {
+            clients: sampling::sample(available, count, seed),
+            proximal_mu: if self.s.kind == StrategyKind::FedProx {
+                self.s.proximal_mu
+            } else {
+                0.0
+            },
+        }
+    }
+
+    fn aggregator(&self, round: u64) -> Box<dyn Aggregator> {
+        let buffer = || {
+            UpdateBuffer::new(
+                self.layout.clone(),
+                self.s.buffer_memory,
+                self.s.spill_dir.join(format!("round-{round}")),
+            )
+        };
+        let rule = match self.s.kind {
+            StrategyKind::Median => Rule::Median,
+            StrategyKind::TrimmedMean => Rule::TrimmedMean {
+                beta: self.s.trim_fraction,
+            },
+            StrategyKind::Krum => Rule::Krum {
+                f: self.s.krum_f,
+                m: 1,
+            },
+            StrategyKind::MultiKrum => Rule::Krum {
+                f: self.s.krum_f,
+                m: self.s.krum_m,
+            },
+            _ => return Box::new(WeightedMean::new(self.layout.clone())),
+        };
+        Box::new(Robust::new(rule, buffer()))
+    }
+
+    fn apply(&mut self, global: &mut TensorSet, combined: &[f32]) {
+        self.server.step(&self.layout, global, combined);
+    }
+
+    fn configure_evaluate(&self, round: u64, available: &[Candidate]) -> Vec<String> {
+        if self.s.fraction_evaluate <= 0.0 || round % self.s.evaluate_every != 0 {
+            return Vec::new();
+        }
+        let count = sampling::sample_size(
+            available.len(),
+            self.s.fraction_evaluate,
+            self.s.min_evaluate_clients,
+        );
+        sampling::sample(available, count, self.s.seed ^ round.rotate_left(32))
+    }
+
+    fn state(&self) -> Option<TensorSet> {
+        if !self.server.is_stateful() {
+            return None;
+        }
+        self.server
+            .state(&self.layout)
+            .ok()
+            .and_then(|t| TensorSet::new(t).ok())
+    }
+
+    fn restore(&mut self, state: &TensorSet) -> Result<(), String> {
+        self.server.restore(&self.layout, state)
+    }
+}
+
+/// Example-weighted means of `loss`, `accuracy`, `precision`, `recall`, `f1` over the reports
+/// that carry them.
+pub fn weighted_eval(reports: &[EvalReport]) -> EvalSummary {
+    let mean = |key: &str| {
+        let (mut sum, mut total) = (0.0, 0.0);
+        for r in reports {
+            if let Some(v) = r.metrics.get(key) {
+                sum += r.num_examples as f64 * v;
+                total += r.num_examples as f64;
+            }
+        }
+        (total > 0.0).then(|| sum / total)
+    };
+    EvalSummary {
+        clients: reports.len(),
+        examples: reports.iter().map(|r| r.num_examples).sum(),
+        loss: mean("loss"),
+        accuracy: mean("accuracy"),
+        precision: mean("precision"),
+        recall: mean("recall"),
+        f1: mean("f1"),
+    }
+}
+
+#[cfg(test)]
+mod tests;
