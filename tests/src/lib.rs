@@ -1,6 +1,8 @@
 //! Helpers for fedtune's end-to-end tests: the real binaries as real processes, free ports on
 //! 127.0.0.1, the bundled real data.
 
+pub mod raw;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};

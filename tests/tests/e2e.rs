@@ -1,5 +1,6 @@
 //! A whole federation as a user runs it: the real coordinator binary and three real client
-//! processes on 127.0.0.1, real Fashion-MNIST data split non-IID, three rounds.
+//! processes on 127.0.0.1, real Fashion-MNIST data split non-IID, three rounds, with
+//! server-side and federated evaluation.
 
 use std::path::Path;
 use std::time::Duration;
@@ -44,6 +45,8 @@ fn run_federation(device: &str, dir: &Path) -> Vec<serde_json::Value> {
             fashion_subset().to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
+            "--fraction-evaluate",
+            "1",
             "--log-format",
             "json",
         ]
@@ -90,9 +93,15 @@ fn run_federation(device: &str, dir: &Path) -> Vec<serde_json::Value> {
             c.output()
         );
         let log = c.output();
-        // Each client logs its own line per round.
+        // Each client logs its own line per round, and one per evaluation.
         assert_eq!(
             log.matches("| train loss").count(),
+            ROUNDS,
+            "{}: {log}",
+            c.name
+        );
+        assert_eq!(
+            log.matches("evaluation of model v").count(),
             ROUNDS,
             "{}: {log}",
             c.name
@@ -124,6 +133,10 @@ fn run_federation(device: &str, dir: &Path) -> Vec<serde_json::Value> {
             "eval_loss",
             "eval_accuracy",
             "eval_f1",
+            "fed_eval_clients",
+            "fed_eval_loss",
+            "fed_eval_accuracy",
+            "fed_eval_f1",
             "bytes_down",
             "bytes_up",
             "aggregate_ms",
@@ -142,6 +155,8 @@ fn run_federation(device: &str, dir: &Path) -> Vec<serde_json::Value> {
         assert_eq!(m["clients_reported"], CLIENTS);
         assert_eq!(m["clients_failed"], 0);
         assert_eq!(m["eval_source"], "server");
+        assert_eq!(m["fed_eval_clients"], CLIENTS);
+        assert!(m["fed_eval_examples"].as_u64().unwrap() > 0, "{m}");
         assert!(m["bytes_down"].as_u64().unwrap() >= 3 * 4 * 200_000, "{m}");
     }
     assert!(out.join("global.safetensors").is_file());

@@ -7,16 +7,13 @@ use std::time::Duration;
 use fedtune_common::checkpoint;
 use fedtune_common::logging::LogFormat;
 use fedtune_common::models::ModelSpec;
-use fedtune_common::tensors::{NamedTensor, TensorSet};
-use fedtune_common::wire::{Assembler, EncodedTensors, MAX_CHUNK_BYTES};
+use fedtune_common::tensors::TensorSet;
+use fedtune_common::wire::MAX_CHUNK_BYTES;
 use fedtune_coordinator::config::{ServeArgs, ServeConfig};
 use fedtune_proto::federation_client::FederationClient;
-use fedtune_proto::{
-    self as pb, PROTOCOL_VERSION, model_frame, submit_reply::Outcome, task::Kind, update_frame,
-};
-use tokio_stream::StreamExt;
+use fedtune_proto::{self as pb, PROTOCOL_VERSION, submit_reply::Outcome, task::Kind};
+use fedtune_tests::raw::{RawClient, pattern};
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// ~10 MB in 10 tensors whose sizes do not divide the 1 MiB chunk size.
 const MODEL: &str = "synthetic:2500003";
@@ -37,139 +34,6 @@ fn config(out: &std::path::Path, rounds: u64, min_clients: usize) -> ServeConfig
         ..Default::default()
     }
     .resolve()
-    .unwrap()
-}
-
-struct RawClient {
-    rpc: FederationClient<Channel>,
-    token: String,
-}
-
-impl RawClient {
-    async fn join(url: &str, name: &str, examples: u64) -> Self {
-        let mut rpc = FederationClient::connect(url.to_string()).await.unwrap();
-        let reply = rpc
-            .join(pb::JoinRequest {
-                protocol_version: PROTOCOL_VERSION,
-                name: name.into(),
-                device: "test".into(),
-                num_examples: examples,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        Self {
-            rpc,
-            token: reply.session_token,
-        }
-    }
-
-    async fn next(&mut self) -> Kind {
-        loop {
-            let task = self
-                .rpc
-                .next_task(pb::NextTaskRequest {
-                    session_token: self.token.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            match task.kind.unwrap() {
-                Kind::Wait(_) => continue,
-                other => return other,
-            }
-        }
-    }
-
-    async fn next_train(&mut self) -> pb::TrainTask {
-        match self.next().await {
-            Kind::Train(t) => t,
-            _ => panic!("expected a train task"),
-        }
-    }
-
-    async fn fetch(&mut self, task_id: &str) -> TensorSet {
-        let mut frames = self
-            .rpc
-            .fetch_model(pb::FetchModelRequest {
-                session_token: self.token.clone(),
-                task_id: task_id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let Some(Ok(pb::ModelFrame {
-            frame: Some(model_frame::Frame::Manifest(m)),
-        })) = frames.next().await
-        else {
-            panic!("no manifest")
-        };
-        let mut asm = Assembler::new(m, u64::MAX).unwrap();
-        let mut chunks = 0;
-        while let Some(f) = frames.next().await {
-            let Some(model_frame::Frame::Chunk(c)) = f.unwrap().frame else {
-                panic!("not a chunk")
-            };
-            assert!(c.data.len() <= MAX_CHUNK_BYTES);
-            asm.push(&c).unwrap();
-            chunks += 1;
-        }
-        assert!(
-            chunks > 8,
-            "a 10 MB model must travel in more than 8 chunks, got {chunks}"
-        );
-        asm.finish().unwrap().into_tensor_set().unwrap()
-    }
-
-    async fn submit(
-        &mut self,
-        task: &pb::TrainTask,
-        delta: &TensorSet,
-        examples: u64,
-        corrupt_chunk: Option<usize>,
-    ) -> Result<pb::SubmitReply, tonic::Status> {
-        let enc = EncodedTensors::encode(delta, task.model_version, MAX_CHUNK_BYTES).unwrap();
-        let header = pb::UpdateHeader {
-            session_token: self.token.clone(),
-            task_id: task.task_id.clone(),
-            round: task.round,
-            model_version: task.model_version,
-            num_examples: examples,
-            manifest: Some(enc.manifest.clone()),
-            metrics: [("train_loss".to_string(), 1.0)].into(),
-        };
-        let mut frames = vec![pb::UpdateFrame {
-            frame: Some(update_frame::Frame::Header(header)),
-        }];
-        for (i, mut c) in enc.chunks.into_iter().enumerate() {
-            if corrupt_chunk == Some(i) {
-                let mut data = c.data.to_vec();
-                data[3] ^= 0x40;
-                c.data = data.into();
-            }
-            frames.push(pb::UpdateFrame {
-                frame: Some(update_frame::Frame::Chunk(c)),
-            });
-        }
-        self.rpc
-            .submit_update(tokio_stream::iter(frames))
-            .await
-            .map(|r| r.into_inner())
-    }
-}
-
-fn pattern(global: &TensorSet, f: impl Fn(usize) -> f32) -> TensorSet {
-    TensorSet::new(
-        global
-            .tensors()
-            .iter()
-            .map(|t| NamedTensor {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                data: (0..t.data.len()).map(&f).collect(),
-            })
-            .collect(),
-    )
     .unwrap()
 }
 
@@ -219,7 +83,11 @@ async fn fedavg_exactly_once_and_clear_refusals_over_grpc() {
         .init_weights(SEED)
         .unwrap();
     assert!(initial.byte_len() > 8 << 20);
-    let global = a.fetch(&ta.task_id).await;
+    let (global, chunks) = a.fetch_counting(&ta.task_id).await;
+    assert!(
+        chunks > 8,
+        "a 10 MB model must travel in more than 8 chunks, got {chunks}"
+    );
     for (x, y) in initial.tensors().iter().zip(global.tensors()) {
         assert_eq!(x.name, y.name);
         assert!(

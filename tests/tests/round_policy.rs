@@ -1,0 +1,280 @@
+//! Round policy against a real coordinator over real gRPC on 127.0.0.1, with scripted raw
+//! clients: client sampling, stragglers past the deadline, failed rounds retried or stopping
+//! the run, federated evaluation, the wait for clients giving up, and `--resume` continuing a
+//! stateful strategy exactly.
+
+use std::path::Path;
+use std::time::Duration;
+
+use fedtune_common::checkpoint;
+use fedtune_common::logging::LogFormat;
+use fedtune_coordinator::config::{OnRoundFailure, ServeArgs};
+use fedtune_proto::task::Kind;
+use fedtune_tests::raw::{RawClient, pattern};
+use tonic::Code;
+
+const MODEL: &str = "synthetic:5000";
+
+fn args(out: &Path, rounds: u64, min_available: usize) -> ServeArgs {
+    ServeArgs {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        rounds: Some(rounds),
+        min_available_clients: Some(min_available),
+        model: Some(MODEL.into()),
+        out: Some(out.to_path_buf()),
+        log_format: Some(LogFormat::Text),
+        seed: Some(11),
+        ..Default::default()
+    }
+}
+
+/// Starts a coordinator; returns its URL and the task running the federation.
+async fn start(
+    a: ServeArgs,
+) -> (
+    String,
+    tokio::task::JoinHandle<anyhow::Result<fedtune_coordinator::round::RunSummary>>,
+) {
+    let cfg = a.resolve().unwrap();
+    let listener = fedtune_coordinator::bind(&cfg).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    (url, tokio::spawn(fedtune_coordinator::serve(cfg, listener)))
+}
+
+/// A client that trains whenever asked, sending a delta that depends only on the round, and
+/// evaluates with a fixed accuracy. Returns the rounds it trained in.
+async fn worker(url: String, name: String, examples: u64, accuracy: f64) -> Vec<u64> {
+    let mut c = RawClient::join(&url, &name, examples).await;
+    let mut rounds = Vec::new();
+    loop {
+        match c.next().await {
+            Kind::Train(t) => {
+                let g = c.fetch(&t.task_id).await;
+                let r = t.round as usize;
+                let d = pattern(&g, |i| ((i + r) % 7) as f32 * 0.01 - 0.03);
+                c.submit(&t, &d, examples, None).await.unwrap();
+                rounds.push(t.round);
+            }
+            Kind::Evaluate(t) => {
+                assert!(t.task_id.starts_with('e'), "{}", t.task_id);
+                c.submit_eval(&t, examples, &[("accuracy", accuracy), ("loss", 1.0 - accuracy)])
+                    .await
+                    .unwrap();
+            }
+            Kind::Finished(_) => return rounds,
+            Kind::Wait(_) => {}
+        }
+    }
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sampling_selects_a_fraction_and_everyone_takes_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(dir.path(), 4, 6);
+    a.fraction_fit = Some(0.5);
+    a.fraction_evaluate = Some(0.5);
+    let (url, server) = start(a).await;
+    let workers: Vec<_> = (0..6)
+        .map(|i| tokio::spawn(worker(url.clone(), format!("w{i}"), 10 + i, 0.5)))
+        .collect();
+    let mut trained = Vec::new();
+    for w in workers {
+        trained.push(w.await.unwrap());
+    }
+    server.await.unwrap().unwrap();
+    let rows = metrics(dir.path());
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        assert_eq!(r["clients_selected"], 3, "{r}");
+        assert_eq!(r["clients_reported"], 3, "{r}");
+        assert_eq!(r["fed_eval_clients"], 3, "{r}");
+    }
+    // Least-selected first: rounds 1-2 cover all six clients, and so do rounds 3-4.
+    for (i, rounds) in trained.iter().enumerate() {
+        assert_eq!(rounds.len(), 2, "w{i} trained in rounds {rounds:?}");
+        assert!(rounds[0] <= 2 && rounds[1] >= 3, "w{i}: {rounds:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_straggler_is_refused_as_late_and_the_round_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(dir.path(), 1, 2);
+    a.round_timeout = Some(Duration::from_secs(2));
+    a.accept_failures = Some(false);
+    a.on_round_failure = Some(OnRoundFailure::Retry);
+    a.round_retries = Some(1);
+    let (url, server) = start(a).await;
+    let mut fast = RawClient::join(&url, "fast", 5).await;
+    let mut slow = RawClient::join(&url, "slow", 5).await;
+    let (t_fast, t_slow) = (fast.next_train().await, slow.next_train().await);
+    let g = fast.fetch(&t_fast.task_id).await;
+    let d = pattern(&g, |i| (i % 3) as f32 * 0.1);
+    fast.submit(&t_fast, &d, 5, None).await.unwrap();
+    slow.fetch(&t_slow.task_id).await;
+
+    // The deadline passes without `slow`: with accept_failures false, attempt 1 fails and the
+    // round is retried with new tasks.
+    let retry_fast = fast.next_train().await;
+    assert_eq!(
+        (retry_fast.round, retry_fast.task_id.as_str()),
+        (1, "r1.2-c1")
+    );
+    let late = slow.submit(&t_slow, &d, 5, None).await.unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition);
+    assert!(
+        late.message().contains("earlier attempt of round 1") && late.message().contains("late"),
+        "{}",
+        late.message()
+    );
+    let retry_slow = slow.next_train().await;
+    assert_eq!(retry_slow.task_id, "r1.2-c2");
+    for (c, t) in [(&mut fast, &retry_fast), (&mut slow, &retry_slow)] {
+        let g = c.fetch(&t.task_id).await;
+        c.submit(t, &pattern(&g, |_| 0.5), 5, None).await.unwrap();
+    }
+    for c in [&mut fast, &mut slow] {
+        assert!(matches!(c.next().await, Kind::Finished(_)));
+    }
+    server.await.unwrap().unwrap();
+    let rows = metrics(dir.path());
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["attempt"], 2);
+    assert_eq!(rows[0]["clients_reported"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_round_stops_the_run_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(dir.path(), 2, 2);
+    a.round_timeout = Some(Duration::from_secs(2));
+    a.accept_failures = Some(false);
+    a.on_round_failure = Some(OnRoundFailure::Stop);
+    let (url, server) = start(a).await;
+    let mut fast = RawClient::join(&url, "fast", 5).await;
+    let mut silent = RawClient::join(&url, "silent", 5).await;
+    let t = fast.next_train().await;
+    silent.next_train().await;
+    let g = fast.fetch(&t.task_id).await;
+    fast.submit(&t, &pattern(&g, |_| 0.1), 5, None).await.unwrap();
+    // Clients are told why the run ended.
+    let Kind::Finished(f) = fast.next().await else {
+        panic!("expected Finished")
+    };
+    assert!(f.reason.contains("accept_failures is false"), "{}", f.reason);
+    let e = format!("{:#}", server.await.unwrap().unwrap_err());
+    assert!(
+        e.contains("round 1 failed")
+            && e.contains("1 of 2 selected clients failed")
+            && e.contains("--resume"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn federated_evaluation_is_weighted_and_the_wait_for_clients_gives_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(dir.path(), 2, 2);
+    a.fraction_evaluate = Some(1.0);
+    let (url, server) = start(a).await;
+    let w1 = tokio::spawn(worker(url.clone(), "w1".into(), 100, 0.5));
+    let w2 = tokio::spawn(worker(url.clone(), "w2".into(), 300, 0.9));
+    w1.await.unwrap();
+    w2.await.unwrap();
+    server.await.unwrap().unwrap();
+    for r in metrics(dir.path()) {
+        assert_eq!(r["fed_eval_clients"], 2, "{r}");
+        assert_eq!(r["fed_eval_examples"], 400, "{r}");
+        // (100·0.5 + 300·0.9) / 400 = 0.8
+        let acc = r["fed_eval_accuracy"].as_f64().unwrap();
+        assert!((acc - 0.8).abs() < 1e-9, "{r}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(dir.path(), 1, 2);
+    a.available_timeout = Some(Duration::from_secs(1));
+    let (url, server) = start(a).await;
+    let mut lonely = RawClient::join(&url, "lonely", 1).await;
+    let Kind::Finished(f) = lonely.next().await else {
+        panic!("expected Finished")
+    };
+    let e = format!("{:#}", server.await.unwrap().unwrap_err());
+    assert!(
+        e.contains("only 1 of the 2 clients") && e.contains("--available-timeout"),
+        "{e}"
+    );
+    assert!(f.reason.contains("only 1 of the 2"), "{}", f.reason);
+}
+
+/// Runs `rounds` rounds of fedadam with one scripted client in `out`.
+async fn fedadam_run(out: &Path, rounds: u64, resume: bool) -> anyhow::Result<()> {
+    let mut a = args(out, rounds, 1);
+    a.strategy = Some("fedadam".into());
+    a.server_lr = Some(0.05);
+    a.resume = resume;
+    let cfg = a.resolve()?;
+    let listener = fedtune_coordinator::bind(&cfg).await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(fedtune_coordinator::serve(cfg, listener));
+    let w = tokio::spawn(worker(url, "w".into(), 7, 0.5));
+    let result = server.await?;
+    if result.is_ok() {
+        w.await?;
+    } else {
+        w.abort();
+    }
+    result.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resume_continues_fedadam_exactly() {
+    let straight = tempfile::tempdir().unwrap();
+    fedadam_run(straight.path(), 3, false).await.unwrap();
+    let split = tempfile::tempdir().unwrap();
+    fedadam_run(split.path(), 2, false).await.unwrap();
+    assert!(split.path().join("strategy-state.r2.safetensors").is_file());
+    fedadam_run(split.path(), 3, true).await.unwrap();
+
+    let (a, meta) = checkpoint::load(&straight.path().join("global.safetensors")).unwrap();
+    let (b, _) = checkpoint::load(&split.path().join("global.safetensors")).unwrap();
+    assert_eq!(meta["fedtune.round"], "3");
+    assert_eq!(meta["fedtune.strategy"], "fedadam");
+    for (x, y) in a.tensors().iter().zip(b.tensors()) {
+        assert!(
+            x.data.iter().zip(&y.data).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{} differs between the straight and the resumed run",
+            x.name
+        );
+    }
+    let rounds: Vec<u64> = metrics(split.path())
+        .iter()
+        .map(|r| r["round"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rounds, vec![1, 2, 3]);
+    assert!(split.path().join("strategy-state.r3.safetensors").is_file());
+    assert!(!split.path().join("strategy-state.r2.safetensors").exists());
+
+    // Nothing left to do, or another strategy: clear refusals.
+    let e = format!("{:#}", fedadam_run(split.path(), 3, true).await.unwrap_err());
+    assert!(e.contains("already completed 3 of 3 rounds"), "{e}");
+    let mut a = args(split.path(), 5, 1);
+    a.resume = true;
+    let e = format!(
+        "{:#}",
+        fedtune_coordinator::serve(
+            a.resolve().unwrap(),
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+        )
+        .await
+        .unwrap_err()
+    );
+    assert!(e.contains("`fedadam`") && e.contains("`fedavg`"), "{e}");
+}
