@@ -5,6 +5,9 @@
 # (max RSS) of the coordinator and of each client.
 #
 #   deploy/bench-transport.sh [PARAMS=100M] [CLIENTS=2] [ROUNDS=3]
+#
+# Extra coordinator flags go in COORDINATOR_ARGS, e.g.
+#   COORDINATOR_ARGS="--strategy median --buffer-memory-mb 128" deploy/bench-transport.sh 25M 5
 set -euo pipefail
 cd "$(dirname "$0")/.."
 params="${1:-100M}"; clients="${2:-2}"; rounds="${3:-3}"
@@ -14,7 +17,7 @@ work="$(mktemp -d)"; trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
 /usr/bin/time -f "%M" -o "$work/coordinator.rss" "$bin/fedtune-coordinator" serve --listen "127.0.0.1:$port" \
-  --model "synthetic:$params" --rounds "$rounds" --min-clients "$clients" --out "$work/out" 2> "$work/coordinator.log" &
+  --model "synthetic:$params" --rounds "$rounds" --min-clients "$clients" --out "$work/out" ${COORDINATOR_ARGS:-} 2> "$work/coordinator.log" &
 coord=$!
 for i in $(seq 1 "$clients"); do
   /usr/bin/time -f "%M" -o "$work/client$i.rss" "$bin/fedtune-client" run --coordinator "http://127.0.0.1:$port" \
@@ -22,7 +25,7 @@ for i in $(seq 1 "$clients"); do
 done
 wait $coord || { echo "coordinator failed:"; tail -20 "$work/coordinator.log"; exit 1; }
 wait
-echo "transport benchmark: synthetic:$params, $clients clients (--train none), $rounds rounds, 127.0.0.1"
+echo "transport benchmark: synthetic:$params, $clients clients (--train none), $rounds rounds, 127.0.0.1 ${COORDINATOR_ARGS:-}"
 python3 - "$work" "$clients" <<'PY'
 import json, sys
 work, clients = sys.argv[1], int(sys.argv[2])

@@ -68,7 +68,9 @@ impl Attack {
                 Self::Noise(sigma) => {
                     // `sigma` was checked positive and finite when parsed.
                     if let Ok(normal) = Normal::new(0.0f32, sigma) {
-                        values.iter_mut().for_each(|v| *v += normal.sample(&mut rng));
+                        values
+                            .iter_mut()
+                            .for_each(|v| *v += normal.sample(&mut rng));
                     }
                 }
             }
@@ -82,7 +84,10 @@ mod tests {
     use fedtune_common::tensors::NamedTensor;
 
     fn set() -> TensorSet {
-        TensorSet::new(vec![NamedTensor::new("w", vec![3], vec![1.0, -2.0, 0.5]).unwrap()]).unwrap()
+        TensorSet::new(vec![
+            NamedTensor::new("w", vec![3], vec![1.0, -2.0, 0.5]).unwrap(),
+        ])
+        .unwrap()
     }
 
     #[test]

@@ -484,11 +484,7 @@ struct TaskRef<'a> {
 }
 
 /// Streams the global model of `task`, checking it against the model the task names.
-async fn download(
-    s: &mut Session,
-    task: TaskRef<'_>,
-    spec: &ModelSpec,
-) -> anyhow::Result<Payload> {
+async fn download(s: &mut Session, task: TaskRef<'_>, spec: &ModelSpec) -> anyhow::Result<Payload> {
     let expected = spec.specs();
     let limit: u64 = expected.iter().map(|t| t.num_elements() as u64 * 4).sum();
     let mut attempt = 0;
@@ -626,7 +622,10 @@ async fn evaluate_round(
     opts: &ClientOptions,
     data: Option<&LocalData>,
 ) -> anyhow::Result<()> {
-    let spec_pb = task.model.clone().context("evaluate task without a model")?;
+    let spec_pb = task
+        .model
+        .clone()
+        .context("evaluate task without a model")?;
     let spec = ModelSpec::parse(&spec_pb.name, spec_pb.num_classes)
         .context("coordinator asked for a model this client cannot build")?;
     let _heartbeat = spawn_heartbeat(s, format!("evaluating round {}", task.round));

@@ -116,7 +116,8 @@ pub fn train(
         OptimizerKind::Adam => AdamConfig::new().init(),
     };
     let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let proximal = (settings.proximal_mu > 0.0).then(|| Proximal::new(&model, settings.proximal_mu));
+    let proximal =
+        (settings.proximal_mu > 0.0).then(|| Proximal::new(&model, settings.proximal_mu));
     let mut rng = StdRng::seed_from_u64(settings.seed);
     let mut order = indices.to_vec();
     let batch_size = settings.batch_size.max(1);

@@ -430,13 +430,18 @@ impl ServeConfig {
             );
         }
         if s.min_fit_clients == 0 || s.min_evaluate_clients == 0 || s.evaluate_every == 0 {
-            bail!("`min_fit_clients`, `min_evaluate_clients` and `evaluate_every` must be at least 1");
+            bail!(
+                "`min_fit_clients`, `min_evaluate_clients` and `evaluate_every` must be at least 1"
+            );
         }
         if !positive(s.server_lr) {
             bail!("`server_lr` must be a positive number, got {}", s.server_lr);
         }
         if !unit(s.server_momentum) {
-            bail!("`server_momentum` must be in [0, 1), got {}", s.server_momentum);
+            bail!(
+                "`server_momentum` must be in [0, 1), got {}",
+                s.server_momentum
+            );
         }
         if !unit(s.beta1) || !unit(s.beta2) {
             bail!(
@@ -455,7 +460,10 @@ impl ServeConfig {
             bail!("`strategy = fedprox` needs `proximal_mu` > 0 (with 0 it is fedavg)");
         }
         if !(s.trim_fraction.is_finite() && (0.0..0.5).contains(&s.trim_fraction)) {
-            bail!("`trim_fraction` must be in [0, 0.5), got {}", s.trim_fraction);
+            bail!(
+                "`trim_fraction` must be in [0, 0.5), got {}",
+                s.trim_fraction
+            );
         }
         if s.kind == StrategyKind::MultiKrum && s.krum_m == 1 {
             tracing::warn!("multi-krum with `krum_m = 1` is krum");

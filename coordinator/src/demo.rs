@@ -216,16 +216,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.clients,
         args.model
     );
-    println!("  round  accuracy  macro-F1  eval loss  train loss  round time");
+    println!("  round  accuracy  macro-F1  eval loss  train loss  fed-eval acc  round time");
     for r in &summary.records {
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        let fed = r
+            .fed_eval_accuracy
+            .map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
         println!(
-            "  {:>5}  {:>7.2}%  {:>8}  {:>9}  {:>10}  {:>8.1} s",
+            "  {:>5}  {:>7.2}%  {:>8}  {:>9}  {:>10}  {:>12}  {:>8.1} s",
             r.round,
             r.eval_accuracy.unwrap_or(f64::NAN) * 100.0,
             f(r.eval_f1),
             f(r.eval_loss),
             f(r.train_loss),
+            fed,
             r.round_ms as f64 / 1000.0
         );
     }

@@ -102,9 +102,12 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
             &strategy_name,
             cfg.strategy.kind.is_stateful(),
         )?;
-        r.global
-            .check_matches(&specs)
-            .with_context(|| format!("--resume: {} does not fit the model", r.run_dir.global_path().display()))?;
+        r.global.check_matches(&specs).with_context(|| {
+            format!(
+                "--resume: {} does not fit the model",
+                r.run_dir.global_path().display()
+            )
+        })?;
         if let Some(state) = &r.strategy_state {
             strategy
                 .restore(state)
@@ -123,11 +126,24 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
             "resuming the run in {} after round {} ({} server state restored)",
             cfg.out.display(),
             r.round,
-            if r.strategy_state.is_some() { strategy_name.as_str() } else { "no" }
+            if r.strategy_state.is_some() {
+                strategy_name.as_str()
+            } else {
+                "no"
+            }
         );
-        (r.run_dir, Start { global: r.global, round: r.round + 1 })
+        (
+            r.run_dir,
+            Start {
+                global: r.global,
+                round: r.round + 1,
+            },
+        )
     } else {
-        (RunDir::create(&cfg.out, &strategy_name)?, Start { global, round: 1 })
+        (
+            RunDir::create(&cfg.out, &strategy_name)?,
+            Start { global, round: 1 },
+        )
     };
     let addr = listener.local_addr()?;
     info!(

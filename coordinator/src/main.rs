@@ -13,7 +13,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a federation: wait for clients, run the rounds, write the global model and metrics.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a whole local federation on real data: this coordinator plus client processes on
     /// 127.0.0.1, Fashion-MNIST split non-IID across the clients.
     Demo(DemoArgs),

@@ -35,9 +35,7 @@ use crate::config::{OnRoundFailure, ServeConfig};
 use crate::evaluation::ServerEval;
 use crate::round_record::{RoundRecord, human_bytes};
 use crate::run_dir::RunDir;
-use crate::strategy::{
-    AggregateError, Aggregator, Candidate, EvalReport, FitPlan, Strategy,
-};
+use crate::strategy::{AggregateError, Aggregator, Candidate, EvalReport, FitPlan, Strategy};
 
 /// How long NextTask holds a call open when there is nothing to do.
 pub const LONG_POLL: Duration = Duration::from_secs(20);
@@ -593,18 +591,14 @@ impl Federation {
                 round: ticket.round,
                 client_id: ticket.client_id.clone(),
             };
-            let open = match Self::open_for(
-                &mut st.phase,
-                st.current_round,
-                &issued,
-                &ticket.task_id,
-            ) {
-                Ok(open) => open,
-                Err(refusal) => {
-                    warn!("late update from {}: {refusal}", ticket.client_name);
-                    return Err(refusal);
-                }
-            };
+            let open =
+                match Self::open_for(&mut st.phase, st.current_round, &issued, &ticket.task_id) {
+                    Ok(open) => open,
+                    Err(refusal) => {
+                        warn!("late update from {}: {refusal}", ticket.client_name);
+                        return Err(refusal);
+                    }
+                };
             let Some(task) = open
                 .tasks
                 .get_mut(&ticket.client_id)
@@ -623,21 +617,20 @@ impl Federation {
             st.counted.insert(ticket.task_id.clone(), ticket.round);
         }
         // Still holding `aggregate`: the round cannot close before this update is folded in.
-        if let Some(agg) = aggregate.as_mut().filter(|a| a.serial == ticket.serial) {
-            if let Err(e) = agg
+        if let Some(agg) = aggregate.as_mut().filter(|a| a.serial == ticket.serial)
+            && let Err(e) = agg
                 .aggregator
                 .accept(&ticket.client_name, delta, ticket.num_examples)
-            {
-                let reason = e.to_string();
-                warn!("round {}: {reason}", ticket.round);
-                agg.error.get_or_insert(e);
-                drop(aggregate);
-                self.changed.notify_waiters();
-                return Err(Refusal::Internal {
-                    task_id: ticket.task_id,
-                    reason,
-                });
-            }
+        {
+            let reason = e.to_string();
+            warn!("round {}: {reason}", ticket.round);
+            agg.error.get_or_insert(e);
+            drop(aggregate);
+            self.changed.notify_waiters();
+            return Err(Refusal::Internal {
+                task_id: ticket.task_id,
+                reason,
+            });
         }
         drop(aggregate);
         self.changed.notify_waiters();
@@ -774,9 +767,7 @@ impl Federation {
                 let agg_started = Instant::now();
                 let aggregate = lock(&self.aggregate).take().filter(|a| a.serial == serial);
                 let combined = tokio::task::spawn_blocking(move || match aggregate {
-                    Some(RoundAggregate {
-                        error: Some(e), ..
-                    }) => Err(e),
+                    Some(RoundAggregate { error: Some(e), .. }) => Err(e),
                     Some(a) => a.aggregator.finish(),
                     None => Ok(None),
                 })

@@ -160,4 +160,3 @@ pub fn pattern(global: &TensorSet, f: impl Fn(usize) -> f32) -> TensorSet {
     )
     .unwrap()
 }
-

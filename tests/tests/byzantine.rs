@@ -45,7 +45,11 @@ fn final_accuracy(
     strategy: &str,
     attacker: Option<usize>,
 ) -> f64 {
-    let clients = if attacker.is_some() { HONEST + 1 } else { HONEST };
+    let clients = if attacker.is_some() {
+        HONEST + 1
+    } else {
+        HONEST
+    };
     let port = free_port();
     let out = dir.join(format!("out-{strategy}-{}", attacker.is_some()));
     let mut coordinator = Proc::spawn(

@@ -57,9 +57,13 @@ async fn worker(url: String, name: String, examples: u64, accuracy: f64) -> Vec<
             }
             Kind::Evaluate(t) => {
                 assert!(t.task_id.starts_with('e'), "{}", t.task_id);
-                c.submit_eval(&t, examples, &[("accuracy", accuracy), ("loss", 1.0 - accuracy)])
-                    .await
-                    .unwrap();
+                c.submit_eval(
+                    &t,
+                    examples,
+                    &[("accuracy", accuracy), ("loss", 1.0 - accuracy)],
+                )
+                .await
+                .unwrap();
             }
             Kind::Finished(_) => return rounds,
             Kind::Wait(_) => {}
@@ -164,12 +168,18 @@ async fn a_failed_round_stops_the_run_when_configured() {
     let t = fast.next_train().await;
     silent.next_train().await;
     let g = fast.fetch(&t.task_id).await;
-    fast.submit(&t, &pattern(&g, |_| 0.1), 5, None).await.unwrap();
+    fast.submit(&t, &pattern(&g, |_| 0.1), 5, None)
+        .await
+        .unwrap();
     // Clients are told why the run ended.
     let Kind::Finished(f) = fast.next().await else {
         panic!("expected Finished")
     };
-    assert!(f.reason.contains("accept_failures is false"), "{}", f.reason);
+    assert!(
+        f.reason.contains("accept_failures is false"),
+        "{}",
+        f.reason
+    );
     let e = format!("{:#}", server.await.unwrap().unwrap_err());
     assert!(
         e.contains("round 1 failed")
@@ -249,7 +259,10 @@ async fn resume_continues_fedadam_exactly() {
     assert_eq!(meta["fedtune.strategy"], "fedadam");
     for (x, y) in a.tensors().iter().zip(b.tensors()) {
         assert!(
-            x.data.iter().zip(&y.data).all(|(p, q)| p.to_bits() == q.to_bits()),
+            x.data
+                .iter()
+                .zip(&y.data)
+                .all(|(p, q)| p.to_bits() == q.to_bits()),
             "{} differs between the straight and the resumed run",
             x.name
         );
@@ -263,7 +276,10 @@ async fn resume_continues_fedadam_exactly() {
     assert!(!split.path().join("strategy-state.r2.safetensors").exists());
 
     // Nothing left to do, or another strategy: clear refusals.
-    let e = format!("{:#}", fedadam_run(split.path(), 3, true).await.unwrap_err());
+    let e = format!(
+        "{:#}",
+        fedadam_run(split.path(), 3, true).await.unwrap_err()
+    );
     assert!(e.contains("already completed 3 of 3 rounds"), "{e}");
     let mut a = args(split.path(), 5, 1);
     a.resume = true;

@@ -48,6 +48,10 @@ impl UpdateBuffer {
         self.updates.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.updates.is_empty()
+    }
+
     pub fn weights(&self) -> &[u64] {
         &self.weights
     }
@@ -113,7 +117,9 @@ impl UpdateBuffer {
 
     /// Every update's values at `range`: `out[i]` is update `i`'s block.
     pub fn read_all(&self, range: Range<usize>) -> Result<Vec<Vec<f32>>, AggregateError> {
-        (0..self.len()).map(|i| self.read(i, range.clone())).collect()
+        (0..self.len())
+            .map(|i| self.read(i, range.clone()))
+            .collect()
     }
 
     /// The coordinate blocks covering the model.

@@ -81,7 +81,11 @@ impl Layout {
             .iter()
             .map(|s| {
                 let r = self.ranges[&s.name].clone();
-                NamedTensor::new(format!("{prefix}.{}", s.name), s.shape.clone(), flat[r].to_vec())
+                NamedTensor::new(
+                    format!("{prefix}.{}", s.name),
+                    s.shape.clone(),
+                    flat[r].to_vec(),
+                )
             })
             .collect()
     }

@@ -183,7 +183,10 @@ impl FromStr for StrategyKind {
 
 impl fmt::Display for StrategyKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = NAMES.iter().find(|(_, k)| k == self).map_or("?", |(n, _)| n);
+        let name = NAMES
+            .iter()
+            .find(|(_, k)| k == self)
+            .map_or("?", |(n, _)| n);
         f.write_str(name)
     }
 }
@@ -276,10 +279,9 @@ impl Strategy for BuiltIn {
         let s = &self.s;
         let params = match s.kind {
             StrategyKind::FedAvg => String::new(),
-            StrategyKind::FedAvgM => format!(
-                "server lr {}, momentum {}",
-                s.server_lr, s.server_momentum
-            ),
+            StrategyKind::FedAvgM => {
+                format!("server lr {}, momentum {}", s.server_lr, s.server_momentum)
+            }
             StrategyKind::FedAdam | StrategyKind::FedYogi | StrategyKind::FedAdagrad => format!(
                 "server lr {}, beta1 {}, beta2 {}, tau {}",
                 s.server_lr, s.beta1, s.beta2, s.tau
@@ -313,7 +315,8 @@ impl Strategy for BuiltIn {
     }
 
     fn configure_fit(&self, round: u64, attempt: u32, available: &[Candidate]) -> FitPlan {
-        let count = sampling::sample_size(available.len(), self.s.fraction_fit, self.s.min_fit_clients);
+        let count =
+            sampling::sample_size(available.len(), self.s.fraction_fit, self.s.min_fit_clients);
         let seed = self.s.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(attempt);
         FitPlan {
             clients: sampling::sample(available, count, seed),
@@ -356,7 +359,7 @@ impl Strategy for BuiltIn {
     }
 
     fn configure_evaluate(&self, round: u64, available: &[Candidate]) -> Vec<String> {
-        if self.s.fraction_evaluate <= 0.0 || round % self.s.evaluate_every != 0 {
+        if self.s.fraction_evaluate <= 0.0 || !round.is_multiple_of(self.s.evaluate_every) {
             return Vec::new();
         }
         let count = sampling::sample_size(

@@ -128,7 +128,11 @@ fn coordinate_wise(
 }
 
 /// Indices of the updates multi-Krum keeps, best score first.
-pub fn krum_select(buffer: &UpdateBuffer, f: usize, m: usize) -> Result<Vec<usize>, AggregateError> {
+pub fn krum_select(
+    buffer: &UpdateBuffer,
+    f: usize,
+    m: usize,
+) -> Result<Vec<usize>, AggregateError> {
     let n = buffer.len();
     if n < f + 3 {
         return Err(AggregateError::TooFewUpdates {
@@ -161,7 +165,11 @@ pub fn krum_select(buffer: &UpdateBuffer, f: usize, m: usize) -> Result<Vec<usiz
         })
         .collect();
     scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    Ok(scored.into_iter().take(m.clamp(1, n)).map(|(_, i)| i).collect())
+    Ok(scored
+        .into_iter()
+        .take(m.clamp(1, n))
+        .map(|(_, i)| i)
+        .collect())
 }
 
 /// The example-weighted mean of the updates at `keep`.

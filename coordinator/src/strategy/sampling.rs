@@ -27,7 +27,11 @@ pub fn sample(candidates: &[Candidate], count: usize, seed: u64) -> Vec<String> 
     pool.shuffle(&mut StdRng::seed_from_u64(seed));
     pool.sort_by_key(|c| c.times_selected);
     let mut ids: Vec<String> = pool.into_iter().take(count).map(|c| c.id.clone()).collect();
-    ids.sort_by_key(|id| id.trim_start_matches('c').parse::<u64>().unwrap_or(u64::MAX));
+    ids.sort_by_key(|id| {
+        id.trim_start_matches('c')
+            .parse::<u64>()
+            .unwrap_or(u64::MAX)
+    });
     ids
 }
 

@@ -13,7 +13,7 @@
 //! The moments are the server's state: saved beside every checkpoint and restored on resume,
 //! so a resumed run continues exactly.
 
-use fedtune_common::tensors::{TensorSet, TensorError};
+use fedtune_common::tensors::{TensorError, TensorSet};
 
 use super::layout::Layout;
 
@@ -27,8 +27,15 @@ pub enum Adaptive {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ServerOptKind {
     Plain,
-    Momentum { beta: f64 },
-    Adaptive { kind: Adaptive, beta1: f64, beta2: f64, tau: f64 },
+    Momentum {
+        beta: f64,
+    },
+    Adaptive {
+        kind: Adaptive,
+        beta1: f64,
+        beta2: f64,
+        tau: f64,
+    },
 }
 
 pub struct ServerOptimizer {
@@ -103,7 +110,10 @@ impl ServerOptimizer {
 
     /// The moments as named tensors (`m.<tensor>`, `v.<tensor>`); empty before the first step
     /// and for the plain optimiser.
-    pub fn state(&self, layout: &Layout) -> Result<Vec<fedtune_common::tensors::NamedTensor>, TensorError> {
+    pub fn state(
+        &self,
+        layout: &Layout,
+    ) -> Result<Vec<fedtune_common::tensors::NamedTensor>, TensorError> {
         let mut out = Vec::new();
         if !self.m.is_empty() {
             out.extend(layout.to_tensors("m", &self.m)?);
@@ -116,8 +126,17 @@ impl ServerOptimizer {
 
     /// Restores what [`ServerOptimizer::state`] saved.
     pub fn restore(&mut self, layout: &Layout, state: &TensorSet) -> Result<(), String> {
-        let has = |p: &str| state.tensors().iter().any(|t| t.name.starts_with(&format!("{p}.")));
-        self.m = if has("m") { layout.from_tensors("m", state)? } else { Vec::new() };
+        let has = |p: &str| {
+            state
+                .tensors()
+                .iter()
+                .any(|t| t.name.starts_with(&format!("{p}.")))
+        };
+        self.m = if has("m") {
+            layout.from_tensors("m", state)?
+        } else {
+            Vec::new()
+        };
         self.v = match self.kind {
             ServerOptKind::Adaptive { .. } if has("v") => layout.from_tensors("v", state)?,
             ServerOptKind::Adaptive { .. } if !self.m.is_empty() => {

@@ -90,7 +90,12 @@ fn built(kind: StrategyKind) -> BuiltIn {
 fn fedavg_weighted_mean_with_unequal_example_counts() {
     let mut g = global([10.0, -1.0], 0.5);
     let mut s = built(StrategyKind::FedAvg);
-    round(&mut s, &mut g, &[([1.0, 2.0], 4.0, 1), ([5.0, 6.0], -4.0, 3)]).unwrap();
+    round(
+        &mut s,
+        &mut g,
+        &[([1.0, 2.0], 4.0, 1), ([5.0, 6.0], -4.0, 3)],
+    )
+    .unwrap();
     // a: 10 + (1*1 + 3*5)/4 = 14, -1 + (1*2 + 3*6)/4 = 4 ; b: 0.5 + (4 - 12)/4 = -1.5
     assert_eq!(values(&g), vec![14.0, 4.0, -1.5]);
     assert!(s.state().is_none(), "fedavg keeps no server state");
@@ -130,7 +135,13 @@ fn adaptive_reference(kind: StrategyKind, deltas: &[f64], eta: f64) -> f64 {
         v = match kind {
             StrategyKind::FedAdam => b2 * v + (1.0 - b2) * d * d,
             StrategyKind::FedYogi => {
-                let s: f64 = if v > d * d { 1.0 } else if v < d * d { -1.0 } else { 0.0 };
+                let s: f64 = if v > d * d {
+                    1.0
+                } else if v < d * d {
+                    -1.0
+                } else {
+                    0.0
+                };
                 v - (1.0 - b2) * d * d * s
             }
             _ => v + d * d,
@@ -150,7 +161,11 @@ fn adaptive_strategies_over_three_rounds() {
     close(&values(&g)[..1], &[0.0090503]);
 
     let deltas = [0.1, -0.05, 0.2];
-    for kind in [StrategyKind::FedAdam, StrategyKind::FedYogi, StrategyKind::FedAdagrad] {
+    for kind in [
+        StrategyKind::FedAdam,
+        StrategyKind::FedYogi,
+        StrategyKind::FedAdagrad,
+    ] {
         let mut g = global([0.0, 0.0], 0.0);
         let mut s = built(kind);
         for &d in &deltas {
@@ -158,7 +173,10 @@ fn adaptive_strategies_over_three_rounds() {
             round(
                 &mut s,
                 &mut g,
-                &[([(d - 0.3) as f32, 0.0], 0.0, 1), ([(d + 0.1) as f32, 0.0], 0.0, 3)],
+                &[
+                    ([(d - 0.3) as f32, 0.0], 0.0, 1),
+                    ([(d + 0.1) as f32, 0.0], 0.0, 3),
+                ],
             )
             .unwrap();
         }
@@ -179,7 +197,12 @@ fn fedprox_sends_mu_and_averages_like_fedavg() {
     let plan = s.configure_fit(1, 1, &cands);
     assert_eq!(plan.proximal_mu, 0.1);
     assert_eq!(plan.clients, vec!["c1", "c2", "c3"]);
-    assert_eq!(built(StrategyKind::FedAvg).configure_fit(1, 1, &cands).proximal_mu, 0.0);
+    assert_eq!(
+        built(StrategyKind::FedAvg)
+            .configure_fit(1, 1, &cands)
+            .proximal_mu,
+        0.0
+    );
 }
 
 #[test]
@@ -189,7 +212,12 @@ fn median_odd_and_even_counts() {
     round(
         &mut built(StrategyKind::Median),
         &mut g,
-        &[([1.0, -1.0], 0.0, 1), ([5.0, -2.0], 0.0, 9), ([2.0, -3.0], 1.0, 1), ([100.0, 50.0], 1.0, 1)],
+        &[
+            ([1.0, -1.0], 0.0, 1),
+            ([5.0, -2.0], 0.0, 9),
+            ([2.0, -3.0], 1.0, 1),
+            ([100.0, 50.0], 1.0, 1),
+        ],
     )
     .unwrap();
     assert_eq!(values(&g), vec![3.5, -1.5, 0.5]);
@@ -197,7 +225,11 @@ fn median_odd_and_even_counts() {
     round(
         &mut built(StrategyKind::Median),
         &mut g,
-        &[([1.0, 7.0], 0.0, 1), ([5.0, -2.0], 0.0, 1), ([-100.0, 3.0], 2.0, 1)],
+        &[
+            ([1.0, 7.0], 0.0, 1),
+            ([5.0, -2.0], 0.0, 1),
+            ([-100.0, 3.0], 2.0, 1),
+        ],
     )
     .unwrap();
     assert_eq!(values(&g), vec![1.0, 3.0, 0.0]);
@@ -222,7 +254,10 @@ fn trimmed_mean_drops_the_extremes() {
     cfg.trim_fraction = 0.5;
     let mut s = BuiltIn::new(cfg, &g.specs());
     let e = round(&mut s, &mut g, &ups[..2]).unwrap_err().to_string();
-    assert!(e.contains("trimmed-mean") && e.contains("needs at least 3"), "{e}");
+    assert!(
+        e.contains("trimmed-mean") && e.contains("needs at least 3"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -263,7 +298,11 @@ fn spilled_updates_combine_exactly_like_buffered_ones() {
         ([7.0, 0.0], 2.0, 4),
     ];
     let spill = tempfile::tempdir().unwrap();
-    for kind in [StrategyKind::Median, StrategyKind::TrimmedMean, StrategyKind::MultiKrum] {
+    for kind in [
+        StrategyKind::Median,
+        StrategyKind::TrimmedMean,
+        StrategyKind::MultiKrum,
+    ] {
         let mut in_memory = global([0.0, 0.0], 0.0);
         round(&mut built(kind), &mut in_memory, &ups).unwrap();
         let mut cfg = settings(kind);
@@ -274,13 +313,25 @@ fn spilled_updates_combine_exactly_like_buffered_ones() {
         round(&mut s, &mut spilled, &ups).unwrap();
         assert_eq!(values(&in_memory), values(&spilled), "{kind}");
     }
-    assert!(spill.path().join("round-1").is_dir(), "the spill folder was used");
+    assert!(
+        spill.path().join("round-1").is_dir(),
+        "the spill folder was used"
+    );
 }
 
 #[test]
 fn server_state_restored_from_a_checkpoint_continues_exactly() {
-    for kind in [StrategyKind::FedAvgM, StrategyKind::FedAdam, StrategyKind::FedYogi, StrategyKind::FedAdagrad] {
-        let rounds = [([0.1, -0.2], 0.3, 2), ([0.05, 0.1], -0.1, 1), ([-0.2, 0.0], 0.2, 4)];
+    for kind in [
+        StrategyKind::FedAvgM,
+        StrategyKind::FedAdam,
+        StrategyKind::FedYogi,
+        StrategyKind::FedAdagrad,
+    ] {
+        let rounds = [
+            ([0.1, -0.2], 0.3, 2),
+            ([0.05, 0.1], -0.1, 1),
+            ([-0.2, 0.0], 0.2, 4),
+        ];
         let mut g = global([1.0, 2.0], 3.0);
         let mut straight = built(kind);
         for u in &rounds {
@@ -298,7 +349,10 @@ fn server_state_restored_from_a_checkpoint_continues_exactly() {
         assert_eq!(values(&g), values(&g2), "{kind}");
     }
     let mut wrong = built(StrategyKind::FedAdam);
-    let partial = TensorSet::new(vec![NamedTensor::new("m.a", vec![2], vec![0.0; 2]).unwrap()]).unwrap();
+    let partial = TensorSet::new(vec![
+        NamedTensor::new("m.a", vec![2], vec![0.0; 2]).unwrap(),
+    ])
+    .unwrap();
     assert!(wrong.restore(&partial).unwrap_err().contains("m.b"));
 }
 
@@ -322,5 +376,10 @@ fn strategy_names_round_trip() {
         assert_eq!(name.parse::<StrategyKind>().unwrap(), kind);
         assert_eq!(kind.to_string(), name);
     }
-    assert!("fedsgd".parse::<StrategyKind>().unwrap_err().contains("fedavgm"));
+    assert!(
+        "fedsgd"
+            .parse::<StrategyKind>()
+            .unwrap_err()
+            .contains("fedavgm")
+    );
 }
