@@ -1,7 +1,7 @@
 //! Round policy against a real coordinator over real gRPC on 127.0.0.1, with scripted raw
 //! clients: client sampling, stragglers past the deadline, failed rounds retried or stopping
-//! the run, federated evaluation, the wait for clients giving up, and `--resume` continuing a
-//! stateful strategy exactly.
+//! the run, the grace period, FedProx's μ in the task, federated evaluation, the wait for
+//! clients giving up, and `--resume` continuing a stateful strategy exactly.
 
 use std::path::Path;
 use std::time::Duration;
@@ -293,4 +293,44 @@ async fn resume_continues_fedadam_exactly() {
         .unwrap_err()
     );
     assert!(e.contains("`fedadam`") && e.contains("`fedavg`"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grace_period_closes_the_round_after_the_minimum_and_fedprox_sends_mu() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(dir.path(), 1, 3);
+    a.min_fit_clients = Some(2);
+    a.grace_period = Some(Duration::from_secs(1));
+    a.round_timeout = Some(Duration::from_secs(120));
+    a.strategy = Some("fedprox".into());
+    a.proximal_mu = Some(0.25);
+    let (url, server) = start(a).await;
+    let mut clients = Vec::new();
+    for name in ["a", "b", "idle"] {
+        clients.push(RawClient::join(&url, name, 4).await);
+    }
+    let mut tasks = Vec::new();
+    for c in &mut clients {
+        let t = c.next_train().await;
+        assert_eq!(t.config.as_ref().unwrap().proximal_mu, 0.25);
+        tasks.push(t);
+    }
+    for (c, t) in clients.iter_mut().zip(&tasks).take(2) {
+        let g = c.fetch(&t.task_id).await;
+        c.submit(t, &pattern(&g, |_| 0.1), 4, None).await.unwrap();
+    }
+    // `idle` is live (it joined moments ago) but never uploads: the grace period after the
+    // second update, not the 120 s deadline, closes the round.
+    for c in &mut clients {
+        assert!(matches!(c.next().await, Kind::Finished(_)));
+    }
+    server.await.unwrap().unwrap();
+    let rows = metrics(dir.path());
+    assert_eq!(rows[0]["clients_reported"], 2);
+    assert_eq!(rows[0]["clients_failed"], 1);
+    assert!(
+        rows[0]["round_ms"].as_u64().unwrap() < 60_000,
+        "{}",
+        rows[0]
+    );
 }
