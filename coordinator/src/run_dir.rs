@@ -65,6 +65,19 @@ impl RunDir {
                 kept.display()
             );
         }
+        // Server state of an earlier run in this folder would be mistaken for this run's.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("strategy-state.r") && name.ends_with(".safetensors") {
+                    tracing::warn!(
+                        "removing {name}, the server state of an earlier run in {}",
+                        dir.display()
+                    );
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Self::open(dir, strategy)
     }
 

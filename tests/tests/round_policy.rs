@@ -293,6 +293,12 @@ async fn resume_continues_fedadam_exactly() {
         .unwrap_err()
     );
     assert!(e.contains("`fedadam`") && e.contains("`fedavg`"), "{e}");
+
+    // A new run (no --resume) in the same folder does not inherit the old run's state.
+    fedadam_run(split.path(), 1, false).await.unwrap();
+    assert!(split.path().join("strategy-state.r1.safetensors").is_file());
+    assert!(!split.path().join("strategy-state.r3.safetensors").exists());
+    assert_eq!(metrics(split.path()).len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

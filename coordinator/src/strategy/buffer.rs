@@ -128,3 +128,16 @@ impl UpdateBuffer {
         (0..len.div_ceil(BLOCK)).map(move |b| b * BLOCK..((b + 1) * BLOCK).min(len))
     }
 }
+
+impl Drop for UpdateBuffer {
+    fn drop(&mut self) {
+        // The files are anonymous (already unlinked); remove the round's folder, and the spill
+        // folder if nothing else is in it.
+        if self.spilled() > 0 {
+            let _ = std::fs::remove_dir(&self.spill_dir);
+            if let Some(parent) = self.spill_dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+}

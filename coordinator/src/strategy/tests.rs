@@ -314,9 +314,17 @@ fn spilled_updates_combine_exactly_like_buffered_ones() {
         assert_eq!(values(&in_memory), values(&spilled), "{kind}");
     }
     assert!(
-        spill.path().join("round-1").is_dir(),
-        "the spill folder was used"
+        !spill.path().join("round-1").exists(),
+        "the round's spill folder is removed with the buffer"
     );
+    // The budget above holds two updates: the rest go to disk.
+    let layout = Arc::new(Layout::new(&global([0.0, 0.0], 0.0).specs()));
+    let mut buffer = UpdateBuffer::new(layout, 2 * 3 * 4, spill.path().join("direct"));
+    for (a, b, n) in &ups[..3] {
+        buffer.push(&delta(*a, *b), *n).unwrap();
+    }
+    assert_eq!((buffer.len(), buffer.spilled()), (3, 1));
+    assert_eq!(buffer.read(2, 0..3).unwrap(), vec![2.0, -3.0, 1.0]);
 }
 
 #[test]
