@@ -7,7 +7,7 @@ use std::time::Instant;
 use burn::tensor::Device;
 use fedtune_common::data::ImageDataset;
 use fedtune_common::models::ModelSpec;
-use fedtune_common::train::{self, OptimizerKind, TrainSettings};
+use fedtune_common::train::{self, TrainSettings};
 
 pub struct StepTiming {
     pub batch_size: usize,
@@ -28,12 +28,9 @@ pub fn time_steps(
     autodiff.seed(0);
     let mut model = spec.build(&autodiff)?;
     let settings = |n: usize| TrainSettings {
-        epochs: 1,
         batch_size,
-        lr: 1e-3,
-        optimizer: OptimizerKind::Adam,
         seed: n as u64,
-        proximal_mu: 0.0,
+        ..Default::default()
     };
     let indices = |n: usize| {
         (0..n * batch_size)
@@ -44,6 +41,7 @@ pub fn time_steps(
         model,
         data,
         &indices(warmup.max(1)),
+        &[],
         &settings(warmup),
         &autodiff,
         &mut |_| {},
@@ -54,6 +52,7 @@ pub fn time_steps(
         model,
         data,
         &indices(steps),
+        &[],
         &settings(steps),
         &autodiff,
         &mut |_| {},

@@ -25,10 +25,12 @@ pub struct LocalUpdate {
 
 /// Fine-tunes `global` on the local training split and measures the result on the validation
 /// split.
+/// Frozen tensors (`settings.frozen`) are not trained and not part of the delta.
 pub fn fine_tune(
     global: &TensorSet,
     spec: &ModelSpec,
     settings: &TrainSettings,
+    dropout: f64,
     data: &LocalData,
     device: DeviceChoice,
     on_progress: &mut dyn FnMut(&Progress),
@@ -37,11 +39,18 @@ pub fn fine_tune(
     let plain = device.device()?;
     let autodiff = plain.clone().autodiff();
     autodiff.seed(settings.seed);
-    let model = params::inject(spec.build(&autodiff)?, global)?;
+    let model = params::inject(spec.build_with_dropout(&autodiff, dropout)?, global)?;
+    // Validation every epoch only when early stopping needs it.
+    let per_epoch_validation: &[usize] = if settings.early_stopping_patience > 0 {
+        &data.val_idx
+    } else {
+        &[]
+    };
     let outcome = train::train(
         model,
         &data.train,
         &data.train_idx,
+        per_epoch_validation,
         settings,
         &autodiff,
         on_progress,
@@ -49,7 +58,9 @@ pub fn fine_tune(
     let train_ms = started.elapsed().as_millis() as f64;
 
     let local = params::extract(&outcome.model)?;
-    let delta = local.delta_from(global)?;
+    let delta = local
+        .delta_from(global)?
+        .select(|n| !settings.frozen.iter().any(|f| f == n));
     let eval = train::evaluate(
         &outcome.model,
         &data.train,
@@ -68,6 +79,7 @@ pub fn fine_tune(
         ("val_f1".to_string(), m.f1),
         ("val_examples".to_string(), m.examples as f64),
         ("train_ms".to_string(), train_ms),
+        ("epochs_run".to_string(), f64::from(outcome.epochs_run)),
     ]);
     Ok(LocalUpdate {
         delta,

@@ -2,13 +2,16 @@
 //! returns weight deltas with metrics.
 //!
 //! - [`session`]: the protocol loop (join, tasks, transfers, reconnects, heartbeats).
-//! - [`fine_tune`]: a Train task -> a delta and metrics (no gRPC).
+//! - [`fine_tune`]: a Train task -> a delta and metrics (no gRPC); [`task_config`]: the task's
+//!   training settings, checked and capped.
 //! - [`local_data`]: the private data and its validation split; [`progress`]: what a user sees.
 //! - [`attack`]: `--simulate-attack`, a test tool for robustness experiments.
 
 pub mod attack;
 pub mod bench;
 pub mod fine_tune;
+pub mod frozen_cache;
 pub mod local_data;
 pub mod progress;
 pub mod session;
+pub mod task_config;

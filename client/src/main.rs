@@ -4,6 +4,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use fedtune_client::attack::Attack;
 use fedtune_client::session::{self, ClientOptions, TrainMode};
+use fedtune_client::task_config::Caps;
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::logging::{self, LogFormat};
 
@@ -86,6 +87,12 @@ struct RunArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    /// Never train with batches larger than this, whatever the coordinator asks (memory).
+    #[arg(long)]
+    max_batch_size: Option<usize>,
+    /// Never run more local epochs than this per round, whatever the coordinator asks.
+    #[arg(long)]
+    max_epochs: Option<u32>,
     /// TEST TOOL for robustness experiments: tamper with every update this client sends
     /// (sign-flip, scale:K, noise:SIGMA). Never use it in a real federation.
     #[arg(long)]
@@ -119,6 +126,10 @@ fn main() -> anyhow::Result<()> {
         progress_bar: !args.no_progress && session::stderr_is_terminal(),
         give_up_after: args.give_up_after,
         attack: args.simulate_attack,
+        caps: Caps {
+            max_batch_size: args.max_batch_size.filter(|&n| n > 0),
+            max_epochs: args.max_epochs.filter(|&n| n > 0),
+        },
     };
     if let Some(attack) = opts.attack {
         tracing::warn!(

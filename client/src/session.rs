@@ -10,7 +10,6 @@ use anyhow::{Context, bail};
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::models::{ModelKind, ModelSpec};
 use fedtune_common::tensors::{TensorSpec, check_specs};
-use fedtune_common::train::TrainSettings;
 use fedtune_common::wire::{Assembler, EncodedTensors, MAX_CHUNK_BYTES, Payload};
 use fedtune_proto::federation_client::FederationClient;
 use fedtune_proto::{
@@ -23,8 +22,10 @@ use tracing::{info, warn};
 
 use crate::attack::Attack;
 use crate::fine_tune::{self, LocalUpdate};
+use crate::frozen_cache::FrozenCache;
 use crate::local_data::LocalData;
 use crate::progress::ProgressView;
+use crate::task_config::{self, Caps};
 
 /// Longest the coordinator may hold a NextTask call, plus slack.
 const NEXT_TASK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -55,6 +56,8 @@ pub struct ClientOptions {
     pub give_up_after: Duration,
     /// Test tool: tamper with every update (robustness experiments).
     pub attack: Option<Attack>,
+    /// Limits on what the coordinator may ask of this client.
+    pub caps: Caps,
 }
 
 /// What the client did over the run.
@@ -184,6 +187,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     let mut backoff = Backoff::new(opts.give_up_after);
     let mut report = RunReport::default();
     let mut session: Option<Session> = None;
+    let mut frozen_cache = FrozenCache::default();
     loop {
         let s = match session.as_mut() {
             Some(s) => s,
@@ -227,7 +231,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
         match task.kind {
             Some(Kind::Train(t)) => {
                 let round = t.round;
-                match train_round(s, t, &opts, data.as_ref()).await {
+                match train_round(s, t, &opts, data.as_ref(), &mut frozen_cache).await {
                     Ok(accepted) => {
                         report.rounds_trained += 1;
                         report.updates_accepted += u64::from(accepted);
@@ -248,7 +252,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
             }
             Some(Kind::Evaluate(t)) => {
                 let round = t.round;
-                match evaluate_round(s, t, &opts, data.as_ref()).await {
+                match evaluate_round(s, t, &opts, data.as_ref(), &mut frozen_cache).await {
                     Ok(()) => report.rounds_evaluated += 1,
                     Err(e)
                         if e.downcast_ref::<Status>()
@@ -329,6 +333,7 @@ async fn train_round(
     task: pb::TrainTask,
     opts: &ClientOptions,
     data: Option<&LocalData>,
+    cache: &mut FrozenCache,
 ) -> anyhow::Result<bool> {
     let spec_pb = task.model.clone().context("train task without a model")?;
     let spec = ModelSpec::parse(&spec_pb.name, spec_pb.num_classes)
@@ -337,6 +342,11 @@ async fn train_round(
     // a dead client.
     let _heartbeat = spawn_heartbeat(s, format!("round {}", task.round));
     let download_started = std::time::Instant::now();
+    let frozen = task
+        .config
+        .as_ref()
+        .map(|c| c.frozen.clone())
+        .unwrap_or_default();
     let payload = download(
         s,
         TaskRef {
@@ -344,6 +354,7 @@ async fn train_round(
             round: task.round,
         },
         &spec,
+        cache.offer(&frozen),
     )
     .await?;
     let (bytes_down, download_s) = (
@@ -355,21 +366,9 @@ async fn train_round(
         .config
         .clone()
         .context("train task without a training config")?;
-    let settings = TrainSettings {
-        epochs: cfg.local_epochs,
-        batch_size: cfg.batch_size as usize,
-        lr: cfg.lr,
-        optimizer: cfg.optimizer.parse().map_err(anyhow::Error::msg)?,
-        // Different clients shuffle differently within a round, the same way in every run.
-        seed: cfg.seed ^ opts.seed.rotate_left(17) ^ fxhash(&opts.name),
-        proximal_mu: cfg.proximal_mu,
-    };
-    if !(cfg.proximal_mu.is_finite() && cfg.proximal_mu >= 0.0) {
-        bail!(
-            "the coordinator sent proximal_mu = {}, which is not a number >= 0",
-            cfg.proximal_mu
-        );
-    }
+    // Different clients shuffle differently within a round, the same way in every run.
+    let seed = cfg.seed ^ opts.seed.rotate_left(17) ^ fxhash(&opts.name);
+    let (settings, dropout) = task_config::settings_from(&cfg, opts.caps, seed, &opts.name)?;
 
     let started = std::time::Instant::now();
     let update = match (opts.train, data) {
@@ -387,7 +386,7 @@ async fn train_round(
                 );
             }
             data.check_classes(spec.num_classes)?;
-            let global = payload.into_tensor_set()?;
+            let global = cache.complete(payload, &spec, &frozen)?;
             let (device, bar, round, name) = (
                 opts.device,
                 opts.progress_bar,
@@ -397,9 +396,15 @@ async fn train_round(
             // Training is CPU/GPU-bound: keep it off the async threads so heartbeats flow.
             tokio::task::block_in_place(|| {
                 let mut view = ProgressView::new(bar, &name, round);
-                let r = fine_tune::fine_tune(&global, &spec, &settings, data, device, &mut |p| {
-                    view.update(p)
-                });
+                let r = fine_tune::fine_tune(
+                    &global,
+                    &spec,
+                    &settings,
+                    dropout,
+                    data,
+                    device,
+                    &mut |p| view.update(p),
+                );
                 view.finish();
                 r
             })
@@ -484,13 +489,30 @@ struct TaskRef<'a> {
 }
 
 /// Streams the global model of `task`, checking it against the model the task names.
-async fn download(s: &mut Session, task: TaskRef<'_>, spec: &ModelSpec) -> anyhow::Result<Payload> {
+async fn download(
+    s: &mut Session,
+    task: TaskRef<'_>,
+    spec: &ModelSpec,
+    frozen: Option<(u64, &[String])>,
+) -> anyhow::Result<Payload> {
     let expected = spec.specs();
     let limit: u64 = expected.iter().map(|t| t.num_elements() as u64 * 4).sum();
+    // Offering the frozen tensors' hash, the client may receive the trainable ones only.
+    let (frozen_hash, trainable) = match frozen {
+        Some((hash, names)) => (
+            hash,
+            expected
+                .iter()
+                .filter(|t| !names.contains(&t.name))
+                .cloned()
+                .collect(),
+        ),
+        None => (0, Vec::new()),
+    };
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match try_download(s, task, &expected, limit).await {
+        match try_download(s, task, &expected, &trainable, frozen_hash, limit).await {
             Ok(set) => return Ok(set),
             Err(e)
                 if attempt < TRANSFER_ATTEMPTS
@@ -516,6 +538,8 @@ async fn try_download(
     s: &mut Session,
     task: TaskRef<'_>,
     expected: &[TensorSpec],
+    trainable: &[TensorSpec],
+    frozen_hash: u64,
     limit: u64,
 ) -> anyhow::Result<Payload> {
     let mut frames = s
@@ -523,6 +547,7 @@ async fn try_download(
         .fetch_model(pb::FetchModelRequest {
             session_token: s.token.clone(),
             task_id: task.task_id.to_string(),
+            frozen_hash,
         })
         .await?
         .into_inner();
@@ -535,8 +560,11 @@ async fn try_download(
         None => bail!("model stream was empty"),
     };
     let mut asm = Assembler::new(manifest, limit)?;
-    check_specs(asm.specs(), expected)
-        .context("the coordinator's model does not match the model the task names")?;
+    let trainable_only = frozen_hash != 0 && check_specs(asm.specs(), trainable).is_ok();
+    if !trainable_only {
+        check_specs(asm.specs(), expected)
+            .context("the coordinator's model does not match the model the task names")?;
+    }
     while let Some(frame) = frames.next().await {
         match frame? {
             pb::ModelFrame {
@@ -621,6 +649,7 @@ async fn evaluate_round(
     task: pb::EvaluateTask,
     opts: &ClientOptions,
     data: Option<&LocalData>,
+    cache: &mut FrozenCache,
 ) -> anyhow::Result<()> {
     let spec_pb = task
         .model
@@ -640,6 +669,7 @@ async fn evaluate_round(
         }
         Some(data) => {
             data.check_classes(spec.num_classes)?;
+            let frozen = cache.names();
             let payload = download(
                 s,
                 TaskRef {
@@ -647,9 +677,10 @@ async fn evaluate_round(
                     round: task.round,
                 },
                 &spec,
+                cache.offer(&frozen),
             )
             .await?;
-            let global = payload.into_tensor_set()?;
+            let global = cache.complete(payload, &spec, &frozen)?;
             let (device, batch) = (opts.device, task.batch_size.max(1) as usize);
             tokio::task::block_in_place(|| {
                 fine_tune::evaluate_global(&global, &spec, data, device, batch)

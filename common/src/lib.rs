@@ -3,17 +3,20 @@
 //! - [`tensors`]: named flat tensors, the currency between burn, the wire and aggregation.
 //! - [`wire`]: the chunked tensor codec of the protocol (the only module that sees gRPC types).
 //! - [`params`]: burn modules <-> named tensors.
-//! - [`models`], [`data`], [`metrics`], [`train`], [`proximal`]: the ML side; none of it knows
-//!   about gRPC.
+//! - [`models`], [`data`], [`metrics`], [`train`], [`optim`], [`augment`], [`proximal`]: the ML
+//!   side; none of it knows about gRPC.
 //! - [`checkpoint`]: safetensors files in and out.
 //! - [`device`]: choosing flex / libtorch / CUDA at run time.
 
+pub mod augment;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod freeze;
 pub mod logging;
 pub mod metrics;
 pub mod models;
+pub mod optim;
 pub mod params;
 pub mod proximal;
 pub mod tensors;

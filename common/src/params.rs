@@ -168,6 +168,41 @@ pub fn inject<M: Module>(module: M, set: &TensorSet) -> Result<M, ParamsError> {
     Ok(module.map(&mut mapper))
 }
 
+struct Freezer<'a> {
+    path: PathStack,
+    frozen: &'a [String],
+}
+
+impl ModuleMapper for Freezer<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if self.frozen.contains(&self.path.path()) {
+            param.set_require_grad(false)
+        } else {
+            param
+        }
+    }
+}
+
+/// Marks the parameters named in `frozen` as not requiring gradients: backward skips them
+/// (and everything only they need), and the optimiser leaves them as they are.
+pub fn freeze<M: Module>(module: M, frozen: &[String]) -> M {
+    if frozen.is_empty() {
+        return module;
+    }
+    module.map(&mut Freezer {
+        path: PathStack::default(),
+        frozen,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::Device;

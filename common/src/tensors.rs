@@ -189,6 +189,45 @@ impl TensorSet {
             .collect()
     }
 
+    /// The tensors whose names `keep` accepts, in order (copied).
+    pub fn select(&self, keep: impl Fn(&str) -> bool) -> TensorSet {
+        TensorSet {
+            tensors: self
+                .tensors
+                .iter()
+                .filter(|t| keep(&t.name))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Adds the tensors of `other` (their names must be new), keeping `order`'s order for the
+    /// names it lists.
+    pub fn merged(self, other: &TensorSet, order: &[TensorSpec]) -> Result<TensorSet, TensorError> {
+        let mut all = self.tensors;
+        all.extend(other.tensors.iter().cloned());
+        let mut set = TensorSet::new(all)?;
+        let pos = |n: &str| order.iter().position(|s| s.name == n).unwrap_or(usize::MAX);
+        set.tensors.sort_by_key(|t| pos(&t.name));
+        Ok(set)
+    }
+
+    /// xxh3 over names, shapes and values: whether two sets hold the same tensors.
+    pub fn content_hash(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for t in &self.tensors {
+            h.update(t.name.as_bytes());
+            h.update(&[0]);
+            for d in &t.shape {
+                h.update(&(*d as u64).to_le_bytes());
+            }
+            for v in &t.data {
+                h.update(&v.to_le_bytes());
+            }
+        }
+        h.digest()
+    }
+
     /// Every value finite; otherwise the first offending tensor and index.
     pub fn check_finite(&self) -> Result<(), TensorError> {
         self.tensors.iter().try_for_each(NamedTensor::check_finite)

@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use fedtune_common::augment::Augment;
+use fedtune_common::freeze;
 use fedtune_common::logging::LogFormat;
+use fedtune_common::models::DROPOUT;
 use fedtune_common::models::{ModelKind, ModelSpec};
-use fedtune_common::train::OptimizerKind;
+use fedtune_common::optim::{LrSchedule, OptimizerKind, OptimizerSettings};
 use serde::Deserialize;
 
 use crate::strategy::{StrategyKind, StrategySettings};
@@ -33,6 +36,19 @@ pub struct FileConfig {
     pub batch_size: u32,
     pub lr: f64,
     pub optimizer: String,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    pub lr_schedule: String,
+    pub warmup_steps: u32,
+    pub lr_round_decay: f64,
+    pub clip_norm: f64,
+    pub dropout: f64,
+    pub freeze: String,
+    pub augment_crop_padding: u32,
+    pub augment_flip: bool,
+    pub augment_noise: f64,
+    pub early_stopping_patience: u32,
     #[serde(with = "humantime_serde")]
     pub round_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -46,7 +62,7 @@ pub struct FileConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub tau: f64,
-    pub proximal_mu: f64,
+    pub proximal_mu: Option<f64>,
     pub trim_fraction: f64,
     pub krum_f: usize,
     pub krum_m: usize,
@@ -88,6 +104,19 @@ impl Default for FileConfig {
             batch_size: 32,
             lr: 0.001,
             optimizer: "adam".into(),
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            lr_schedule: "constant".into(),
+            warmup_steps: 0,
+            lr_round_decay: 1.0,
+            clip_norm: 0.0,
+            dropout: DROPOUT,
+            freeze: "none".into(),
+            augment_crop_padding: 0,
+            augment_flip: false,
+            augment_noise: 0.0,
+            early_stopping_patience: 0,
             round_timeout: Duration::from_secs(600),
             grace_period: None,
             accept_failures: true,
@@ -99,7 +128,7 @@ impl Default for FileConfig {
             beta1: 0.9,
             beta2: 0.99,
             tau: 1e-3,
-            proximal_mu: 0.01,
+            proximal_mu: None,
             trim_fraction: 0.2,
             krum_f: 1,
             krum_m: 0,
@@ -158,9 +187,50 @@ pub struct ServeArgs {
     /// Local learning rate [default: 0.001].
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Local optimiser: sgd or adam [default: adam].
+    /// Local optimiser: sgd, adam or adamw [default: adam].
     #[arg(long)]
     pub optimizer: Option<String>,
+    /// SGD momentum; 0 is plain SGD [default: 0].
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// SGD: Nesterov momentum [default: false].
+    #[arg(long)]
+    pub nesterov: Option<bool>,
+    /// Weight decay: L2 penalty for sgd/adam, decoupled for adamw; 0 = off [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Learning-rate schedule within local training: constant, step:EVERY_EPOCHS:GAMMA,
+    /// cosine or cosine:MIN_FACTOR [default: constant].
+    #[arg(long)]
+    pub lr_schedule: Option<String>,
+    /// Linear warm-up over the first N local steps [default: 0].
+    #[arg(long)]
+    pub warmup_steps: Option<u32>,
+    /// Across rounds: round r trains with lr × decay^(r−1) [default: 1.0, no decay].
+    #[arg(long)]
+    pub lr_round_decay: Option<f64>,
+    /// Clip local gradients to this global norm; 0 = off [default: 0].
+    #[arg(long)]
+    pub clip_norm: Option<f64>,
+    /// Dropout probability of the built-in models while training [default: 0.1].
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Frozen tensors: patterns (conv1.*,conv2.*), head-only, or none [default: none].
+    #[arg(long)]
+    pub freeze: Option<String>,
+    /// Augmentation: random crop after padding each side by N pixels; 0 = off [default: 0].
+    #[arg(long)]
+    pub augment_crop_padding: Option<u32>,
+    /// Augmentation: random horizontal flip [default: false].
+    #[arg(long)]
+    pub augment_flip: Option<bool>,
+    /// Augmentation: Gaussian pixel noise σ on the [0, 1] scale; 0 = off [default: 0].
+    #[arg(long)]
+    pub augment_noise: Option<f64>,
+    /// Stop local training after N epochs without a lower validation loss, keeping the best
+    /// weights; 0 = off [default: 0].
+    #[arg(long)]
+    pub early_stopping_patience: Option<u32>,
     /// Round deadline: longest a round waits for updates, e.g. 90s, 10m [default: 10m].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub round_timeout: Option<Duration>,
@@ -197,7 +267,7 @@ pub struct ServeArgs {
     /// fedadam/fedyogi/fedadagrad: adaptivity τ [default: 0.001].
     #[arg(long)]
     pub tau: Option<f64>,
-    /// fedprox: proximal term μ sent to clients [default: 0.01].
+    /// Proximal term μ clients add to their loss (FedProx) [default: 0.01 with fedprox, else 0].
     #[arg(long)]
     pub proximal_mu: Option<f64>,
     /// trimmed-mean: fraction β cut from each end, 0 ≤ β < 0.5 [default: 0.2].
@@ -255,7 +325,17 @@ pub struct ServeConfig {
     pub local_epochs: u32,
     pub batch_size: u32,
     pub lr: f64,
-    pub optimizer: OptimizerKind,
+    pub optimizer: OptimizerSettings,
+    pub lr_schedule: LrSchedule,
+    pub warmup_steps: u32,
+    pub lr_round_decay: f64,
+    /// 0 = off.
+    pub clip_norm: f64,
+    pub dropout: f64,
+    /// Exact names of the frozen tensors, resolved from `freeze`.
+    pub frozen: Vec<String>,
+    pub augment: Augment,
+    pub early_stopping_patience: u32,
     pub log_format: LogFormat,
     pub seed: u64,
 }
@@ -283,6 +363,8 @@ impl ServeArgs {
         let model_name = self.model.clone().unwrap_or(file.model);
         let num_classes = self.num_classes.unwrap_or(file.num_classes);
         let optimizer = self.optimizer.clone().unwrap_or(file.optimizer);
+        let model = ModelSpec::parse(&model_name, num_classes)
+            .context("invalid `model` / `num_classes`")?;
         let out = self.out.clone().unwrap_or(file.out);
         let kind: StrategyKind = self
             .strategy
@@ -301,7 +383,13 @@ impl ServeArgs {
             beta1: self.beta1.unwrap_or(file.beta1),
             beta2: self.beta2.unwrap_or(file.beta2),
             tau: self.tau.unwrap_or(file.tau),
-            proximal_mu: self.proximal_mu.unwrap_or(file.proximal_mu),
+            proximal_mu: self.proximal_mu.or(file.proximal_mu).unwrap_or(
+                if kind == StrategyKind::FedProx {
+                    0.01
+                } else {
+                    0.0
+                },
+            ),
             trim_fraction: self.trim_fraction.unwrap_or(file.trim_fraction),
             krum_f: self.krum_f.unwrap_or(file.krum_f),
             krum_m: self.krum_m.unwrap_or(file.krum_m),
@@ -332,18 +420,46 @@ impl ServeArgs {
             },
             strategy,
             resume: self.resume || file.resume,
-            model: ModelSpec::parse(&model_name, num_classes)
-                .context("invalid `model` / `num_classes`")?,
+            model,
             init: pick(&self.init, file.init),
             out,
             eval_data: pick(&self.eval_data, file.eval_data),
             local_epochs: self.local_epochs.unwrap_or(file.local_epochs),
             batch_size: self.batch_size.unwrap_or(file.batch_size),
             lr: self.lr.unwrap_or(file.lr),
-            optimizer: optimizer
+            optimizer: OptimizerSettings {
+                kind: optimizer
+                    .parse()
+                    .map_err(anyhow::Error::msg)
+                    .context("invalid `optimizer`")?,
+                momentum: self.momentum.unwrap_or(file.momentum),
+                nesterov: self.nesterov.unwrap_or(file.nesterov),
+                weight_decay: self.weight_decay.unwrap_or(file.weight_decay),
+            },
+            lr_schedule: self
+                .lr_schedule
+                .clone()
+                .unwrap_or(file.lr_schedule)
                 .parse()
                 .map_err(anyhow::Error::msg)
-                .context("invalid `optimizer`")?,
+                .context("invalid `lr_schedule`")?,
+            warmup_steps: self.warmup_steps.unwrap_or(file.warmup_steps),
+            lr_round_decay: self.lr_round_decay.unwrap_or(file.lr_round_decay),
+            clip_norm: self.clip_norm.unwrap_or(file.clip_norm),
+            dropout: self.dropout.unwrap_or(file.dropout),
+            frozen: freeze::resolve(&self.freeze.clone().unwrap_or(file.freeze), &model)
+                .map_err(anyhow::Error::msg)
+                .context("invalid `freeze`")?,
+            augment: Augment {
+                crop_padding: self
+                    .augment_crop_padding
+                    .unwrap_or(file.augment_crop_padding) as usize,
+                flip: self.augment_flip.unwrap_or(file.augment_flip),
+                noise_std: self.augment_noise.unwrap_or(file.augment_noise) as f32,
+            },
+            early_stopping_patience: self
+                .early_stopping_patience
+                .unwrap_or(file.early_stopping_patience),
             log_format: self.log_format.unwrap_or(file.log_format),
             seed: self.seed.unwrap_or(file.seed),
         };
@@ -365,6 +481,7 @@ impl ServeConfig {
         }
         self.validate_policy()?;
         self.validate_strategy()?;
+        self.validate_recipe()?;
         if self.local_epochs == 0 {
             bail!("`local_epochs` must be at least 1");
         }
@@ -391,6 +508,56 @@ impl ServeConfig {
                 "`eval_data`: {} is not a folder (it must hold an IDX images/labels pair)",
                 eval.display()
             );
+        }
+        Ok(())
+    }
+
+    fn validate_recipe(&self) -> anyhow::Result<()> {
+        let o = &self.optimizer;
+        if !(o.momentum.is_finite() && (0.0..1.0).contains(&o.momentum)) {
+            bail!("`momentum` must be in [0, 1), got {}", o.momentum);
+        }
+        if o.momentum > 0.0 && o.kind != OptimizerKind::Sgd {
+            bail!(
+                "`momentum` applies to `optimizer = sgd` only (adam and adamw have their own moments)"
+            );
+        }
+        if o.nesterov && !(o.kind == OptimizerKind::Sgd && o.momentum > 0.0) {
+            bail!("`nesterov` needs `optimizer = sgd` with `momentum` > 0");
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            bail!("`weight_decay` must be 0 or more, got {}", o.weight_decay);
+        }
+        if !(self.lr_round_decay.is_finite()
+            && self.lr_round_decay > 0.0
+            && self.lr_round_decay <= 1.0)
+        {
+            bail!(
+                "`lr_round_decay` must be in (0, 1], got {}",
+                self.lr_round_decay
+            );
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm >= 0.0) {
+            bail!(
+                "`clip_norm` must be 0 (off) or a positive number, got {}",
+                self.clip_norm
+            );
+        }
+        if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
+            bail!("`dropout` must be in [0, 1), got {}", self.dropout);
+        }
+        let a = &self.augment;
+        if a.crop_padding > 8 {
+            bail!(
+                "`augment_crop_padding` must be at most 8 pixels, got {}",
+                a.crop_padding
+            );
+        }
+        if !(a.noise_std.is_finite() && (0.0..=1.0).contains(&a.noise_std)) {
+            bail!("`augment_noise` must be in [0, 1], got {}", a.noise_std);
+        }
+        if !self.frozen.is_empty() && matches!(self.model.kind, ModelKind::Synthetic { .. }) {
+            bail!("`freeze` needs a built-in model with an architecture");
         }
         Ok(())
     }

@@ -171,6 +171,47 @@ impl PhaseKind {
     }
 }
 
+/// One global model version, encoded once for every client: in full, and (when the run freezes
+/// tensors) without the frozen ones, for clients that already hold those.
+pub struct Broadcast {
+    full: Arc<EncodedTensors>,
+    trainable: Option<Arc<EncodedTensors>>,
+    /// Content hash of the frozen tensors (0 when nothing is frozen).
+    frozen_hash: u64,
+}
+
+impl Broadcast {
+    pub fn encode(global: &TensorSet, version: u64, frozen: &[String]) -> anyhow::Result<Self> {
+        let full = Arc::new(EncodedTensors::encode(global, version, MAX_CHUNK_BYTES)?);
+        if frozen.is_empty() {
+            return Ok(Self {
+                full,
+                trainable: None,
+                frozen_hash: 0,
+            });
+        }
+        let is_frozen = |n: &str| frozen.iter().any(|f| f == n);
+        let trainable = global.select(|n| !is_frozen(n));
+        Ok(Self {
+            full,
+            trainable: Some(Arc::new(EncodedTensors::encode(
+                &trainable,
+                version,
+                MAX_CHUNK_BYTES,
+            )?)),
+            frozen_hash: global.select(is_frozen).content_hash(),
+        })
+    }
+
+    /// What a client holding frozen tensors with hash `frozen_hash` must download.
+    fn for_client(&self, frozen_hash: u64) -> Arc<EncodedTensors> {
+        match &self.trainable {
+            Some(t) if frozen_hash != 0 && frozen_hash == self.frozen_hash => t.clone(),
+            _ => self.full.clone(),
+        }
+    }
+}
+
 /// A phase in which selected clients have tasks: a training attempt or an evaluation.
 struct OpenPhase {
     serial: u64,
@@ -178,7 +219,7 @@ struct OpenPhase {
     round: u64,
     attempt: u32,
     model_version: u64,
-    broadcast: Arc<EncodedTensors>,
+    broadcast: Arc<Broadcast>,
     /// client id -> its task.
     tasks: HashMap<String, TaskState>,
     reports: Vec<ClientReport>,
@@ -223,6 +264,8 @@ pub struct Federation {
     cfg: ServeConfig,
     run_id: String,
     specs: Vec<TensorSpec>,
+    /// The tensors an update carries: all but the frozen ones.
+    update_specs: Vec<TensorSpec>,
     model_bytes: u64,
     state: Mutex<State>,
     changed: Notify,
@@ -254,12 +297,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Federation {
     pub fn new(cfg: ServeConfig, specs: Vec<TensorSpec>) -> Self {
         let model_bytes = specs.iter().map(|s| s.num_elements() as u64 * 4).sum();
+        let update_specs = specs
+            .iter()
+            .filter(|s| !cfg.frozen.contains(&s.name))
+            .cloned()
+            .collect();
         let mut id = [0u8; 6];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
         Self {
             cfg,
             run_id: id.iter().map(|b| format!("{b:02x}")).collect(),
             specs,
+            update_specs,
             model_bytes,
             state: Mutex::new(State {
                 clients: Clients::default(),
@@ -281,6 +330,11 @@ impl Federation {
 
     pub fn specs(&self) -> &[TensorSpec] {
         &self.specs
+    }
+
+    /// The tensors every update must carry (the model minus its frozen tensors).
+    pub fn update_specs(&self) -> &[TensorSpec] {
+        &self.update_specs
     }
 
     fn model_spec_pb(&self) -> pb::ModelSpec {
@@ -398,8 +452,23 @@ impl Federation {
                 config: Some(pb::TrainConfig {
                     local_epochs: self.cfg.local_epochs,
                     batch_size: self.cfg.batch_size,
-                    lr: self.cfg.lr,
-                    optimizer: self.cfg.optimizer.to_string(),
+                    // Server-side decay of the clients' learning rate across rounds.
+                    lr: self.cfg.lr * self.cfg.lr_round_decay.powi(open.round as i32 - 1),
+                    optimizer: self.cfg.optimizer.kind.to_string(),
+                    momentum: self.cfg.optimizer.momentum,
+                    nesterov: self.cfg.optimizer.nesterov,
+                    weight_decay: self.cfg.optimizer.weight_decay,
+                    lr_schedule: self.cfg.lr_schedule.to_string(),
+                    warmup_steps: self.cfg.warmup_steps,
+                    clip_norm: self.cfg.clip_norm,
+                    dropout: self.cfg.dropout,
+                    frozen: self.cfg.frozen.clone(),
+                    augment: Some(pb::Augmentation {
+                        crop_padding: self.cfg.augment.crop_padding as u32,
+                        flip: self.cfg.augment.flip,
+                        noise_std: f64::from(self.cfg.augment.noise_std),
+                    }),
+                    early_stopping_patience: self.cfg.early_stopping_patience,
                     seed: self
                         .cfg
                         .seed
@@ -456,17 +525,19 @@ impl Federation {
         }
     }
 
-    /// The broadcast a client must download for `task_id`, and the round's byte counters.
+    /// The broadcast a client must download for `task_id` (without the frozen tensors when it
+    /// holds them, by `frozen_hash`), and the round's byte counters.
     pub fn model_for(
         &self,
         token: &str,
         task_id: &str,
+        frozen_hash: u64,
     ) -> Result<(Arc<EncodedTensors>, Arc<RoundStats>), Refusal> {
         let mut st = lock(&self.state);
         let st = &mut *st;
         let (issued, _) = Self::task_of(st, token, task_id)?;
         let open = Self::open_for(&mut st.phase, st.current_round, &issued, task_id)?;
-        Ok((open.broadcast.clone(), open.stats.clone()))
+        Ok((open.broadcast.for_client(frozen_hash), open.stats.clone()))
     }
 
     /// Checks an update's header before any tensor bytes are accepted.
@@ -733,7 +804,7 @@ impl Federation {
         let mut records = Vec::new();
         // The broadcast of the current global model, when evaluation or a failed attempt
         // already encoded it.
-        let mut encoded: Option<Arc<EncodedTensors>> = None;
+        let mut encoded: Option<Arc<Broadcast>> = None;
         for round in start.round..=self.cfg.rounds {
             // Version v is the model after v aggregations: round r trains on version r - 1.
             let model_version = round - 1;
@@ -745,7 +816,7 @@ impl Federation {
                 let broadcast = match encoded.take() {
                     Some(b) => b,
                     None => Arc::new(tokio::task::block_in_place(|| {
-                        EncodedTensors::encode(&global, model_version, MAX_CHUNK_BYTES)
+                        Broadcast::encode(&global, model_version, &self.cfg.frozen)
                     })?),
                 };
                 let plan = strategy.configure_fit(round, attempt, &self.candidates(false));
@@ -820,7 +891,7 @@ impl Federation {
             let mut eval_bytes_down = 0;
             if !eval_clients.is_empty() {
                 let broadcast = Arc::new(tokio::task::block_in_place(|| {
-                    EncodedTensors::encode(&global, round, MAX_CHUNK_BYTES)
+                    Broadcast::encode(&global, round, &self.cfg.frozen)
                 })?);
                 // Clients train on this same model next round: encode it once.
                 encoded = Some(broadcast.clone());
@@ -1023,12 +1094,12 @@ impl Federation {
         round: u64,
         attempt: u32,
         model_version: u64,
-        broadcast: Arc<EncodedTensors>,
+        broadcast: Arc<Broadcast>,
         clients: &[String],
         aggregator: Option<Box<dyn Aggregator>>,
     ) -> u64 {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        let bytes = broadcast.total_bytes();
+        let bytes = broadcast.full.total_bytes();
         if let Some(aggregator) = aggregator {
             // Installed before `state` is locked (lock order: `aggregate` is never taken while
             // `state` is held). Nothing is folded into it before the phase below opens.

@@ -86,7 +86,9 @@ impl FederationRpc for FederationService {
         request: Request<pb::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
         let req = request.into_inner();
-        let (broadcast, stats) = self.engine.model_for(&req.session_token, &req.task_id)?;
+        let (broadcast, stats) =
+            self.engine
+                .model_for(&req.session_token, &req.task_id, req.frozen_hash)?;
         let manifest = pb::ModelFrame {
             frame: Some(model_frame::Frame::Manifest(broadcast.manifest.clone())),
         };
@@ -153,7 +155,7 @@ impl FederationRpc for FederationService {
                 )));
             }
         };
-        if let Err(e) = check_specs(assembler.specs(), self.engine.specs()) {
+        if let Err(e) = check_specs(assembler.specs(), self.engine.update_specs()) {
             self.engine.abort_upload(ticket, invalid(&e));
             return Err(Status::invalid_argument(format!(
                 "update for task `{task_id}` refused: {e}"

@@ -63,6 +63,7 @@ impl RawClient {
             .fetch_model(pb::FetchModelRequest {
                 session_token: self.token.clone(),
                 task_id: task_id.into(),
+                frozen_hash: 0,
             })
             .await
             .unwrap()

@@ -46,6 +46,10 @@ impl Cnn {
         }
     }
 
+    pub fn num_classes(&self) -> usize {
+        self.fc2.weight.val().dims()[1]
+    }
+
     /// `images`: `[batch, channels, height, width]`; returns logits `[batch, classes]`.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = self.pool.forward(relu(self.conv1.forward(images)));

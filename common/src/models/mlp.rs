@@ -22,6 +22,10 @@ impl Mlp {
         }
     }
 
+    pub fn num_classes(&self) -> usize {
+        self.fc2.weight.val().dims()[1]
+    }
+
     /// `images`: `[batch, channels, height, width]`; returns logits `[batch, classes]`.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = images.flatten::<2>(1, 3);

@@ -88,7 +88,7 @@ pub struct ModelSpec {
     pub num_classes: u32,
 }
 
-/// Dropout of the built-in models while training.
+/// Dropout of the built-in models while training, unless the run sets another.
 pub const DROPOUT: f64 = 0.1;
 
 impl ModelSpec {
@@ -105,12 +105,26 @@ impl ModelSpec {
 
     /// Builds the network on `device` with fresh (seeded by the device) weights.
     pub fn build(&self, device: &Device) -> Result<Net, ModelError> {
+        self.build_with_dropout(device, DROPOUT)
+    }
+
+    /// The tensor-name prefix of the classifier head (replaced by `--reset-head`, kept
+    /// trainable by `--freeze head-only`).
+    pub fn head_prefix(&self) -> Option<&'static str> {
+        match self.kind {
+            ModelKind::Mlp | ModelKind::Cnn => Some("fc2."),
+            ModelKind::Synthetic { .. } => None,
+        }
+    }
+
+    /// As [`ModelSpec::build`] with dropout probability `dropout` (active only in training).
+    pub fn build_with_dropout(&self, device: &Device, dropout: f64) -> Result<Net, ModelError> {
         let classes = self.num_classes as usize;
         match self.kind {
             ModelKind::Mlp => Ok(Net::Mlp(Mlp::new(
                 IMAGE_CHANNELS * IMAGE_SIZE * IMAGE_SIZE,
                 classes,
-                DROPOUT,
+                dropout,
                 device,
             ))),
             ModelKind::Cnn => Ok(Net::Cnn(Cnn::new(
@@ -118,7 +132,7 @@ impl ModelSpec {
                 IMAGE_SIZE,
                 IMAGE_SIZE,
                 classes,
-                DROPOUT,
+                dropout,
                 device,
             ))),
             ModelKind::Synthetic { .. } => Err(ModelError::NotTrainable(self.kind.to_string())),
@@ -163,6 +177,13 @@ pub enum Net {
 }
 
 impl Net {
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Net::Mlp(m) => m.num_classes(),
+            Net::Cnn(m) => m.num_classes(),
+        }
+    }
+
     /// `images`: `[batch, channels, height, width]`, normalised; returns logits.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         match self {
