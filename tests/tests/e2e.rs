@@ -188,3 +188,96 @@ fn three_clients_three_rounds_on_fashion_mnist() {
 fn three_libtorch_clients_three_rounds_on_fashion_mnist() {
     federation_learns("libtorch");
 }
+
+/// `--freeze head-only` with real processes: the frozen tensors come back bit-identical, are
+/// never sent up, and are sent down only once per client.
+#[test]
+fn frozen_layers_stay_put_and_shrink_traffic() {
+    use fedtune_common::checkpoint;
+    use fedtune_common::models::ModelSpec;
+
+    let dir = tempfile::tempdir().unwrap();
+    let folder = DataFolder::open(&fashion_subset()).unwrap();
+    let port = free_port();
+    let out = dir.path().join("out");
+    let mut coordinator = Proc::spawn(
+        "coordinator",
+        coordinator_bin(),
+        &[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--rounds",
+            "3",
+            "--min-available-clients",
+            "2",
+            "--model",
+            "mlp",
+            "--freeze",
+            "head-only",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from),
+        dir.path(),
+    );
+    let mut clients: Vec<Proc> = (0..2)
+        .map(|i| {
+            let data = dir.path().join(format!("client{i}"));
+            std::fs::create_dir_all(&data).unwrap();
+            let part: Vec<usize> = (i * 1000..(i + 1) * 1000).collect();
+            folder.train.subset(&part).write_pair(&data, "train-").unwrap();
+            let args = [
+                "run",
+                "--coordinator",
+                &format!("http://127.0.0.1:{port}"),
+                "--data",
+                data.to_str().unwrap(),
+                "--name",
+                &format!("edge-{i}"),
+                "--no-progress",
+            ]
+            .map(String::from);
+            Proc::spawn(&format!("client{i}"), client_bin(), &args, dir.path())
+        })
+        .collect();
+    let status = coordinator.wait(Duration::from_secs(120));
+    assert!(status.is_some_and(|s| s.success()), "{}", coordinator.output());
+    for c in &mut clients {
+        assert!(c.wait(Duration::from_secs(60)).is_some_and(|s| s.success()), "{}", c.output());
+    }
+
+    let spec = ModelSpec::parse("mlp", 10).unwrap();
+    let bytes = |head: bool| -> u64 {
+        spec.specs()
+            .iter()
+            .filter(|s| s.name.starts_with("fc2.") == head || !head)
+            .map(|s| s.num_elements() as u64 * 4)
+            .sum()
+    };
+    let (full, head) = (bytes(false), bytes(true));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    // Round 1: each client downloads the whole model; later rounds only the head.
+    assert_eq!(rows[0]["bytes_down"], 2 * full);
+    assert_eq!(rows[1]["bytes_down"], 2 * head);
+    assert_eq!(rows[2]["bytes_down"], 2 * head);
+    for r in &rows {
+        assert_eq!(r["bytes_up"], 2 * head, "only the head goes up: {r}");
+        assert_eq!(r["clients_reported"], 2);
+    }
+    let (global, _) = checkpoint::load(&out.join("global.safetensors")).unwrap();
+    let initial = spec.init_weights(42).unwrap();
+    for t in initial.tensors() {
+        let g = global.get(&t.name).unwrap();
+        if t.name.starts_with("fc2.") {
+            assert_ne!(g, t, "{} (the head) trained", t.name);
+        } else {
+            assert_eq!(g, t, "{} (frozen) must be bit-identical", t.name);
+        }
+    }
+}
