@@ -5,7 +5,8 @@
 //! - [`params`]: burn modules <-> named tensors.
 //! - [`models`], [`data`], [`metrics`], [`train`], [`optim`], [`augment`], [`proximal`]: the ML
 //!   side; none of it knows about gRPC.
-//! - [`checkpoint`]: safetensors files in and out.
+//! - [`checkpoint`]: safetensors files in and out; [`pretrained`]: pre-trained weights in
+//!   (safetensors, PyTorch, key remapping, head reset) and the PyTorch layout out.
 //! - [`device`]: choosing flex / libtorch / CUDA at run time.
 
 pub mod augment;
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod models;
 pub mod optim;
 pub mod params;
+pub mod pretrained;
 pub mod proximal;
 pub mod tensors;
 pub mod train;

@@ -13,6 +13,7 @@ use fedtune_common::logging::LogFormat;
 use fedtune_common::models::DROPOUT;
 use fedtune_common::models::{ModelKind, ModelSpec};
 use fedtune_common::optim::{LrSchedule, OptimizerKind, OptimizerSettings};
+use fedtune_common::pretrained::{InitOptions, Remap};
 use serde::Deserialize;
 
 use crate::strategy::{StrategyKind, StrategySettings};
@@ -29,7 +30,8 @@ pub struct FileConfig {
     pub available_timeout: Duration,
     pub model: String,
     pub num_classes: u32,
-    pub init: Option<PathBuf>,
+    pub init: Option<InitFile>,
+    pub export_pytorch: bool,
     pub out: PathBuf,
     pub eval_data: Option<PathBuf>,
     pub local_epochs: u32,
@@ -77,6 +79,36 @@ pub struct FileConfig {
     pub seed: u64,
 }
 
+/// `init = "file"`, or a table with the rules that adapt the file to the model:
+///
+/// ```toml
+/// [init]
+/// file = "resnet-ish.pt"
+/// layout = "pytorch"        # auto (by extension), burn or pytorch
+/// reset_head = true         # re-initialise the classifier head (new number of classes)
+/// [init.remap]              # regex -> replacement, applied in order to every file key
+/// "^backbone\\." = ""
+/// "^classifier\\." = "fc2."
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum InitFile {
+    Path(PathBuf),
+    Table(InitTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitTable {
+    pub file: PathBuf,
+    #[serde(default)]
+    pub layout: Option<String>,
+    #[serde(default)]
+    pub reset_head: bool,
+    #[serde(default)]
+    pub remap: toml::Table,
+}
+
 /// What happens to a round that gathered too few updates (or any failure, without
 /// `accept_failures`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -98,6 +130,7 @@ impl Default for FileConfig {
             model: "mlp".into(),
             num_classes: 10,
             init: None,
+            export_pytorch: false,
             out: PathBuf::from("runs/latest"),
             eval_data: None,
             local_epochs: 1,
@@ -169,9 +202,23 @@ pub struct ServeArgs {
     /// Number of output classes [default: 10].
     #[arg(long)]
     pub num_classes: Option<u32>,
-    /// Start from pre-trained weights (safetensors, tensor names as the model's, e.g. fc1.weight).
+    /// Start from pre-trained weights: a safetensors or PyTorch (.pt/.pth) file.
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Rename the file's keys: REGEX=REPLACEMENT (repeatable, applied in order; after the
+    /// `[init.remap]` rules of the config file).
+    #[arg(long = "init-remap", value_name = "REGEX=REPLACEMENT")]
+    pub init_remap: Vec<String>,
+    /// Layout of the --init file: auto (.pt/.pth are PyTorch's, safetensors burn's), burn or
+    /// pytorch (Linear weights [out, in]) [default: auto].
+    #[arg(long)]
+    pub init_layout: Option<String>,
+    /// Re-initialise the classifier head instead of loading it (e.g. a new number of classes).
+    #[arg(long)]
+    pub reset_head: bool,
+    /// Also write the global model in PyTorch's layout (global.pytorch.safetensors) every round.
+    #[arg(long)]
+    pub export_pytorch: bool,
     /// Output folder: global.safetensors after every round, metrics.jsonl [default: runs/latest].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -320,6 +367,8 @@ pub struct ServeConfig {
     pub resume: bool,
     pub model: ModelSpec,
     pub init: Option<PathBuf>,
+    pub init_options: InitOptions,
+    pub export_pytorch: bool,
     pub out: PathBuf,
     pub eval_data: Option<PathBuf>,
     pub local_epochs: u32,
@@ -365,6 +414,38 @@ impl ServeArgs {
         let optimizer = self.optimizer.clone().unwrap_or(file.optimizer);
         let model = ModelSpec::parse(&model_name, num_classes)
             .context("invalid `model` / `num_classes`")?;
+        // The init file and its rules: the file's table, then the flags.
+        let (mut init_file, mut remap, mut init_layout, mut reset_head) =
+            (None, Vec::new(), None, false);
+        match &file.init {
+            Some(InitFile::Path(p)) => init_file = Some(p.clone()),
+            Some(InitFile::Table(t)) => {
+                init_file = Some(t.file.clone());
+                init_layout = t.layout.clone();
+                reset_head = t.reset_head;
+                for (pattern, replacement) in &t.remap {
+                    let replacement = replacement.as_str().with_context(|| {
+                        format!("`[init.remap]`: the replacement for `{pattern}` must be a string")
+                    })?;
+                    remap.push(Remap::new(pattern, replacement).map_err(anyhow::Error::msg)?);
+                }
+            }
+            None => {}
+        }
+        if let Some(p) = &self.init {
+            init_file = Some(p.clone());
+        }
+        for rule in &self.init_remap {
+            let (pattern, replacement) = rule
+                .split_once('=')
+                .with_context(|| format!("--init-remap `{rule}`: write it as REGEX=REPLACEMENT"))?;
+            remap.push(Remap::new(pattern, replacement).map_err(anyhow::Error::msg)?);
+        }
+        init_layout = self.init_layout.clone().or(init_layout);
+        reset_head |= self.reset_head;
+        if (reset_head || !remap.is_empty()) && init_file.is_none() {
+            bail!("`reset_head` and `init.remap` / --init-remap need an `init` file");
+        }
         let out = self.out.clone().unwrap_or(file.out);
         let kind: StrategyKind = self
             .strategy
@@ -421,7 +502,27 @@ impl ServeArgs {
             strategy,
             resume: self.resume || file.resume,
             model,
-            init: pick(&self.init, file.init),
+            init: init_file,
+            init_options: InitOptions {
+                remap,
+                layout: init_layout
+                    .as_deref()
+                    .unwrap_or("auto")
+                    .parse()
+                    .map_err(anyhow::Error::msg)
+                    .context("invalid `init_layout`")?,
+                reset_head: if reset_head {
+                    Some(
+                        model
+                            .head_prefix()
+                            .context("`reset_head`: this model has no classifier head")?
+                            .to_string(),
+                    )
+                } else {
+                    None
+                },
+            },
+            export_pytorch: self.export_pytorch || file.export_pytorch,
             out,
             eval_data: pick(&self.eval_data, file.eval_data),
             local_epochs: self.local_epochs.unwrap_or(file.local_epochs),

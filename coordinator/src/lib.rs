@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use fedtune_common::checkpoint;
+use fedtune_common::pretrained;
 use fedtune_proto::federation_server::FederationServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -56,7 +56,7 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         .init_weights(cfg.seed)
         .context("cannot initialise the model")?;
     if let Some(path) = &cfg.init {
-        let (loaded, report) = checkpoint::load_for_model(path, &global)?;
+        let (loaded, report, adapted) = pretrained::load(path, &global, &cfg.init_options)?;
         info!(
             "loaded pre-trained weights from {}: {} tensors applied, {} missing (fresh init), {} unused in the file",
             path.display(),
@@ -64,19 +64,30 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
             report.missing.len(),
             report.unused.len()
         );
+        let list = |v: &[String]| v.join(", ");
         if !report.missing.is_empty() {
-            info!(
-                "missing from {}: {}",
-                path.display(),
-                report.missing.join(", ")
-            );
+            info!("missing from {}: {}", path.display(), list(&report.missing));
         }
         if !report.unused.is_empty() {
+            info!("unused from {}: {}", path.display(), list(&report.unused));
+        }
+        if !adapted.transposed.is_empty() {
             info!(
-                "unused from {}: {}",
-                path.display(),
-                report.unused.join(", ")
+                "transposed from PyTorch's [out, in] layout: {}",
+                list(&adapted.transposed)
             );
+        }
+        for (name, file_shape) in &adapted.reset {
+            let now = global
+                .get(name)
+                .map(|t| t.shape.clone())
+                .unwrap_or_default();
+            match file_shape {
+                Some(shape) => info!(
+                    "--reset-head: {name} re-initialised as {now:?} (the file's is {shape:?})"
+                ),
+                None => info!("--reset-head: {name} re-initialised as {now:?}"),
+            }
         }
         global = loaded;
     }
@@ -172,6 +183,7 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         });
     let server = tokio::spawn(server);
 
+    let run_dir = run_dir.with_pytorch_export(cfg.export_pytorch);
     let result = engine
         .run(start, Box::new(strategy), run_dir, server_eval)
         .await;

@@ -17,12 +17,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use fedtune_common::checkpoint;
 use fedtune_common::models::ModelSpec;
+use fedtune_common::pretrained;
 use fedtune_common::tensors::TensorSet;
 
 use crate::round_record::RoundRecord;
 
 pub const GLOBAL_FILE: &str = "global.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// With `--export-pytorch`: the global model with Linear weights as `[out, in]`.
+pub const PYTORCH_FILE: &str = "global.pytorch.safetensors";
 
 fn state_file(round: u64) -> String {
     format!("strategy-state.r{round}.safetensors")
@@ -32,6 +35,7 @@ pub struct RunDir {
     dir: PathBuf,
     strategy: String,
     metrics: File,
+    export_pytorch: bool,
 }
 
 /// What `--resume` found in the output folder.
@@ -92,6 +96,7 @@ impl RunDir {
             dir: dir.to_path_buf(),
             strategy: strategy.to_string(),
             metrics,
+            export_pytorch: false,
         })
     }
 
@@ -162,6 +167,12 @@ impl RunDir {
         })
     }
 
+    /// Also write the model in PyTorch's layout with every checkpoint.
+    pub fn with_pytorch_export(mut self, on: bool) -> Self {
+        self.export_pytorch = on;
+        self
+    }
+
     pub fn global_path(&self) -> PathBuf {
         self.dir.join(GLOBAL_FILE)
     }
@@ -204,6 +215,15 @@ impl RunDir {
             ),
             ("fedtune.strategy".to_string(), self.strategy.clone()),
         ]);
+        if self.export_pytorch {
+            let mut meta = meta.clone();
+            meta.insert("fedtune.layout".into(), "pytorch".into());
+            checkpoint::save(
+                &pretrained::to_pytorch_layout(global),
+                meta,
+                &self.dir.join(PYTORCH_FILE),
+            )?;
+        }
         checkpoint::save(global, meta, &self.global_path())?;
         if record.round > 1 {
             let old = self.dir.join(state_file(record.round - 1));

@@ -189,10 +189,12 @@ fn three_libtorch_clients_three_rounds_on_fashion_mnist() {
     federation_learns("libtorch");
 }
 
-/// `--freeze head-only` with real processes: the frozen tensors come back bit-identical, are
-/// never sent up, and are sent down only once per client.
+/// Fine-tuning a PyTorch checkpoint with real processes: `--init` a `.pt` file through
+/// `--init-remap` rules, `--freeze head-only`: the frozen tensors come back bit-identical to the
+/// checkpoint's, are never sent up, and are sent down only once per client;
+/// `--export-pytorch` writes the result in PyTorch's layout.
 #[test]
-fn frozen_layers_stay_put_and_shrink_traffic() {
+fn pretrained_frozen_layers_stay_put_and_shrink_traffic() {
     use fedtune_common::checkpoint;
     use fedtune_common::models::ModelSpec;
 
@@ -215,6 +217,16 @@ fn frozen_layers_stay_put_and_shrink_traffic() {
             "mlp",
             "--freeze",
             "head-only",
+            "--init",
+            fedtune_tests::workspace_root()
+                .join("tests/fixtures/mlp-torch.pt")
+                .to_str()
+                .unwrap(),
+            "--init-remap",
+            r"^features\.0\.=fc1.",
+            "--init-remap",
+            r"^classifier\.=fc2.",
+            "--export-pytorch",
             "--out",
             out.to_str().unwrap(),
         ]
@@ -226,7 +238,11 @@ fn frozen_layers_stay_put_and_shrink_traffic() {
             let data = dir.path().join(format!("client{i}"));
             std::fs::create_dir_all(&data).unwrap();
             let part: Vec<usize> = (i * 1000..(i + 1) * 1000).collect();
-            folder.train.subset(&part).write_pair(&data, "train-").unwrap();
+            folder
+                .train
+                .subset(&part)
+                .write_pair(&data, "train-")
+                .unwrap();
             let args = [
                 "run",
                 "--coordinator",
@@ -242,9 +258,17 @@ fn frozen_layers_stay_put_and_shrink_traffic() {
         })
         .collect();
     let status = coordinator.wait(Duration::from_secs(120));
-    assert!(status.is_some_and(|s| s.success()), "{}", coordinator.output());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}",
+        coordinator.output()
+    );
     for c in &mut clients {
-        assert!(c.wait(Duration::from_secs(60)).is_some_and(|s| s.success()), "{}", c.output());
+        assert!(
+            c.wait(Duration::from_secs(60)).is_some_and(|s| s.success()),
+            "{}",
+            c.output()
+        );
     }
 
     let spec = ModelSpec::parse("mlp", 10).unwrap();
@@ -270,8 +294,27 @@ fn frozen_layers_stay_put_and_shrink_traffic() {
         assert_eq!(r["bytes_up"], 2 * head, "only the head goes up: {r}");
         assert_eq!(r["clients_reported"], 2);
     }
+    let log = coordinator.output();
+    assert!(
+        log.contains("4 tensors applied") && log.contains("transposed from PyTorch"),
+        "{log}"
+    );
+    // The starting point is the checkpoint itself, read back the same way.
+    let initial = fedtune_common::pretrained::load(
+        &fedtune_tests::workspace_root().join("tests/fixtures/mlp-torch.pt"),
+        &spec.init_weights(42).unwrap(),
+        &fedtune_common::pretrained::InitOptions {
+            remap: vec![
+                fedtune_common::pretrained::Remap::new(r"^features\.0\.", "fc1.").unwrap(),
+                fedtune_common::pretrained::Remap::new(r"^classifier\.", "fc2.").unwrap(),
+            ],
+            layout: fedtune_common::pretrained::Layout::Auto,
+            reset_head: None,
+        },
+    )
+    .unwrap()
+    .0;
     let (global, _) = checkpoint::load(&out.join("global.safetensors")).unwrap();
-    let initial = spec.init_weights(42).unwrap();
     for t in initial.tensors() {
         let g = global.get(&t.name).unwrap();
         if t.name.starts_with("fc2.") {
@@ -280,4 +323,16 @@ fn frozen_layers_stay_put_and_shrink_traffic() {
             assert_eq!(g, t, "{} (frozen) must be bit-identical", t.name);
         }
     }
+    // The PyTorch-layout export, read with the safetensors crate as a PyTorch user would.
+    let bytes = std::fs::read(out.join("global.pytorch.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let fc2 = file.tensor("fc2.weight").unwrap();
+    assert_eq!(fc2.shape(), [10, 256], "Linear weights are [out, in]");
+    let burn_fc2 = global.get("fc2.weight").unwrap();
+    let value = |k: usize| f32::from_le_bytes(fc2.data()[k * 4..k * 4 + 4].try_into().unwrap());
+    // PyTorch's (o, i) is burn's (i, o).
+    for (o, i) in [(0, 0), (3, 17), (9, 255)] {
+        assert_eq!(value(o * 256 + i), burn_fc2.data[i * 10 + o]);
+    }
+    assert_eq!(file.tensor("fc1.weight").unwrap().shape(), [256, 784]);
 }
