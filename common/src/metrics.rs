@@ -42,6 +42,31 @@ impl ConfusionMatrix {
         self.counts.iter().sum()
     }
 
+    /// F1 of each class (0 for a class that never occurs as a label or a prediction).
+    pub fn per_class_f1(&self) -> Vec<f64> {
+        let k = self.classes;
+        (0..k)
+            .map(|c| {
+                let tp = self.get(c, c) as f64;
+                let actual: u64 = (0..k).map(|p| self.get(c, p)).sum();
+                let predicted: u64 = (0..k).map(|a| self.get(a, c)).sum();
+                if actual + predicted == 0 {
+                    0.0
+                } else {
+                    2.0 * tp / (actual + predicted) as f64
+                }
+            })
+            .collect()
+    }
+
+    /// The matrix as rows: `rows()[actual][predicted]`.
+    pub fn rows(&self) -> Vec<Vec<u64>> {
+        self.counts
+            .chunks(self.classes.max(1))
+            .map(<[u64]>::to_vec)
+            .collect()
+    }
+
     /// Accuracy, and precision / recall / F1 averaged over the classes that occur (as a label or
     /// a prediction); a class with no predictions has precision 0 (as scikit-learn's
     /// `zero_division=0`).
@@ -108,5 +133,10 @@ mod tests {
         // f1: c0 0.8, c1 0.5, c2 2/3
         assert!((r.f1 - (0.8 + 0.5 + 2.0 / 3.0) / 3.0).abs() < 1e-12);
         assert_eq!(r.examples, 6);
+        let per_class = m.per_class_f1();
+        for (got, want) in per_class.iter().zip([0.8, 0.5, 2.0 / 3.0]) {
+            assert!((got - want).abs() < 1e-12, "{per_class:?}");
+        }
+        assert_eq!(m.rows(), vec![vec![2, 1, 0], vec![0, 1, 1], vec![0, 0, 1]]);
     }
 }

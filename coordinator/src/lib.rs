@@ -6,12 +6,14 @@
 //! - [`service`]: the thin tonic service over the engine.
 //! - [`strategy`]: configure and aggregate: FedAvg and the other strategies, client sampling.
 //! - [`run_dir`], [`round_record`]: what each round writes and logs.
-//! - [`evaluation`]: server-side evaluation; [`demo`]: the one-command local federation.
+//! - [`evaluation`]: server-side evaluation; [`demo`]: the one-command local federation;
+//!   [`pretrain`]: central pre-training, the starting point of a fine-tuning run.
 
 pub mod clients;
 pub mod config;
 pub mod demo;
 pub mod evaluation;
+pub mod pretrain;
 pub mod round;
 pub mod round_record;
 pub mod run_dir;

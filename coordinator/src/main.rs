@@ -1,6 +1,7 @@
 use clap::{Parser, Subcommand};
 use fedtune_coordinator::config::ServeArgs;
 use fedtune_coordinator::demo::{self, DemoArgs};
+use fedtune_coordinator::pretrain::PretrainArgs;
 
 /// fedtune coordinator: runs federated fine-tuning rounds and merges client updates.
 #[derive(Parser)]
@@ -17,6 +18,9 @@ enum Command {
     /// Run a whole local federation on real data: this coordinator plus client processes on
     /// 127.0.0.1, Fashion-MNIST split non-IID across the clients.
     Demo(DemoArgs),
+    /// Train a built-in model centrally on a public data set: the starting point (`--init`) of
+    /// a federated fine-tuning run.
+    Pretrain(PretrainArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +45,9 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Pretrain(args) => {
+            fedtune_common::logging::init(fedtune_common::logging::LogFormat::Text);
+            fedtune_coordinator::pretrain::run(args)
+        }
     }
 }

@@ -936,6 +936,8 @@ impl Federation {
                 eval_recall: None,
                 eval_f1: None,
                 eval_examples: 0,
+                eval_per_class_f1: None,
+                eval_confusion: None,
                 fed_eval_clients: 0,
                 fed_eval_examples: 0,
                 fed_eval_loss: None,
@@ -966,6 +968,8 @@ impl Federation {
                     record.eval_recall = Some(m.recall);
                     record.eval_f1 = Some(m.f1);
                     record.eval_examples = m.examples;
+                    record.eval_per_class_f1 = Some(e.confusion.per_class_f1());
+                    record.eval_confusion = Some(e.confusion.rows());
                 }
                 None => {
                     let by_val =

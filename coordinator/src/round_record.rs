@@ -26,6 +26,10 @@ pub struct RoundRecord {
     pub eval_recall: Option<f64>,
     pub eval_f1: Option<f64>,
     pub eval_examples: u64,
+    /// Server-side evaluation only: F1 of each class, and the confusion matrix as rows
+    /// (`[actual][predicted]`). In metrics.jsonl, not in the log line.
+    pub eval_per_class_f1: Option<Vec<f64>>,
+    pub eval_confusion: Option<Vec<Vec<u64>>>,
     /// Federated evaluation: clients that evaluated the new global model on their validation
     /// data, and the example-weighted means of their figures (0 / null when not run).
     pub fed_eval_clients: usize,

@@ -155,6 +155,22 @@ fn run_federation(device: &str, dir: &Path) -> Vec<serde_json::Value> {
         assert_eq!(m["clients_reported"], CLIENTS);
         assert_eq!(m["clients_failed"], 0);
         assert_eq!(m["eval_source"], "server");
+        // Per-class F1 and the confusion matrix of the server-side evaluation.
+        let per_class = m["eval_per_class_f1"].as_array().unwrap();
+        assert_eq!(per_class.len(), 10);
+        let confusion = m["eval_confusion"].as_array().unwrap();
+        assert_eq!(confusion.len(), 10);
+        let total: u64 = confusion
+            .iter()
+            .flat_map(|r| r.as_array().unwrap())
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(total, m["eval_examples"].as_u64().unwrap());
+        let mean_f1 = per_class.iter().map(|v| v.as_f64().unwrap()).sum::<f64>() / 10.0;
+        assert!(
+            (mean_f1 - m["eval_f1"].as_f64().unwrap()).abs() < 1e-9,
+            "{m}"
+        );
         assert_eq!(m["fed_eval_clients"], CLIENTS);
         assert!(m["fed_eval_examples"].as_u64().unwrap() > 0, "{m}");
         assert!(m["bytes_down"].as_u64().unwrap() >= 3 * 4 * 200_000, "{m}");
@@ -335,4 +351,47 @@ fn pretrained_frozen_layers_stay_put_and_shrink_traffic() {
         assert_eq!(value(o * 256 + i), burn_fc2.data[i * 10 + o]);
     }
     assert_eq!(file.tensor("fc1.weight").unwrap().shape(), [256, 784]);
+}
+
+/// `fedtune-coordinator pretrain` as a process: trains on a subset of the labels, reports
+/// validation every epoch, and writes weights `serve --init` loads.
+#[test]
+fn pretrain_writes_a_checkpoint_for_init() {
+    use fedtune_common::checkpoint;
+    use fedtune_common::models::ModelSpec;
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pre/mlp.safetensors");
+    let mut p = Proc::spawn(
+        "pretrain",
+        coordinator_bin(),
+        &[
+            "pretrain",
+            "--model",
+            "mlp",
+            "--data",
+            fashion_subset().to_str().unwrap(),
+            "--classes",
+            "0,1,2,3,4",
+            "--epochs",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from),
+        dir.path(),
+    );
+    let status = p.wait(Duration::from_secs(120));
+    let log = p.output();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert_eq!(log.matches("| val loss").count(), 2, "{log}");
+    assert!(log.contains("labels [0, 1, 2, 3, 4]"), "{log}");
+    let (weights, meta) = checkpoint::load(&out).unwrap();
+    assert_eq!(meta["fedtune.model"], "mlp");
+    assert_eq!(meta["fedtune.classes"], "[0, 1, 2, 3, 4]");
+    let acc: f64 = meta["fedtune.test_accuracy"].parse().unwrap();
+    assert!(acc > 0.7, "5-class test accuracy {acc}");
+    weights
+        .check_matches(&ModelSpec::parse("mlp", 10).unwrap().specs())
+        .unwrap();
 }
