@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use fedtune_common::data::{DataFolder, ImageDataset, validation_split};
-use fedtune_common::models::IMAGE_SIZE;
+use fedtune_common::models::ModelSpec;
 
 pub struct LocalData {
     /// The training pair (train-* when the folder has one).
@@ -18,11 +18,16 @@ pub struct LocalData {
 }
 
 impl LocalData {
-    pub fn open(dir: &Path, val_fraction: f64, seed: u64) -> anyhow::Result<Self> {
+    pub fn open(
+        dir: &Path,
+        label_column: &str,
+        val_fraction: f64,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
         if !(0.0..1.0).contains(&val_fraction) {
             bail!("--val-fraction must be in [0, 1), got {val_fraction}");
         }
-        let folder = DataFolder::open(dir)
+        let folder = DataFolder::open_with(dir, label_column)
             .with_context(|| format!("cannot load local data from {}", dir.display()))?;
         if folder.train.len() < 2 {
             bail!(
@@ -40,15 +45,13 @@ impl LocalData {
         })
     }
 
-    pub fn check_classes(&self, num_classes: u32) -> anyhow::Result<()> {
-        self.train
-            .check_labels(num_classes)
+    pub fn check_fits(&self, spec: &ModelSpec) -> anyhow::Result<()> {
+        spec.check_data(&self.train)
             .context("local data does not fit the coordinator's model")?;
         if let Some(test) = &self.test {
-            test.check_labels(num_classes)
+            spec.check_data(test)
                 .context("local test data does not fit the coordinator's model")?;
         }
-        self.train.check_image_size(IMAGE_SIZE, IMAGE_SIZE)?;
         Ok(())
     }
 }

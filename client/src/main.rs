@@ -59,9 +59,13 @@ struct RunArgs {
     /// Coordinator URL, e.g. http://10.0.0.5:50051.
     #[arg(long)]
     coordinator: String,
-    /// Folder of IDX files (images-idx3-ubyte + labels-idx1-ubyte, gzipped or not).
+    /// Local data: a folder of IDX files (images-idx3-ubyte + labels-idx1-ubyte, gzipped or
+    /// not), an image folder (<class>/<file>.png|jpg), or a CSV file.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// CSV data: the column holding the class number.
+    #[arg(long, default_value = "label")]
+    label_column: String,
     /// Compute device: flex (pure Rust), libtorch (CPU) or cuda:N (the last two need a build
     /// with --features tch).
     #[arg(long, default_value = "flex")]
@@ -126,6 +130,7 @@ fn main() -> anyhow::Result<()> {
         progress_bar: !args.no_progress && session::stderr_is_terminal(),
         give_up_after: args.give_up_after,
         attack: args.simulate_attack,
+        label_column: args.label_column,
         caps: Caps {
             max_batch_size: args.max_batch_size.filter(|&n| n > 0),
             max_epochs: args.max_epochs.filter(|&n| n > 0),

@@ -58,6 +58,8 @@ pub struct ClientOptions {
     pub attack: Option<Attack>,
     /// Limits on what the coordinator may ask of this client.
     pub caps: Caps,
+    /// The label column of CSV data.
+    pub label_column: String,
 }
 
 /// What the client did over the run.
@@ -161,7 +163,12 @@ impl Backoff {
 /// Runs the client until the coordinator says the federation is finished.
 pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     let data = match (&opts.data, opts.train) {
-        (Some(dir), _) => Some(LocalData::open(dir, opts.val_fraction, opts.seed)?),
+        (Some(dir), _) => Some(LocalData::open(
+            dir,
+            &opts.label_column,
+            opts.val_fraction,
+            opts.seed,
+        )?),
         (None, TrainMode::None) => None,
         (None, TrainMode::Full) => {
             bail!("--data is required to train (only --train none runs without data)")
@@ -385,7 +392,7 @@ async fn train_round(
                     "the coordinator runs a synthetic model, which cannot be trained: run this client with --train none"
                 );
             }
-            data.check_classes(spec.num_classes)?;
+            data.check_fits(&spec)?;
             let global = cache.complete(payload, &spec, &frozen)?;
             let (device, bar, round, name) = (
                 opts.device,
@@ -668,7 +675,7 @@ async fn evaluate_round(
             (0, HashMap::new())
         }
         Some(data) => {
-            data.check_classes(spec.num_classes)?;
+            data.check_fits(&spec)?;
             let frozen = cache.names();
             let payload = download(
                 s,

@@ -115,11 +115,15 @@ fn batch_with(
 ) -> (Tensor<4>, Tensor<1, Int>) {
     let mut x = Vec::with_capacity(indices.len() * data.rows * data.cols);
     for &i in indices {
-        x.extend(
-            pixels(data.image(i))
-                .into_iter()
-                .map(|p| (p - PIXEL_MEAN) / PIXEL_STD),
-        );
+        match data.features(i) {
+            // Tabular rows go in as they are, as `[1, 1, features]` "images".
+            Some(f) => x.extend_from_slice(f),
+            None => x.extend(
+                pixels(data.image(i))
+                    .into_iter()
+                    .map(|p| (p - PIXEL_MEAN) / PIXEL_STD),
+            ),
+        }
     }
     let y: Vec<i64> = indices.iter().map(|&i| i64::from(data.labels[i])).collect();
     let images = Tensor::from_data(
@@ -163,7 +167,7 @@ pub fn train(
         let (mut loss_sum, mut seen) = (0.0, 0usize);
         let mut lr = settings.lr;
         for (step, chunk) in order.chunks(batch_size).enumerate() {
-            let (images, labels) = if settings.augment.is_off() {
+            let (images, labels) = if settings.augment.is_off() || data.is_tabular() {
                 batch(data, chunk, device)
             } else {
                 batch_with(data, chunk, device, |image| {
@@ -349,6 +353,7 @@ mod tests {
             rows: 28,
             cols: 28,
             source: "test".into(),
+            tabular: None,
         }
     }
 

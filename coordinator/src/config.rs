@@ -603,10 +603,10 @@ impl ServeConfig {
             );
         }
         if let Some(eval) = &self.eval_data
-            && !eval.is_dir()
+            && !eval.exists()
         {
             bail!(
-                "`eval_data`: {} is not a folder (it must hold an IDX images/labels pair)",
+                "`eval_data`: {} does not exist (give an IDX folder, an image folder or a CSV file)",
                 eval.display()
             );
         }

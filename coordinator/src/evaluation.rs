@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Context;
 use burn::tensor::Device;
 use fedtune_common::data::{DataFolder, ImageDataset};
-use fedtune_common::models::{IMAGE_SIZE, ModelSpec};
+use fedtune_common::models::ModelSpec;
 use fedtune_common::params;
 use fedtune_common::tensors::TensorSet;
 use fedtune_common::train::{self, Evaluation};
@@ -23,9 +23,7 @@ impl ServerEval {
         let data = DataFolder::open(dir)
             .context("cannot open `eval_data`")?
             .evaluation_set();
-        data.check_labels(spec.num_classes)
-            .context("`eval_data` does not fit the model")?;
-        data.check_image_size(IMAGE_SIZE, IMAGE_SIZE)
+        spec.check_data(&data)
             .context("`eval_data` does not fit the model")?;
         let indices = (0..data.len()).collect();
         Ok(Self {

@@ -12,7 +12,7 @@ use clap::Args;
 use fedtune_common::checkpoint;
 use fedtune_common::data::{DataFolder, validation_split};
 use fedtune_common::device::DeviceChoice;
-use fedtune_common::models::{DROPOUT, IMAGE_SIZE, ModelSpec};
+use fedtune_common::models::{DROPOUT, ModelSpec};
 use fedtune_common::optim::OptimizerSettings;
 use fedtune_common::params;
 use fedtune_common::train::{self, TrainSettings};
@@ -27,9 +27,13 @@ pub struct PretrainArgs {
     /// Output classes of the model.
     #[arg(long, default_value_t = 10)]
     pub num_classes: u32,
-    /// IDX folder with the public training data (train-* pair; t10k-* is used for a final test).
+    /// The public training data: an IDX folder (train-* pair; t10k-* is used for a final test),
+    /// an image folder (<class>/<file>.png|jpg) or a CSV file.
     #[arg(long)]
     pub data: PathBuf,
+    /// CSV data: the column holding the class number.
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
     /// Train only on these labels, e.g. 0,1,2,3,4 (the rest of the folder is left out).
     #[arg(long, value_delimiter = ',')]
     pub classes: Vec<u8>,
@@ -67,7 +71,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
             args.val_fraction
         );
     }
-    let folder = DataFolder::open(&args.data)
+    let folder = DataFolder::open_with(&args.data, &args.label_column)
         .with_context(|| format!("cannot load {}", args.data.display()))?;
     let keep = |label: u8| args.classes.is_empty() || args.classes.contains(&label);
     let picked: Vec<usize> = (0..folder.train.len())
@@ -82,8 +86,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
         );
     }
     let data = folder.train.subset(&picked);
-    data.check_labels(spec.num_classes)?;
-    data.check_image_size(IMAGE_SIZE, IMAGE_SIZE)?;
+    spec.check_data(&data)?;
     let (train_idx, val_idx) = validation_split(data.len(), args.val_fraction, args.seed);
     info!(
         "pre-training {} on {} examples ({} for validation) from {}{}, {} epochs on {}",

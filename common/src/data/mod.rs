@@ -1,8 +1,11 @@
-//! Local data: image datasets read from IDX folders, validation splits and non-IID partitions.
+//! Local data: examples read from IDX folders, image folders (`<class>/<file>.png|jpg`) or CSV
+//! tables; validation splits and non-IID partitions.
 
 pub mod idx;
+pub mod image_folder;
 mod partition;
 mod split;
+pub mod table;
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +33,8 @@ pub enum DataError {
         want_rows: usize,
         want_cols: usize,
     },
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
     #[error(
         "{path}: label {label} at index {index} is not below the number of classes ({classes})"
     )]
@@ -41,7 +46,8 @@ pub enum DataError {
     },
 }
 
-/// Grey images with one u8 label each, stored contiguously (`len * rows * cols` bytes).
+/// Labelled examples: grey images (`len * rows * cols` bytes in `images`), or, for tabular data,
+/// rows of f32 features (`tabular`, `len * cols` values, with `rows` = 1 and `images` empty).
 #[derive(Debug, Clone)]
 pub struct ImageDataset {
     pub images: Vec<u8>,
@@ -50,6 +56,8 @@ pub struct ImageDataset {
     pub cols: usize,
     /// Where it came from, for messages.
     pub source: String,
+    /// Feature values of tabular data (used as they are: scale them beforehand).
+    pub tabular: Option<Vec<f32>>,
 }
 
 impl ImageDataset {
@@ -64,6 +72,16 @@ impl ImageDataset {
     pub fn image(&self, i: usize) -> &[u8] {
         let n = self.rows * self.cols;
         &self.images[i * n..(i + 1) * n]
+    }
+
+    /// Example `i`'s features, for tabular data.
+    pub fn features(&self, i: usize) -> Option<&[f32]> {
+        let n = self.rows * self.cols;
+        self.tabular.as_ref().map(|v| &v[i * n..(i + 1) * n])
+    }
+
+    pub fn is_tabular(&self) -> bool {
+        self.tabular.is_some()
     }
 
     /// Reads an images file and its labels file.
@@ -101,6 +119,7 @@ impl ImageDataset {
             rows: img.dims[1],
             cols: img.dims[2],
             source: images.display().to_string(),
+            tabular: None,
         })
     }
 
@@ -133,9 +152,13 @@ impl ImageDataset {
 
     /// The examples at `indices`, in that order.
     pub fn subset(&self, indices: &[usize]) -> Self {
-        let mut images = Vec::with_capacity(indices.len() * self.rows * self.cols);
+        let mut images = Vec::new();
+        let mut tabular = self.tabular.as_ref().map(|_| Vec::new());
         for &i in indices {
-            images.extend_from_slice(self.image(i));
+            match (&mut tabular, self.features(i)) {
+                (Some(t), Some(f)) => t.extend_from_slice(f),
+                _ => images.extend_from_slice(self.image(i)),
+            }
         }
         Self {
             images,
@@ -143,6 +166,7 @@ impl ImageDataset {
             rows: self.rows,
             cols: self.cols,
             source: self.source.clone(),
+            tabular,
         }
     }
 
@@ -175,6 +199,28 @@ impl DataFolder {
     /// Opens a folder of IDX pairs as Fashion-MNIST ships them. With both `train-*` and `t10k-*`
     /// pairs, training uses `train-*` and evaluation `t10k-*`; a folder with one pair uses it.
     pub fn open(dir: &Path) -> Result<Self, DataError> {
+        Self::open_with(dir, table::DEFAULT_LABEL_COLUMN)
+    }
+
+    /// As [`DataFolder::open`], also reading a CSV file (`label_column` names its label) or an
+    /// image folder (`<class>/<file>.png|jpg`, resized to 28×28 grey).
+    pub fn open_with(dir: &Path, label_column: &str) -> Result<Self, DataError> {
+        if dir.is_file()
+            && dir
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+        {
+            return Ok(Self {
+                train: table::read_csv(dir, label_column)?,
+                test: None,
+            });
+        }
+        if dir.is_dir() && image_folder::looks_like_one(dir) {
+            return Ok(Self {
+                train: image_folder::read(dir, crate::models::IMAGE_SIZE)?,
+                test: None,
+            });
+        }
         let folder_err = |reason: String| DataError::Folder {
             path: dir.to_path_buf(),
             reason,

@@ -23,8 +23,14 @@ pub const IMAGE_SIZE: usize = 28;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ModelError {
-    #[error("unknown model `{0}`: choose mlp, cnn or synthetic:<params> (e.g. synthetic:10M)")]
+    #[error(
+        "unknown model `{0}`: choose mlp, cnn, tabular-mlp:<features> (e.g. tabular-mlp:13) or synthetic:<params> (e.g. synthetic:10M)"
+    )]
     Unknown(String),
+    #[error(
+        "`{0}`: the number after `tabular-mlp:` must be the count of feature columns (1 or more)"
+    )]
+    BadFeatures(String),
     #[error(
         "`{0}`: the parameter count after `synthetic:` must be a positive number, optionally with k, M or G (e.g. synthetic:600M)"
     )]
@@ -39,7 +45,13 @@ pub enum ModelError {
 pub enum ModelKind {
     Mlp,
     Cnn,
-    Synthetic { params: u64 },
+    /// The MLP on `features` numeric inputs (CSV data).
+    TabularMlp {
+        features: usize,
+    },
+    Synthetic {
+        params: u64,
+    },
 }
 
 impl FromStr for ModelKind {
@@ -49,12 +61,22 @@ impl FromStr for ModelKind {
         match s {
             "mlp" => Ok(Self::Mlp),
             "cnn" => Ok(Self::Cnn),
-            _ => match s.strip_prefix("synthetic:") {
-                Some(size) => parse_count(size)
-                    .map(|params| Self::Synthetic { params })
-                    .ok_or_else(|| ModelError::BadSyntheticSize(s.to_string())),
-                None => Err(ModelError::Unknown(s.to_string())),
-            },
+            _ => {
+                if let Some(n) = s.strip_prefix("tabular-mlp:") {
+                    return match n.parse::<usize>() {
+                        Ok(features) if (1..=1 << 20).contains(&features) => {
+                            Ok(Self::TabularMlp { features })
+                        }
+                        _ => Err(ModelError::BadFeatures(s.to_string())),
+                    };
+                }
+                match s.strip_prefix("synthetic:") {
+                    Some(size) => parse_count(size)
+                        .map(|params| Self::Synthetic { params })
+                        .ok_or_else(|| ModelError::BadSyntheticSize(s.to_string())),
+                    None => Err(ModelError::Unknown(s.to_string())),
+                }
+            }
         }
     }
 }
@@ -76,6 +98,7 @@ impl fmt::Display for ModelKind {
         match self {
             Self::Mlp => write!(f, "mlp"),
             Self::Cnn => write!(f, "cnn"),
+            Self::TabularMlp { features } => write!(f, "tabular-mlp:{features}"),
             Self::Synthetic { params } => write!(f, "synthetic:{params}"),
         }
     }
@@ -112,7 +135,7 @@ impl ModelSpec {
     /// trainable by `--freeze head-only`).
     pub fn head_prefix(&self) -> Option<&'static str> {
         match self.kind {
-            ModelKind::Mlp | ModelKind::Cnn => Some("fc2."),
+            ModelKind::Mlp | ModelKind::Cnn | ModelKind::TabularMlp { .. } => Some("fc2."),
             ModelKind::Synthetic { .. } => None,
         }
     }
@@ -127,6 +150,9 @@ impl ModelSpec {
                 dropout,
                 device,
             ))),
+            ModelKind::TabularMlp { features } => {
+                Ok(Net::Mlp(Mlp::new(features, classes, dropout, device)))
+            }
             ModelKind::Cnn => Ok(Net::Cnn(Cnn::new(
                 IMAGE_CHANNELS,
                 IMAGE_SIZE,
@@ -136,6 +162,36 @@ impl ModelSpec {
                 device,
             ))),
             ModelKind::Synthetic { .. } => Err(ModelError::NotTrainable(self.kind.to_string())),
+        }
+    }
+
+    /// Whether `data` fits this model: labels below the number of classes, and 28×28 images for
+    /// the image models or rows of exactly `features` values for `tabular-mlp`.
+    pub fn check_data(
+        &self,
+        data: &crate::data::ImageDataset,
+    ) -> Result<(), crate::data::DataError> {
+        use crate::data::DataError;
+        data.check_labels(self.num_classes)?;
+        let mismatch = |reason: String| DataError::File {
+            path: data.source.clone(),
+            reason,
+        };
+        match (self.kind, data.is_tabular()) {
+            (ModelKind::TabularMlp { features }, true) if data.cols == features => Ok(()),
+            (ModelKind::TabularMlp { features }, true) => Err(mismatch(format!(
+                "{} feature columns, the model `{}` takes {features}",
+                data.cols, self.kind
+            ))),
+            (ModelKind::TabularMlp { .. }, false) => Err(mismatch(format!(
+                "image data, but the model `{}` takes CSV rows",
+                self.kind
+            ))),
+            (_, true) => Err(mismatch(format!(
+                "tabular (CSV) data, but the model `{}` takes 28x28 images; use tabular-mlp:{}",
+                self.kind, data.cols
+            ))),
+            _ => data.check_image_size(IMAGE_SIZE, IMAGE_SIZE),
         }
     }
 
