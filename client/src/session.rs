@@ -383,7 +383,11 @@ async fn train_round(
             // The download was verified; free it before building the fixed delta.
             let Payload { specs, bytes, .. } = payload;
             drop(bytes);
-            fine_tune::fixed_update(&specs, data.map_or(1, |d| d.train_idx.len() as u64))
+            let trainable: Vec<_> = specs
+                .into_iter()
+                .filter(|s| !frozen.contains(&s.name))
+                .collect();
+            fine_tune::fixed_update(&trainable, data.map_or(1, |d| d.train_idx.len() as u64))
         }
         (TrainMode::Full, None) => Err(anyhow::anyhow!("no local data")),
         (TrainMode::Full, Some(data)) => {

@@ -827,4 +827,59 @@ mod tests {
         });
         assert!(e.contains("fraction_fit"), "{e}");
     }
+
+    #[test]
+    fn recipe_keys_and_init_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("w.pt");
+        std::fs::write(&weights, b"x").unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "model = \"cnn\"\noptimizer = \"sgd\"\nmomentum = 0.9\nnesterov = true\nlr_schedule = \"cosine:0.1\"\nfreeze = \"conv1.*\"\naugment_flip = true\n[init]\nfile = {:?}\nreset_head = true\n[init.remap]\n\"^b\\\\.\" = \"\"\n\"^head\\\\.\" = \"fc2.\"\n",
+                weights
+            ),
+        )
+        .unwrap();
+        let cfg = ServeArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.optimizer.kind, OptimizerKind::Sgd);
+        assert!(cfg.optimizer.nesterov);
+        assert_eq!(cfg.lr_schedule, LrSchedule::Cosine { min_factor: 0.1 });
+        assert_eq!(cfg.frozen, vec!["conv1.weight", "conv1.bias"]);
+        assert!(cfg.augment.flip);
+        assert_eq!(cfg.init.as_deref(), Some(weights.as_path()));
+        assert_eq!(cfg.init_options.reset_head.as_deref(), Some("fc2."));
+        let rules: Vec<&str> = cfg.init_options.remap.iter().map(|r| r.pattern.as_str()).collect();
+        assert_eq!(rules, [r"^b\.", r"^head\."], "in file order");
+
+        let bad = |a: ServeArgs| format!("{:#}", a.resolve().unwrap_err());
+        let e = bad(ServeArgs {
+            nesterov: Some(true),
+            ..Default::default()
+        });
+        assert!(e.contains("nesterov"), "{e}");
+        let e = bad(ServeArgs {
+            model: Some("cnn".into()),
+            freeze: Some("conv9.*".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("conv9.*") && e.contains("conv1.weight"), "{e}");
+        let e = bad(ServeArgs {
+            lr_schedule: Some("linear".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("lr_schedule"), "{e}");
+        let e = bad(ServeArgs {
+            init_remap: vec!["no-equals".into()],
+            init: Some(weights.clone()),
+            ..Default::default()
+        });
+        assert!(e.contains("REGEX=REPLACEMENT"), "{e}");
+    }
 }

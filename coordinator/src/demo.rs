@@ -62,6 +62,18 @@ pub struct DemoArgs {
     /// every round (0 = off).
     #[arg(long, default_value_t = 1.0)]
     pub fraction_evaluate: f64,
+    /// Use only these labels, e.g. 5,6,7,8,9 (training and evaluation data).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Vec<u8>,
+    /// Start from pre-trained weights (see `serve --init`), e.g. the output of `pretrain`.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Re-initialise the classifier head of the --init weights (see `serve --reset-head`).
+    #[arg(long)]
+    pub reset_head: bool,
+    /// Frozen tensors: patterns, head-only or none (see `serve --freeze`).
+    #[arg(long)]
+    pub freeze: Option<String>,
     /// Device of the clients: flex, libtorch or cuda:N.
     #[arg(long, default_value = "flex")]
     pub device: String,
@@ -112,6 +124,33 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let model = ModelSpec::parse(&args.model, 10)?;
     folder.train.check_labels(model.num_classes)?;
     let client_bin = client_binary()?;
+    // With --classes, both splits keep only those labels; the evaluation pair is written out.
+    let keep = |labels: &[u8]| -> Vec<usize> {
+        (0..labels.len())
+            .filter(|&i| args.classes.is_empty() || args.classes.contains(&labels[i]))
+            .collect()
+    };
+    let train = folder.train.subset(&keep(&folder.train.labels));
+    let eval_dir = if args.classes.is_empty() {
+        data_dir.clone()
+    } else {
+        let test = folder.test.as_ref().map(|t| t.subset(&keep(&t.labels)));
+        let dir = args.out.join("eval");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        if let Some(test) = test {
+            test.write_pair(&dir, "t10k-")
+                .with_context(|| format!("cannot write {}", dir.display()))?;
+        }
+        dir
+    };
+    if train.is_empty() {
+        bail!("no training examples with labels {:?}", args.classes);
+    }
+    let folder = DataFolder {
+        train,
+        test: None,
+    };
 
     // Split the training set non-IID and give each client its own folder.
     let parts = dirichlet_partition(&folder.train.labels, args.clients, args.alpha, args.seed);
@@ -153,7 +192,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         model: Some(args.model.clone()),
         num_classes: Some(model.num_classes),
         out: Some(args.out.clone()),
-        eval_data: Some(data_dir.clone()),
+        eval_data: Some(eval_dir),
+        init: args.init.clone(),
+        reset_head: args.reset_head,
+        freeze: args.freeze.clone(),
         local_epochs: Some(args.local_epochs),
         batch_size: Some(args.batch_size),
         lr: Some(args.lr),

@@ -55,6 +55,10 @@ pub struct PretrainArgs {
     pub device: DeviceChoice,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Start from these weights (safetensors with the model's tensor names), e.g. to fine-tune
+    /// centrally as a baseline for a federated run.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Where to write the weights (safetensors, the model's tensor names).
     #[arg(long)]
     pub out: PathBuf,
@@ -106,7 +110,17 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
     let plain = args.device.device()?;
     let autodiff = plain.clone().autodiff();
     autodiff.seed(args.seed);
-    let model = spec.build_with_dropout(&autodiff, DROPOUT)?;
+    let mut model = spec.build_with_dropout(&autodiff, DROPOUT)?;
+    if let Some(init) = &args.init {
+        let (weights, report) = checkpoint::load_for_model(init, &params::extract(&model)?)?;
+        info!(
+            "starting from {}: {} tensors applied, {} missing",
+            init.display(),
+            report.applied.len(),
+            report.missing.len()
+        );
+        model = params::inject(model, &weights)?;
+    }
     let settings = TrainSettings {
         epochs: args.epochs,
         batch_size: args.batch_size.max(1),
