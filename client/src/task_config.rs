@@ -39,7 +39,7 @@ pub fn settings_from(
     if dropout >= 1.0 {
         bail!("the coordinator sent dropout = {dropout}; it must be below 1");
     }
-    let augment = cfg.augment.clone().unwrap_or_default();
+    let augment = cfg.augment.unwrap_or_default();
     let mut batch_size = cfg.batch_size.max(1) as usize;
     if let Some(max) = caps.max_batch_size
         && batch_size > max

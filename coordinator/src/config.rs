@@ -855,7 +855,12 @@ mod tests {
         assert!(cfg.augment.flip);
         assert_eq!(cfg.init.as_deref(), Some(weights.as_path()));
         assert_eq!(cfg.init_options.reset_head.as_deref(), Some("fc2."));
-        let rules: Vec<&str> = cfg.init_options.remap.iter().map(|r| r.pattern.as_str()).collect();
+        let rules: Vec<&str> = cfg
+            .init_options
+            .remap
+            .iter()
+            .map(|r| r.pattern.as_str())
+            .collect();
         assert_eq!(rules, [r"^b\.", r"^head\."], "in file order");
 
         let bad = |a: ServeArgs| format!("{:#}", a.resolve().unwrap_err());

@@ -147,10 +147,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if train.is_empty() {
         bail!("no training examples with labels {:?}", args.classes);
     }
-    let folder = DataFolder {
-        train,
-        test: None,
-    };
+    let folder = DataFolder { train, test: None };
 
     // Split the training set non-IID and give each client its own folder.
     let parts = dirichlet_partition(&folder.train.labels, args.clients, args.alpha, args.seed);
