@@ -41,16 +41,7 @@ impl ProgressView {
     }
 
     pub fn update(&mut self, p: &Progress) {
-        if let Some(v) = p.validation {
-            let line = format!(
-                "epoch {}/{}: train loss {:.4} | val loss {:.4} acc {:.2}% f1 {:.4}",
-                p.epoch,
-                p.epochs,
-                p.loss,
-                v.loss,
-                v.accuracy * 100.0,
-                v.f1
-            );
+        if let Some(line) = p.epoch_line() {
             match self {
                 Self::Bar(pb) => pb.println(line),
                 Self::Log { name, round, .. } => tracing::info!("{name} round {round} {line}"),

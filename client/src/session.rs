@@ -243,35 +243,16 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
                         report.rounds_trained += 1;
                         report.updates_accepted += u64::from(accepted);
                     }
-                    Err(e)
-                        if e.downcast_ref::<Status>()
-                            .is_some_and(|st| st.code() == Code::Unauthenticated) =>
-                    {
-                        warn!("round {round}: session lost ({e}); joining again");
-                        session = None;
-                    }
-                    Err(e) if e.downcast_ref::<Status>().is_some_and(transient) => {
-                        // Transfers already retried; the NextTask loop reconnects with backoff.
-                        warn!("round {round}: {e:#}; asking for work again");
-                    }
-                    Err(e) => return Err(e.context(format!("round {round}"))),
+                    Err(e) => after_task_error(e, &format!("round {round}"), &mut session)?,
                 }
             }
             Some(Kind::Evaluate(t)) => {
                 let round = t.round;
                 match evaluate_round(s, t, &opts, data.as_ref(), &mut frozen_cache).await {
                     Ok(()) => report.rounds_evaluated += 1,
-                    Err(e)
-                        if e.downcast_ref::<Status>()
-                            .is_some_and(|st| st.code() == Code::Unauthenticated) =>
-                    {
-                        warn!("round {round}: session lost ({e}); joining again");
-                        session = None;
+                    Err(e) => {
+                        after_task_error(e, &format!("round {round} evaluation"), &mut session)?
                     }
-                    Err(e) if e.downcast_ref::<Status>().is_some_and(transient) => {
-                        warn!("round {round}: evaluation: {e:#}; asking for work again");
-                    }
-                    Err(e) => return Err(e.context(format!("round {round} evaluation"))),
                 }
             }
             Some(Kind::Wait(w)) => {
@@ -287,6 +268,27 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
             }
             None => bail!("coordinator sent an empty task; it may speak a newer protocol"),
         }
+    }
+}
+
+/// After a task failed: re-join (session lost), ask for work again (transfers already retried;
+/// the NextTask loop reconnects with backoff), or stop the client with the error.
+fn after_task_error(
+    e: anyhow::Error,
+    what: &str,
+    session: &mut Option<Session>,
+) -> anyhow::Result<()> {
+    match e.downcast_ref::<Status>() {
+        Some(st) if st.code() == Code::Unauthenticated => {
+            warn!("{what}: session lost ({e}); joining again");
+            *session = None;
+            Ok(())
+        }
+        Some(st) if transient(st) => {
+            warn!("{what}: {e:#}; asking for work again");
+            Ok(())
+        }
+        _ => Err(e.context(what.to_string())),
     }
 }
 

@@ -1,4 +1,5 @@
-//! safetensors files in and out: the global model after every round, and pre-trained weights in.
+//! safetensors files in and out: the global model after every round, server state, and the
+//! files `pretrained` reads.
 //!
 //! Files are written atomically (a temporary file in the same folder, then a rename), so a
 //! crash never leaves a half-written model where a reader expects a whole one.
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors, View};
 
-use crate::tensors::{NamedTensor, TensorSet, TensorSpec};
+use crate::tensors::{NamedTensor, TensorSet};
 use crate::wire::decode_le_vec;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +99,7 @@ pub fn load(path: &Path) -> Result<(TensorSet, HashMap<String, String>), Checkpo
     let st = SafeTensors::deserialize(&bytes).map_err(|e| format(&e))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| format(&e))?;
     let mut tensors = Vec::new();
-    // Sorted for a stable order; the model's own order is restored by `load_for_model`.
+    // Sorted for a stable order; `pretrained::load` restores the model's own order.
     let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
     names.sort();
     for name in names {
@@ -118,75 +119,12 @@ pub fn load(path: &Path) -> Result<(TensorSet, HashMap<String, String>), Checkpo
     Ok((set, meta.metadata().clone().unwrap_or_default()))
 }
 
-/// What loading pre-trained weights into a model did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoadReport {
-    pub applied: Vec<String>,
-    /// Model tensors the file lacks: they keep their fresh initialisation.
-    pub missing: Vec<String>,
-    /// File tensors the model has no place for: ignored.
-    pub unused: Vec<String>,
-}
-
-/// Loads `path` onto a model whose parameters are `init` (fresh weights): tensors found in the
-/// file replace the fresh ones; a shape mismatch is an error naming the tensor and both shapes.
-pub fn load_for_model(
-    path: &Path,
-    init: &TensorSet,
-) -> Result<(TensorSet, LoadReport), CheckpointError> {
-    let (file, _) = load(path)?;
-    let specs: Vec<TensorSpec> = init.specs();
-    let mut report = LoadReport {
-        applied: vec![],
-        missing: vec![],
-        unused: vec![],
-    };
-    let mut out = Vec::with_capacity(init.len());
-    for t in init.tensors() {
-        match file.get(&t.name) {
-            Some(f) if f.shape != t.shape => {
-                return Err(CheckpointError::Shape {
-                    path: path.to_path_buf(),
-                    name: t.name.clone(),
-                    expected: t.shape.clone(),
-                    actual: f.shape.clone(),
-                });
-            }
-            Some(f) => {
-                report.applied.push(t.name.clone());
-                out.push(f.clone());
-            }
-            None => {
-                report.missing.push(t.name.clone());
-                out.push(t.clone());
-            }
-        }
-    }
-    report.unused = file
-        .tensors()
-        .iter()
-        .filter(|t| !specs.iter().any(|s| s.name == t.name))
-        .map(|t| t.name.clone())
-        .collect();
-    if report.applied.is_empty() {
-        return Err(CheckpointError::NothingApplied {
-            path: path.to_path_buf(),
-            unused: report.unused,
-        });
-    }
-    let set = TensorSet::new(out).map_err(|e| CheckpointError::Format {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    Ok((set, report))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn save_load_round_trip_and_report() {
+    fn save_load_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.safetensors");
         let set = TensorSet::new(vec![
@@ -204,27 +142,6 @@ mod tests {
         assert_eq!(meta.get("round").map(String::as_str), Some("3"));
         assert_eq!(back.get("fc1.weight"), set.get("fc1.weight"));
 
-        let init = TensorSet::new(vec![
-            NamedTensor::new("fc1.weight", vec![2, 3], vec![0.0; 6]).unwrap(),
-            NamedTensor::new("fc2.weight", vec![1], vec![9.0]).unwrap(),
-        ])
-        .unwrap();
-        let (loaded, report) = load_for_model(&p, &init).unwrap();
-        assert_eq!(report.applied, vec!["fc1.weight"]);
-        assert_eq!(report.missing, vec!["fc2.weight"]);
-        assert_eq!(report.unused, vec!["fc1.bias"]);
-        assert_eq!(loaded.get("fc1.weight"), set.get("fc1.weight"));
-        assert_eq!(loaded.get("fc2.weight").unwrap().data, vec![9.0]);
-
-        let wrong = TensorSet::new(vec![
-            NamedTensor::new("fc1.weight", vec![3, 2], vec![0.0; 6]).unwrap(),
-        ])
-        .unwrap();
-        let e = load_for_model(&p, &wrong).unwrap_err().to_string();
-        assert!(
-            e.contains("fc1.weight") && e.contains("[2, 3]") && e.contains("[3, 2]"),
-            "{e}"
-        );
         std::fs::write(&p, b"garbage").unwrap();
         assert!(matches!(load(&p), Err(CheckpointError::Format { .. })));
     }

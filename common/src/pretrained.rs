@@ -11,7 +11,7 @@ use std::path::Path;
 
 use regex::Regex;
 
-use crate::checkpoint::{self, CheckpointError, LoadReport};
+use crate::checkpoint::{self, CheckpointError};
 use crate::tensors::{NamedTensor, TensorSet};
 
 /// How a file's tensors are laid out.
@@ -54,13 +54,33 @@ impl Remap {
     }
 }
 
-/// How to load pre-trained weights.
+/// How to load pre-trained weights (default: names as they are, layout by extension).
 #[derive(Debug, Clone)]
 pub struct InitOptions {
     pub remap: Vec<Remap>,
     pub layout: Layout,
     /// Tensor-name prefix of the classifier head, re-initialised instead of loaded.
     pub reset_head: Option<String>,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self {
+            remap: Vec::new(),
+            layout: Layout::Auto,
+            reset_head: None,
+        }
+    }
+}
+
+/// What loading pre-trained weights into a model did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadReport {
+    pub applied: Vec<String>,
+    /// Model tensors the file lacks: they keep their fresh initialisation.
+    pub missing: Vec<String>,
+    /// File tensors the model has no place for: ignored.
+    pub unused: Vec<String>,
 }
 
 /// What loading did beyond the report: tensors transposed from PyTorch's layout, and the head

@@ -214,8 +214,13 @@ impl TensorSet {
 
     /// xxh3 over names, shapes and values: whether two sets hold the same tensors.
     pub fn content_hash(&self) -> u64 {
+        self.content_hash_of(|_| true)
+    }
+
+    /// [`TensorSet::content_hash`] of the tensors whose names `keep` accepts, without copying them.
+    pub fn content_hash_of(&self, keep: impl Fn(&str) -> bool) -> u64 {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
-        for t in &self.tensors {
+        for t in self.tensors.iter().filter(|t| keep(&t.name)) {
             h.update(t.name.as_bytes());
             h.update(&[0]);
             for d in &t.shape {

@@ -86,6 +86,23 @@ pub struct Progress {
     pub validation: Option<EpochValidation>,
 }
 
+impl Progress {
+    /// `epoch 2/5: train loss … | val loss … acc …% f1 …` for an end-of-epoch report.
+    pub fn epoch_line(&self) -> Option<String> {
+        self.validation.map(|v| {
+            format!(
+                "epoch {}/{}: train loss {:.4} | val loss {:.4} acc {:.2}% f1 {:.4}",
+                self.epoch,
+                self.epochs,
+                self.loss,
+                v.loss,
+                v.accuracy * 100.0,
+                v.f1
+            )
+        })
+    }
+}
+
 pub struct TrainOutcome {
     /// The trained model (with early stopping: the weights of the best validation epoch).
     pub model: Net,
@@ -218,7 +235,7 @@ pub fn train(
         if validation.is_empty() {
             continue;
         }
-        let Ok(v) = evaluate(&model, data, validation, 256, num_classes(&model), &plain) else {
+        let Ok(v) = evaluate(&model, data, validation, 256, model.num_classes(), &plain) else {
             continue;
         };
         let m = v.metrics();
@@ -258,11 +275,6 @@ pub fn train(
         epochs_run,
         stopped_early,
     }
-}
-
-/// Output classes of a built model.
-fn num_classes(model: &Net) -> usize {
-    model.num_classes()
 }
 
 /// The device could not hand back the model's predictions.

@@ -15,6 +15,7 @@ use fedtune_common::device::DeviceChoice;
 use fedtune_common::models::{DROPOUT, ModelSpec};
 use fedtune_common::optim::OptimizerSettings;
 use fedtune_common::params;
+use fedtune_common::pretrained::{self, InitOptions};
 use fedtune_common::train::{self, TrainSettings};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::info;
@@ -112,7 +113,8 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
     autodiff.seed(args.seed);
     let mut model = spec.build_with_dropout(&autodiff, DROPOUT)?;
     if let Some(init) = &args.init {
-        let (weights, report) = checkpoint::load_for_model(init, &params::extract(&model)?)?;
+        let (weights, report, _) =
+            pretrained::load(init, &params::extract(&model)?, &InitOptions::default())?;
         info!(
             "starting from {}: {} tensors applied, {} missing",
             init.display(),
@@ -148,22 +150,11 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
         &val_idx,
         &settings,
         &autodiff,
-        &mut |p| match (&bar, p.validation) {
-            (_, Some(v)) => {
-                let line = format!(
-                    "epoch {}/{}: train loss {:.4} | val loss {:.4} acc {:.2}% f1 {:.4}",
-                    p.epoch,
-                    p.epochs,
-                    p.loss,
-                    v.loss,
-                    v.accuracy * 100.0,
-                    v.f1
-                );
-                match &bar {
-                    Some(pb) => pb.println(line),
-                    None => info!("{line}"),
-                }
-            }
+        &mut |p| match (&bar, p.epoch_line()) {
+            (_, Some(line)) => match &bar {
+                Some(pb) => pb.println(line),
+                None => info!("{line}"),
+            },
             (Some(pb), None) => {
                 pb.set_length((p.epochs as usize * p.steps_per_epoch) as u64);
                 pb.set_position(((p.epoch as usize - 1) * p.steps_per_epoch + p.step) as u64);

@@ -199,7 +199,7 @@ impl Broadcast {
                 version,
                 MAX_CHUNK_BYTES,
             )?)),
-            frozen_hash: global.select(is_frozen).content_hash(),
+            frozen_hash: global.content_hash_of(is_frozen),
         })
     }
 
@@ -240,6 +240,12 @@ struct Issued {
     kind: PhaseKind,
     round: u64,
     client_id: String,
+}
+
+impl Issued {
+    fn key(&self) -> (u64, u64) {
+        (self.serial, self.round)
+    }
 }
 
 struct State {
@@ -505,21 +511,22 @@ impl Federation {
     }
 
     /// The open phase `issued` belongs to, or why it is over.
+    /// The open phase with `serial` (a task's round `round`), or why it is over.
     fn open_for<'a>(
         phase: &'a mut Phase,
         current_round: u64,
-        issued: &Issued,
+        (serial, round): (u64, u64),
         task_id: &str,
     ) -> Result<&'a mut OpenPhase, Refusal> {
         match phase {
-            Phase::Open(open) if open.serial == issued.serial => Ok(open),
-            _ if issued.round == current_round => Err(Refusal::AttemptClosed {
+            Phase::Open(open) if open.serial == serial => Ok(open),
+            _ if round == current_round => Err(Refusal::AttemptClosed {
                 task_id: task_id.to_string(),
-                round: issued.round,
+                round,
             }),
             _ => Err(Refusal::RoundClosed {
                 task_id: task_id.to_string(),
-                task_round: issued.round,
+                task_round: round,
                 current: current_round,
             }),
         }
@@ -536,7 +543,7 @@ impl Federation {
         let mut st = lock(&self.state);
         let st = &mut *st;
         let (issued, _) = Self::task_of(st, token, task_id)?;
-        let open = Self::open_for(&mut st.phase, st.current_round, &issued, task_id)?;
+        let open = Self::open_for(&mut st.phase, st.current_round, issued.key(), task_id)?;
         Ok((open.broadcast.for_client(frozen_hash), open.stats.clone()))
     }
 
@@ -559,7 +566,7 @@ impl Federation {
         if let Some(&round) = st.counted.get(&task_id) {
             return Ok(Err(SubmitOutcome::Duplicate { round }));
         }
-        let open = match Self::open_for(&mut st.phase, st.current_round, &issued, &task_id) {
+        let open = match Self::open_for(&mut st.phase, st.current_round, issued.key(), &task_id) {
             Ok(open) => open,
             Err(refusal) => {
                 warn!("late update from {client_name}: {refusal}");
@@ -656,20 +663,14 @@ impl Federation {
         {
             let mut st = lock(&self.state);
             let st = &mut *st;
-            let issued = Issued {
-                serial: ticket.serial,
-                kind: PhaseKind::Fit { proximal_mu: 0.0 },
-                round: ticket.round,
-                client_id: ticket.client_id.clone(),
+            let key = (ticket.serial, ticket.round);
+            let open = match Self::open_for(&mut st.phase, st.current_round, key, &ticket.task_id) {
+                Ok(open) => open,
+                Err(refusal) => {
+                    warn!("late update from {}: {refusal}", ticket.client_name);
+                    return Err(refusal);
+                }
             };
-            let open =
-                match Self::open_for(&mut st.phase, st.current_round, &issued, &ticket.task_id) {
-                    Ok(open) => open,
-                    Err(refusal) => {
-                        warn!("late update from {}: {refusal}", ticket.client_name);
-                        return Err(refusal);
-                    }
-                };
             let Some(task) = open
                 .tasks
                 .get_mut(&ticket.client_id)
@@ -728,7 +729,7 @@ impl Federation {
         if let Some(&round) = st.counted.get(&task_id) {
             return Ok(SubmitOutcome::Duplicate { round });
         }
-        let open = match Self::open_for(&mut st.phase, st.current_round, &issued, &task_id) {
+        let open = match Self::open_for(&mut st.phase, st.current_round, issued.key(), &task_id) {
             Ok(open) => open,
             Err(refusal) => {
                 warn!("late evaluation from {client_name}: {refusal}");
@@ -986,7 +987,9 @@ impl Federation {
             record.round_ms = started.elapsed().as_millis() as u64;
 
             // Checkpoint, then tell the world.
-            let state = strategy.state();
+            let state = strategy
+                .state()
+                .context("cannot collect the strategy's server state")?;
             run_dir.checkpoint(&global, &self.cfg.model, &record, state.as_ref())?;
             log_round(&record, self.cfg.log_format);
             records.push(record);

@@ -17,6 +17,40 @@ pub fn fashion_subset() -> PathBuf {
     workspace_root().join("data/fashion-mnist-subset")
 }
 
+/// Defines `coordinator_bin()` and `client_bin()` in the calling test: the two binaries cargo
+/// builds for this package's tests from coordinator/src/main.rs and client/src/main.rs (see
+/// tests/Cargo.toml). A macro, because cargo sets their paths only for integration tests.
+#[macro_export]
+macro_rules! test_binaries {
+    () => {
+        fn coordinator_bin() -> &'static std::path::Path {
+            std::path::Path::new(env!("CARGO_BIN_EXE_fedtune-coordinator-under-test"))
+        }
+
+        fn client_bin() -> &'static std::path::Path {
+            std::path::Path::new(env!("CARGO_BIN_EXE_fedtune-client-under-test"))
+        }
+    };
+}
+
+/// `fedtune-client run` against the coordinator on 127.0.0.1:`port`, then `extra`.
+pub fn client_args(port: u16, data: &Path, name: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "--coordinator",
+        &format!("http://127.0.0.1:{port}"),
+        "--data",
+        &data.display().to_string(),
+        "--name",
+        name,
+        "--no-progress",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -6,15 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use fedtune_common::data::{DataFolder, dirichlet_partition};
-use fedtune_tests::{Proc, fashion_subset, free_port};
+use fedtune_tests::{Proc, client_args, fashion_subset, free_port};
 
-fn coordinator_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_fedtune-coordinator-under-test"))
-}
-
-fn client_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_fedtune-client-under-test"))
-}
+fedtune_tests::test_binaries!();
 
 const HONEST: usize = 4;
 const ROUNDS: u64 = 3;
@@ -79,19 +73,12 @@ fn final_accuracy(
     );
     let mut procs: Vec<Proc> = (0..clients)
         .map(|i| {
-            let mut args = vec![
-                "run".to_string(),
-                "--coordinator".into(),
-                format!("http://127.0.0.1:{port}"),
-                "--data".into(),
-                data[i].to_str().unwrap().into(),
-                "--name".into(),
-                format!("client{i}"),
-                "--no-progress".into(),
-            ];
-            if attacker == Some(i) {
-                args.extend(["--simulate-attack".into(), "scale:100".into()]);
-            }
+            let attack: &[&str] = if attacker == Some(i) {
+                &["--simulate-attack", "scale:100"]
+            } else {
+                &[]
+            };
+            let args = client_args(port, &data[i], &format!("client{i}"), attack);
             Proc::spawn(&format!("{strategy}-client{i}"), client_bin(), &args, dir)
         })
         .collect();

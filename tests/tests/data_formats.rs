@@ -5,15 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use fedtune_common::data::DataFolder;
-use fedtune_tests::{Proc, fashion_subset, free_port, workspace_root};
+use fedtune_tests::{Proc, client_args, fashion_subset, free_port, workspace_root};
 
-fn coordinator_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_fedtune-coordinator-under-test"))
-}
-
-fn client_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_fedtune-client-under-test"))
-}
+fedtune_tests::test_binaries!();
 
 /// Runs a federation of one client per data path; returns the final server-side accuracy.
 fn federate(
@@ -50,17 +44,7 @@ fn federate(
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let args = [
-                "run",
-                "--coordinator",
-                &format!("http://127.0.0.1:{port}"),
-                "--data",
-                d.to_str().unwrap(),
-                "--name",
-                &format!("site-{i}"),
-                "--no-progress",
-            ]
-            .map(String::from);
+            let args = client_args(port, d, &format!("site-{i}"), &[]);
             Proc::spawn(&format!("client{i}"), client_bin(), &args, dir)
         })
         .collect();

@@ -6,17 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use fedtune_common::data::{DataFolder, dirichlet_partition};
-use fedtune_tests::{Proc, fashion_subset, free_port};
+use fedtune_tests::{Proc, client_args, fashion_subset, free_port};
 
-/// The two binaries, built by cargo for this test from coordinator/src/main.rs and
-/// client/src/main.rs (see tests/Cargo.toml).
-fn coordinator_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_fedtune-coordinator-under-test"))
-}
-
-fn client_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_fedtune-client-under-test"))
-}
+fedtune_tests::test_binaries!();
 
 const ROUNDS: usize = 3;
 const CLIENTS: usize = 3;
@@ -61,19 +53,7 @@ fn run_federation(device: &str, dir: &Path) -> Vec<serde_json::Value> {
             let data = dir.join(format!("client{i}"));
             std::fs::create_dir_all(&data).unwrap();
             train.subset(part).write_pair(&data, "train-").unwrap();
-            let args = [
-                "run",
-                "--coordinator",
-                &format!("http://127.0.0.1:{port}"),
-                "--data",
-                data.to_str().unwrap(),
-                "--name",
-                &format!("edge-{i}"),
-                "--device",
-                device,
-                "--no-progress",
-            ]
-            .map(String::from);
+            let args = client_args(port, &data, &format!("edge-{i}"), &["--device", device]);
             Proc::spawn(&format!("client{i}"), client_bin(), &args, dir)
         })
         .collect();
@@ -259,17 +239,7 @@ fn pretrained_frozen_layers_stay_put_and_shrink_traffic() {
                 .subset(&part)
                 .write_pair(&data, "train-")
                 .unwrap();
-            let args = [
-                "run",
-                "--coordinator",
-                &format!("http://127.0.0.1:{port}"),
-                "--data",
-                data.to_str().unwrap(),
-                "--name",
-                &format!("edge-{i}"),
-                "--no-progress",
-            ]
-            .map(String::from);
+            let args = client_args(port, &data, &format!("edge-{i}"), &[]);
             Proc::spawn(&format!("client{i}"), client_bin(), &args, dir.path())
         })
         .collect();

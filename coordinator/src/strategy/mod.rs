@@ -33,7 +33,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use fedtune_common::tensors::{TensorSet, TensorSpec};
+use fedtune_common::tensors::{TensorError, TensorSet, TensorSpec};
 use fedtune_common::wire::Payload;
 
 use self::buffer::UpdateBuffer;
@@ -130,7 +130,7 @@ pub trait Strategy: Send {
     }
 
     /// Server state to checkpoint (moments, momentum); `None` for stateless strategies.
-    fn state(&self) -> Option<TensorSet>;
+    fn state(&self) -> Result<Option<TensorSet>, TensorError>;
 
     /// Restores [`Strategy::state`] from a checkpoint.
     fn restore(&mut self, state: &TensorSet) -> Result<(), String>;
@@ -370,14 +370,11 @@ impl Strategy for BuiltIn {
         sampling::sample(available, count, self.s.seed ^ round.rotate_left(32))
     }
 
-    fn state(&self) -> Option<TensorSet> {
+    fn state(&self) -> Result<Option<TensorSet>, TensorError> {
         if !self.server.is_stateful() {
-            return None;
+            return Ok(None);
         }
-        self.server
-            .state(&self.layout)
-            .ok()
-            .and_then(|t| TensorSet::new(t).ok())
+        TensorSet::new(self.server.state(&self.layout)?).map(Some)
     }
 
     fn restore(&mut self, state: &TensorSet) -> Result<(), String> {

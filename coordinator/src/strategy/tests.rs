@@ -98,7 +98,7 @@ fn fedavg_weighted_mean_with_unequal_example_counts() {
     .unwrap();
     // a: 10 + (1*1 + 3*5)/4 = 14, -1 + (1*2 + 3*6)/4 = 4 ; b: 0.5 + (4 - 12)/4 = -1.5
     assert_eq!(values(&g), vec![14.0, 4.0, -1.5]);
-    assert!(s.state().is_none(), "fedavg keeps no server state");
+    assert!(s.state().unwrap().is_none(), "fedavg keeps no server state");
 }
 
 #[test]
@@ -123,7 +123,7 @@ fn fedavgm_momentum_over_three_rounds() {
         round(&mut s, &mut g, &[([d, 0.0], 0.0, 7)]).unwrap();
     }
     close(&values(&g), &[5.51, 0.0, 0.0]);
-    assert!(s.state().is_some());
+    assert!(s.state().unwrap().is_some());
 }
 
 /// Reddi et al.'s update written out in f64, for comparison.
@@ -350,7 +350,7 @@ fn server_state_restored_from_a_checkpoint_continues_exactly() {
         for u in &rounds[..2] {
             round(&mut first, &mut g2, &[*u]).unwrap();
         }
-        let state = first.state().unwrap();
+        let state = first.state().unwrap().unwrap();
         let mut resumed = built(kind);
         resumed.restore(&state).unwrap();
         round(&mut resumed, &mut g2, &[rounds[2]]).unwrap();
