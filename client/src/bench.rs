@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use burn::tensor::Device;
-use fedtune_common::data::ImageDataset;
+use fedtune_common::data::Examples;
 use fedtune_common::models::ModelSpec;
 use fedtune_common::train::{self, TrainSettings};
 
@@ -18,7 +18,7 @@ pub struct StepTiming {
 /// Runs `warmup` then `steps` optimiser steps at `batch_size` and returns the mean step time.
 pub fn time_steps(
     spec: &ModelSpec,
-    data: &ImageDataset,
+    data: &dyn Examples,
     batch_size: usize,
     warmup: usize,
     steps: usize,
@@ -27,9 +27,11 @@ pub fn time_steps(
     let autodiff = device.clone().autodiff();
     autodiff.seed(0);
     let mut model = spec.build(&autodiff)?;
+    let frozen = spec.lora_frozen();
     let settings = |n: usize| TrainSettings {
         batch_size,
         seed: n as u64,
+        frozen: frozen.clone(),
         ..Default::default()
     };
     let indices = |n: usize| {
@@ -45,7 +47,7 @@ pub fn time_steps(
         &settings(warmup),
         &autodiff,
         &mut |_| {},
-    )
+    )?
     .model;
     let started = Instant::now();
     let outcome = train::train(
@@ -56,7 +58,7 @@ pub fn time_steps(
         &settings(steps),
         &autodiff,
         &mut |_| {},
-    );
+    )?;
     let elapsed = started.elapsed();
     Ok(StepTiming {
         batch_size,

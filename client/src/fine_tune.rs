@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use fedtune_common::data::Examples;
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::models::ModelSpec;
 use fedtune_common::params;
@@ -11,6 +12,23 @@ use fedtune_common::tensors::{NamedTensor, TensorSet, TensorSpec};
 use fedtune_common::train::{self, Progress, TrainSettings};
 
 use crate::local_data::LocalData;
+
+/// The local examples with the training and validation indices.
+pub struct Split<'a> {
+    pub examples: &'a dyn Examples,
+    pub train_idx: &'a [usize],
+    pub val_idx: &'a [usize],
+}
+
+impl<'a> Split<'a> {
+    pub fn of(data: &'a LocalData, examples: &'a dyn Examples) -> Self {
+        Self {
+            examples,
+            train_idx: &data.train_idx,
+            val_idx: &data.val_idx,
+        }
+    }
+}
 
 const EVAL_BATCH: usize = 256;
 /// The update of `--train none`: every parameter moves by this much.
@@ -31,7 +49,7 @@ pub fn fine_tune(
     spec: &ModelSpec,
     settings: &TrainSettings,
     dropout: f64,
-    data: &LocalData,
+    data: Split,
     device: DeviceChoice,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> anyhow::Result<LocalUpdate> {
@@ -42,19 +60,19 @@ pub fn fine_tune(
     let model = params::inject(spec.build_with_dropout(&autodiff, dropout)?, global)?;
     // Validation every epoch only when early stopping needs it.
     let per_epoch_validation: &[usize] = if settings.early_stopping_patience > 0 {
-        &data.val_idx
+        data.val_idx
     } else {
         &[]
     };
     let outcome = train::train(
         model,
-        &data.train,
-        &data.train_idx,
+        data.examples,
+        data.train_idx,
         per_epoch_validation,
         settings,
         &autodiff,
         on_progress,
-    );
+    )?;
     let train_ms = started.elapsed().as_millis() as f64;
 
     let local = params::extract(&outcome.model)?;
@@ -63,8 +81,8 @@ pub fn fine_tune(
         .select(|n| !settings.frozen.iter().any(|f| f == n));
     let eval = train::evaluate(
         &outcome.model,
-        &data.train,
-        &data.val_idx,
+        data.examples,
+        data.val_idx,
         EVAL_BATCH,
         spec.num_classes as usize,
         &plain,
@@ -93,7 +111,7 @@ pub fn fine_tune(
 pub fn evaluate_global(
     global: &TensorSet,
     spec: &ModelSpec,
-    data: &LocalData,
+    data: Split,
     device: DeviceChoice,
     batch_size: usize,
 ) -> anyhow::Result<(u64, HashMap<String, f64>)> {
@@ -101,8 +119,8 @@ pub fn evaluate_global(
     let model = params::inject(spec.build(&plain)?, global)?;
     let eval = train::evaluate(
         &model,
-        &data.train,
-        &data.val_idx,
+        data.examples,
+        data.val_idx,
         batch_size,
         spec.num_classes as usize,
         &plain,

@@ -60,12 +60,21 @@ struct RunArgs {
     #[arg(long)]
     coordinator: String,
     /// Local data: a folder of IDX files (images-idx3-ubyte + labels-idx1-ubyte, gzipped or
-    /// not), an image folder (<class>/<file>.png|jpg), or a CSV file.
+    /// not), an image folder (<class>/<file>.png|jpg), a CSV table, or text: a TSV or JSONL
+    /// file, or a CSV file with a --text-column.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// CSV data: the column holding the class number.
+    /// CSV and text data: the column holding the label (a class number, or for text one of the
+    /// coordinator's --labels names).
     #[arg(long, default_value = "label")]
     label_column: String,
+    /// Text data: the column holding the text.
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    /// Text models: this client's copy of the coordinator's tokenizer.json (or a Hugging Face
+    /// folder holding it); checked against the coordinator's by SHA-256.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Compute device: flex (pure Rust), libtorch (CPU) or cuda:N (the last two need a build
     /// with --features tch).
     #[arg(long, default_value = "flex")]
@@ -131,6 +140,8 @@ fn main() -> anyhow::Result<()> {
         give_up_after: args.give_up_after,
         attack: args.simulate_attack,
         label_column: args.label_column,
+        text_column: args.text_column,
+        tokenizer: args.tokenizer,
         caps: Caps {
             max_batch_size: args.max_batch_size.filter(|&n| n > 0),
             max_epochs: args.max_epochs.filter(|&n| n > 0),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::models::{ModelKind, ModelSpec};
+use fedtune_common::spec_wire;
 use fedtune_common::tensors::{TensorSpec, check_specs};
 use fedtune_common::wire::{Assembler, EncodedTensors, MAX_CHUNK_BYTES, Payload};
 use fedtune_proto::federation_client::FederationClient;
@@ -21,9 +22,9 @@ use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::attack::Attack;
-use crate::fine_tune::{self, LocalUpdate};
+use crate::fine_tune::{self, LocalUpdate, Split};
 use crate::frozen_cache::FrozenCache;
-use crate::local_data::LocalData;
+use crate::local_data::{Columns, LocalData};
 use crate::progress::ProgressView;
 use crate::task_config::{self, Caps};
 
@@ -58,8 +59,12 @@ pub struct ClientOptions {
     pub attack: Option<Attack>,
     /// Limits on what the coordinator may ask of this client.
     pub caps: Caps,
-    /// The label column of CSV data.
+    /// The label column of CSV data and text files.
     pub label_column: String,
+    /// The text column of text files.
+    pub text_column: String,
+    /// The tokenizer.json this client holds, for text models.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// What the client did over the run.
@@ -163,9 +168,13 @@ impl Backoff {
 /// Runs the client until the coordinator says the federation is finished.
 pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     let data = match (&opts.data, opts.train) {
-        (Some(dir), _) => Some(LocalData::open(
-            dir,
-            &opts.label_column,
+        (Some(path), _) => Some(LocalData::open(
+            path,
+            &Columns {
+                text: opts.text_column.clone(),
+                label: opts.label_column.clone(),
+            },
+            opts.tokenizer.clone(),
             opts.val_fraction,
             opts.seed,
         )?),
@@ -185,7 +194,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
             opts.name,
             d.train_idx.len(),
             d.val_idx.len(),
-            d.train.source,
+            d.source,
             opts.device
         );
     }
@@ -345,7 +354,7 @@ async fn train_round(
     cache: &mut FrozenCache,
 ) -> anyhow::Result<bool> {
     let spec_pb = task.model.clone().context("train task without a model")?;
-    let spec = ModelSpec::parse(&spec_pb.name, spec_pb.num_classes)
+    let spec = spec_wire::from_pb(&spec_pb)
         .context("coordinator asked for a model this client cannot build")?;
     // Heartbeats from download to upload, so a long transfer or training is never taken for
     // a dead client.
@@ -398,7 +407,7 @@ async fn train_round(
                     "the coordinator runs a synthetic model, which cannot be trained: run this client with --train none"
                 );
             }
-            data.check_fits(&spec)?;
+            let examples = data.examples_for(&spec)?;
             let global = cache.complete(payload, &spec, &frozen)?;
             let (device, bar, round, name) = (
                 opts.device,
@@ -414,7 +423,7 @@ async fn train_round(
                     &spec,
                     &settings,
                     dropout,
-                    data,
+                    Split::of(data, examples.as_ref()),
                     device,
                     &mut |p| view.update(p),
                 );
@@ -668,7 +677,7 @@ async fn evaluate_round(
         .model
         .clone()
         .context("evaluate task without a model")?;
-    let spec = ModelSpec::parse(&spec_pb.name, spec_pb.num_classes)
+    let spec = spec_wire::from_pb(&spec_pb)
         .context("coordinator asked for a model this client cannot build")?;
     let _heartbeat = spawn_heartbeat(s, format!("evaluating round {}", task.round));
     let evaluable = opts.train == TrainMode::Full
@@ -681,7 +690,7 @@ async fn evaluate_round(
             (0, HashMap::new())
         }
         Some(data) => {
-            data.check_fits(&spec)?;
+            let examples = data.examples_for(&spec)?;
             let frozen = cache.names();
             let payload = download(
                 s,
@@ -696,7 +705,13 @@ async fn evaluate_round(
             let global = cache.complete(payload, &spec, &frozen)?;
             let (device, batch) = (opts.device, task.batch_size.max(1) as usize);
             tokio::task::block_in_place(|| {
-                fine_tune::evaluate_global(&global, &spec, data, device, batch)
+                fine_tune::evaluate_global(
+                    &global,
+                    &spec,
+                    Split::of(data, examples.as_ref()),
+                    device,
+                    batch,
+                )
             })?
         }
     };

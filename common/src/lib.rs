@@ -1,7 +1,8 @@
 //! What the coordinator and the client share.
 //!
 //! - [`tensors`]: named flat tensors, the currency between burn, the wire and aggregation.
-//! - [`wire`]: the chunked tensor codec of the protocol (the only module that sees gRPC types).
+//! - [`wire`], [`spec_wire`]: the chunked tensor codec and the model spec on the wire (the only
+//!   modules that see gRPC types).
 //! - [`params`]: burn modules <-> named tensors.
 //! - [`models`], [`data`], [`metrics`], [`train`], [`optim`], [`augment`], [`proximal`]: the ML
 //!   side; none of it knows about gRPC.
@@ -13,6 +14,7 @@ pub mod augment;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod embed;
 pub mod freeze;
 pub mod logging;
 pub mod metrics;
@@ -21,6 +23,7 @@ pub mod optim;
 pub mod params;
 pub mod pretrained;
 pub mod proximal;
+pub mod spec_wire;
 pub mod tensors;
 pub mod train;
 pub mod wire;

@@ -183,20 +183,15 @@ impl ModuleMapper for Freezer<'_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if self.frozen.contains(&self.path.path()) {
-            param.set_require_grad(false)
-        } else {
-            param
-        }
+        let trains = !self.frozen.contains(&self.path.path());
+        param.set_require_grad(trains)
     }
 }
 
-/// Marks the parameters named in `frozen` as not requiring gradients: backward skips them
-/// (and everything only they need), and the optimiser leaves them as they are.
-pub fn freeze<M: Module>(module: M, frozen: &[String]) -> M {
-    if frozen.is_empty() {
-        return module;
-    }
+/// Makes exactly the parameters named in `frozen` not require gradients (backward skips them
+/// and everything only they need; the optimiser leaves them as they are) and every other one
+/// trainable — including those LoRA froze when it attached adapters (the head, the factors).
+pub fn set_frozen<M: Module>(module: M, frozen: &[String]) -> M {
     module.map(&mut Freezer {
         path: PathStack::default(),
         frozen,

@@ -5,23 +5,19 @@
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use crate::augment::Augment;
-use crate::data::ImageDataset;
+use crate::data::Examples;
 use crate::metrics::{ClassificationMetrics, ConfusionMatrix};
-use crate::models::Net;
+use crate::models::{InputMismatch, Net};
 pub use crate::optim::OptimizerKind;
 use crate::optim::{LrSchedule, OptimizerSettings, clip_global_norm, scheduled_lr};
 use crate::params;
 use crate::proximal::Proximal;
-
-/// Fashion-MNIST's pixel mean and standard deviation (of x / 255).
-const PIXEL_MEAN: f32 = 0.2860;
-const PIXEL_STD: f32 = 0.3530;
 
 /// Everything local training needs to know besides the data and the device.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,57 +109,19 @@ pub struct TrainOutcome {
     pub stopped_early: bool,
 }
 
-/// Turns examples into a normalised `[batch, 1, rows, cols]` tensor and their labels.
-pub fn batch(
-    data: &ImageDataset,
-    indices: &[usize],
-    device: &Device,
-) -> (Tensor<4>, Tensor<1, Int>) {
-    batch_with(data, indices, device, |image| {
-        image.iter().map(|&p| f32::from(p) / 255.0).collect()
-    })
-}
-
-fn batch_with(
-    data: &ImageDataset,
-    indices: &[usize],
-    device: &Device,
-    mut pixels: impl FnMut(&[u8]) -> Vec<f32>,
-) -> (Tensor<4>, Tensor<1, Int>) {
-    let mut x = Vec::with_capacity(indices.len() * data.rows * data.cols);
-    for &i in indices {
-        match data.features(i) {
-            // Tabular rows go in as they are, as `[1, 1, features]` "images".
-            Some(f) => x.extend_from_slice(f),
-            None => x.extend(
-                pixels(data.image(i))
-                    .into_iter()
-                    .map(|p| (p - PIXEL_MEAN) / PIXEL_STD),
-            ),
-        }
-    }
-    let y: Vec<i64> = indices.iter().map(|&i| i64::from(data.labels[i])).collect();
-    let images = Tensor::from_data(
-        TensorData::new(x, [indices.len(), 1, data.rows, data.cols]),
-        device,
-    );
-    let labels = Tensor::from_data(TensorData::new(y, [indices.len()]), device);
-    (images, labels)
-}
-
 /// Trains `model` (already on `device`, which must be an autodiff device) on the examples at
 /// `indices`; with `validation` examples, evaluates after every epoch (reported through
 /// `on_progress`, and used for early stopping).
 pub fn train(
     model: Net,
-    data: &ImageDataset,
+    data: &dyn Examples,
     indices: &[usize],
     validation: &[usize],
     settings: &TrainSettings,
     device: &Device,
     on_progress: &mut dyn FnMut(&Progress),
-) -> TrainOutcome {
-    let mut model = params::freeze(model, &settings.frozen);
+) -> Result<TrainOutcome, InputMismatch> {
+    let mut model = params::set_frozen(model, &settings.frozen);
     let mut optim = settings.optimizer.init();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let proximal =
@@ -184,16 +142,8 @@ pub fn train(
         let (mut loss_sum, mut seen) = (0.0, 0usize);
         let mut lr = settings.lr;
         for (step, chunk) in order.chunks(batch_size).enumerate() {
-            let (images, labels) = if settings.augment.is_off() || data.is_tabular() {
-                batch(data, chunk, device)
-            } else {
-                batch_with(data, chunk, device, |image| {
-                    settings
-                        .augment
-                        .apply(image, data.rows, data.cols, &mut rng)
-                })
-            };
-            let logits = model.forward(images);
+            let (input, labels) = data.batch(chunk, device, Some((&settings.augment, &mut rng)));
+            let logits = model.forward(input)?;
             let loss = loss_fn.forward(logits, labels);
             // The reported loss is the data loss; the proximal term only shapes the gradient.
             let loss_value = f64::from(loss.clone().into_scalar::<f32>());
@@ -268,19 +218,22 @@ pub fn train(
     if let Some((_, best_model)) = best {
         model = best_model;
     }
-    TrainOutcome {
+    Ok(TrainOutcome {
         model,
         train_loss,
         steps,
         epochs_run,
         stopped_early,
-    }
+    })
 }
 
-/// The device could not hand back the model's predictions.
 #[derive(Debug, thiserror::Error)]
-#[error("reading predictions back from the device failed: {0}")]
-pub struct EvalError(String);
+pub enum EvalError {
+    #[error("reading predictions back from the device failed: {0}")]
+    Read(String),
+    #[error(transparent)]
+    Input(#[from] InputMismatch),
+}
 
 /// Loss and confusion matrix of a model on some examples.
 #[derive(Debug, Clone)]
@@ -299,7 +252,7 @@ impl Evaluation {
 /// the model is switched to inference mode (no dropout, no gradients).
 pub fn evaluate(
     model: &Net,
-    data: &ImageDataset,
+    data: &dyn Examples,
     indices: &[usize],
     batch_size: usize,
     num_classes: usize,
@@ -310,17 +263,17 @@ pub fn evaluate(
     let mut confusion = ConfusionMatrix::new(num_classes);
     let mut loss_sum = 0.0;
     for chunk in indices.chunks(batch_size.max(1)) {
-        let (images, labels) = batch(data, chunk, device);
-        let logits = model.forward(images);
+        let (input, labels) = data.batch(chunk, device, None);
+        let logits = model.forward(input)?;
         let loss = loss_fn.forward(logits.clone(), labels);
         loss_sum += f64::from(loss.into_scalar::<f32>()) * chunk.len() as f64;
         let predicted = logits
             .argmax(1)
             .into_data()
             .try_into_vec_as::<i64>()
-            .map_err(|e| EvalError(format!("{e:?}")))?;
+            .map_err(|e| EvalError::Read(format!("{e:?}")))?;
         for (&i, &p) in chunk.iter().zip(&predicted) {
-            confusion.add(data.labels[i] as usize, p.max(0) as usize);
+            confusion.add(data.label(i), p.max(0) as usize);
         }
     }
     let loss = if indices.is_empty() {
@@ -334,6 +287,7 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::ImageDataset;
     use crate::models::ModelSpec;
     use crate::tensors::TensorSet;
 
@@ -387,7 +341,7 @@ mod tests {
         };
         let d = data();
         let idx: Vec<usize> = (0..d.len()).collect();
-        let out = train(model, &d, &idx, &[], &settings, &device, &mut |_| {});
+        let out = train(model, &d, &idx, &[], &settings, &device, &mut |_| {}).unwrap();
         let end = params::extract(&out.model).unwrap();
         let delta = end.delta_from(&start).unwrap();
         delta
@@ -410,8 +364,12 @@ mod tests {
             batch_size: d.len(),
             ..settings
         };
-        params::extract(&train(model, &d, &idx, &[], &settings, &device, &mut |_| {}).model)
-            .unwrap()
+        params::extract(
+            &train(model, &d, &idx, &[], &settings, &device, &mut |_| {})
+                .unwrap()
+                .model,
+        )
+        .unwrap()
     }
 
     fn flat(set: &TensorSet) -> Vec<f64> {
@@ -634,7 +592,8 @@ mod tests {
             },
             &device,
             &mut |p| validations += usize::from(p.validation.is_some()),
-        );
+        )
+        .unwrap();
         assert!(out.stopped_early, "ran {} epochs", out.epochs_run);
         assert!(out.epochs_run < 8);
         assert_eq!(validations, out.epochs_run as usize);

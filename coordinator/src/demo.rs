@@ -1,7 +1,7 @@
 //! `fedtune-coordinator demo`: a whole federation on this machine in one command. It splits
-//! Fashion-MNIST non-IID (Dirichlet) across N client folders, starts N `fedtune-client`
-//! processes against this coordinator on 127.0.0.1, runs the rounds with server-side evaluation
-//! on the test set, and prints a summary.
+//! the data across N clients (images: Fashion-MNIST non-IID by Dirichlet; text: Rotten Tomatoes
+//! sentences, see `demo_text`), starts N `fedtune-client` processes against this coordinator on
+//! 127.0.0.1, runs the rounds with server-side evaluation on the test set, and prints a summary.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,6 +15,7 @@ use fedtune_common::models::ModelSpec;
 use tokio::process::Command;
 
 use crate::config::ServeArgs;
+use crate::round_record::human_bytes;
 
 /// Where Debian's `dataset-fashion-mnist` package puts the full data set.
 pub const SYSTEM_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
@@ -22,36 +23,64 @@ pub const SYSTEM_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 pub const BUNDLED_SUBSET: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/../data/fashion-mnist-subset");
 
+/// What the demo federates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Task {
+    /// Fashion-MNIST images, a CNN trained from scratch (or --init).
+    Image,
+    /// Rotten Tomatoes sentences, all-MiniLM-L6-v2 fine-tuned with LoRA adapters.
+    Text,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
+    /// image: Fashion-MNIST with a CNN; text: Rotten Tomatoes with MiniLM + LoRA (run
+    /// deploy/fetch-pretrained.sh minilm and deploy/fetch-text-data.sh first; deploy/demo.sh
+    /// does).
+    #[arg(long, value_enum, default_value_t = Task::Image)]
+    pub task: Task,
     /// Number of client processes.
     #[arg(long, default_value_t = 3)]
     pub clients: usize,
-    /// Federation rounds.
-    #[arg(long, default_value_t = 5)]
-    pub rounds: u64,
-    /// Model: mlp or cnn.
+    /// Federation rounds [default: 5 for images, 3 for text].
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Model: mlp or cnn for images [default: cnn]; text uses bert from the --init folder.
     #[arg(long, default_value = "cnn")]
     pub model: String,
     /// Dirichlet concentration of the non-IID split (smaller = more skewed).
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
-    /// IDX folder with train-* and t10k-* pairs [default: /usr/share/datasets/fashion-mnist if
-    /// installed, else the subset bundled in data/fashion-mnist-subset].
+    /// Images: IDX folder with train-* and t10k-* pairs [default: /usr/share/datasets/fashion-mnist
+    /// if installed, else the subset bundled in data/fashion-mnist-subset]. Text: the folder
+    /// deploy/fetch-text-data.sh wrote [default: ~/.cache/fedtune/text-data].
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Text: training sentences per client, drawn IID from Rotten Tomatoes (keeps the demo to
+    /// minutes on 2 cores; 0 = all).
+    #[arg(long, default_value_t = 400)]
+    pub examples_per_client: usize,
+    /// Text: test sentences for server-side evaluation (0 = all 2,561).
+    #[arg(long, default_value_t = 500)]
+    pub eval_examples: usize,
+    /// Text: LoRA rank (0 = full fine-tuning).
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// Text: LoRA mode, fedit or ffa (see `serve --lora-mode`).
+    #[arg(long, default_value = "fedit")]
+    pub lora_mode: String,
     /// Output folder (client data, global model, metrics).
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
-    /// Local epochs per round.
-    #[arg(long, default_value_t = 2)]
-    pub local_epochs: u32,
-    /// Local batch size.
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: u32,
-    /// Local learning rate (Adam).
-    #[arg(long, default_value_t = 0.001)]
-    pub lr: f64,
+    /// Local epochs per round [default: 2 for images, 1 for text].
+    #[arg(long)]
+    pub local_epochs: Option<u32>,
+    /// Local batch size [default: 32 for images, 16 for text].
+    #[arg(long)]
+    pub batch_size: Option<u32>,
+    /// Local learning rate (Adam) [default: 0.001 for images, 0.002 for text].
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Aggregation strategy (see `serve --help`).
     #[arg(long, default_value = "fedavg")]
     pub strategy: String,
@@ -65,7 +94,8 @@ pub struct DemoArgs {
     /// Use only these labels, e.g. 5,6,7,8,9 (training and evaluation data).
     #[arg(long, value_delimiter = ',')]
     pub classes: Vec<u8>,
-    /// Start from pre-trained weights (see `serve --init`), e.g. the output of `pretrain`.
+    /// Start from pre-trained weights (see `serve --init`), e.g. the output of `pretrain`; for
+    /// text the Hugging Face folder [default: ~/.cache/fedtune/pretrained/minilm].
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Re-initialise the classifier head of the --init weights (see `serve --reset-head`).
@@ -107,11 +137,8 @@ fn client_binary() -> anyhow::Result<PathBuf> {
     Ok(client)
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    logging::init(LogFormat::Text);
-    if args.clients == 0 {
-        bail!("--clients must be at least 1");
-    }
+/// Fashion-MNIST split non-IID (Dirichlet) into one IDX folder per client.
+fn image_plan(args: &DemoArgs) -> anyhow::Result<Plan> {
     let data_dir = args.data.clone().unwrap_or_else(default_data);
     let folder = DataFolder::open(&data_dir)
         .with_context(|| format!("cannot open demo data {}", data_dir.display()))?;
@@ -123,7 +150,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let model = ModelSpec::parse(&args.model, 10)?;
     folder.train.check_labels(model.num_classes)?;
-    let client_bin = client_binary()?;
     // With --classes, both splits keep only those labels; the evaluation pair is written out.
     let keep = |labels: &[u8]| -> Vec<usize> {
         (0..labels.len())
@@ -182,9 +208,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         client_dirs.push(dir);
     }
 
-    let cfg = ServeArgs {
+    let serve = ServeArgs {
         listen: Some("127.0.0.1:0".parse()?),
-        rounds: Some(args.rounds),
+        rounds: Some(args.rounds.unwrap_or(5)),
         min_available_clients: Some(args.clients),
         model: Some(args.model.clone()),
         num_classes: Some(model.num_classes),
@@ -193,9 +219,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         init: args.init.clone(),
         reset_head: args.reset_head,
         freeze: args.freeze.clone(),
-        local_epochs: Some(args.local_epochs),
-        batch_size: Some(args.batch_size),
-        lr: Some(args.lr),
+        local_epochs: Some(args.local_epochs.unwrap_or(2)),
+        batch_size: Some(args.batch_size.unwrap_or(32)),
+        lr: Some(args.lr.unwrap_or(0.001)),
         optimizer: Some("adam".into()),
         round_timeout: Some(Duration::from_secs(1800)),
         strategy: Some(args.strategy.clone()),
@@ -204,16 +230,43 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         log_format: Some(LogFormat::Text),
         seed: Some(args.seed),
         ..Default::default()
+    };
+    Ok(Plan {
+        client_data: client_dirs,
+        serve,
+        client_flags: Vec::new(),
+        model_name: args.model.clone(),
+    })
+}
+
+/// What a demo task sets up: one data path per client, the coordinator's settings and the
+/// clients' extra flags.
+pub(crate) struct Plan {
+    pub client_data: Vec<PathBuf>,
+    pub serve: ServeArgs,
+    pub client_flags: Vec<String>,
+    pub model_name: String,
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    logging::init(LogFormat::Text);
+    if args.clients == 0 {
+        bail!("--clients must be at least 1");
     }
-    .resolve()?;
+    let client_bin = client_binary()?;
+    let plan = match args.task {
+        Task::Image => image_plan(&args)?,
+        Task::Text => crate::demo_text::plan(&args)?,
+    };
+    let cfg = plan.serve.resolve()?;
     let listener = crate::bind(&cfg).await?;
     let url = format!("http://{}", listener.local_addr()?);
 
     let mut children = Vec::new();
-    for (i, dir) in client_dirs.iter().enumerate() {
+    for (i, data) in plan.client_data.iter().enumerate() {
         let child = Command::new(&client_bin)
             .args(["run", "--coordinator", &url, "--data"])
-            .arg(dir)
+            .arg(data)
             .args([
                 "--name",
                 &format!("client-{}", i + 1),
@@ -221,6 +274,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 &args.device,
                 "--no-progress",
             ])
+            .args(&plan.client_flags)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -253,23 +307,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "\nfedtune demo: {} rounds, {} clients, model {} — server-side test accuracy per round:",
         summary.records.len(),
         args.clients,
-        args.model
+        plan.model_name
     );
-    println!("  round  accuracy  macro-F1  eval loss  train loss  fed-eval acc  round time");
+    println!(
+        "  round  accuracy  macro-F1  eval loss  train loss  fed-eval acc  round time  uploaded (full model)"
+    );
     for r in &summary.records {
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
         let fed = r
             .fed_eval_accuracy
             .map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
         println!(
-            "  {:>5}  {:>7.2}%  {:>8}  {:>9}  {:>10}  {:>12}  {:>8.1} s",
+            "  {:>5}  {:>7.2}%  {:>8}  {:>9}  {:>10}  {:>12}  {:>8.1} s  {:>9} ({})",
             r.round,
             r.eval_accuracy.unwrap_or(f64::NAN) * 100.0,
             f(r.eval_f1),
             f(r.eval_loss),
             f(r.train_loss),
             fed,
-            r.round_ms as f64 / 1000.0
+            r.round_ms as f64 / 1000.0,
+            human_bytes(r.bytes_up),
+            human_bytes(r.bytes_up_full)
         );
     }
     println!("global model: {}", summary.global_path.display());

@@ -12,6 +12,8 @@
 pub mod clients;
 pub mod config;
 pub mod demo;
+mod demo_text;
+pub mod embed_cmd;
 pub mod evaluation;
 pub mod pretrain;
 pub mod round;
@@ -24,14 +26,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use fedtune_common::models::hf_bert;
 use fedtune_common::pretrained;
+use fedtune_common::tensors::TensorSet;
 use fedtune_proto::federation_server::FederationServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::config::ServeConfig;
-use crate::evaluation::ServerEval;
+use crate::evaluation::{ServerEval, TextColumns};
 use crate::round::{Federation, RunSummary, Start};
 use crate::run_dir::RunDir;
 use crate::service::FederationService;
@@ -51,13 +55,39 @@ pub async fn bind(cfg: &ServeConfig) -> anyhow::Result<TcpListener> {
     TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {} (is another coordinator running? choose another address with --listen)", cfg.listen))
 }
 
+/// Loads a Hugging Face BERT folder onto the fresh model `init` and reports what it did.
+fn load_hf(dir: &std::path::Path, init: &TensorSet) -> anyhow::Result<TensorSet> {
+    let path = hf_bert::weights_path(dir).map_err(anyhow::Error::msg)?;
+    let (loaded, report) = hf_bert::load(&path, init)?;
+    info!(
+        "loaded {}: {} tensors applied, {} fresh (head, adapters), {} unused in the file",
+        path.display(),
+        report.applied.len(),
+        report.missing.len(),
+        report.unused.len()
+    );
+    if !report.missing.is_empty() {
+        info!("fresh: {}", report.missing.join(", "));
+    }
+    if !report.unused.is_empty() {
+        info!(
+            "unused from {}: {}",
+            path.display(),
+            report.unused.join(", ")
+        );
+    }
+    Ok(loaded)
+}
+
 /// Runs a whole federation on `listener` and returns when the last round is written.
 pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<RunSummary> {
     let mut global = cfg
         .model
         .init_weights(cfg.seed)
         .context("cannot initialise the model")?;
-    if let Some(path) = &cfg.init {
+    if let Some(dir) = &cfg.hf_init {
+        global = load_hf(dir, &global)?;
+    } else if let Some(path) = &cfg.init {
         let (loaded, report, adapted) = pretrained::load(path, &global, &cfg.init_options)?;
         info!(
             "loaded pre-trained weights from {}: {} tensors applied, {} missing (fresh init), {} unused in the file",
@@ -95,7 +125,12 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
     }
     let server_eval = match &cfg.eval_data {
         Some(dir) => {
-            let eval = ServerEval::open(dir, cfg.model)?;
+            let text = cfg.tokenizer.as_deref().map(|tokenizer| TextColumns {
+                tokenizer,
+                text_column: &cfg.eval_text_column,
+                label_column: &cfg.eval_label_column,
+            });
+            let eval = ServerEval::open(dir, cfg.model.clone(), text)?;
             info!(
                 "server-side evaluation on {} examples from {}",
                 eval.examples(),
@@ -106,7 +141,15 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         None => None,
     };
     let specs = global.specs();
-    let mut strategy = BuiltIn::new(cfg.strategy.clone(), &specs);
+    // The strategy sees only what trains: frozen tensors are never touched (not even by adding
+    // zero, which turns -0.0 into 0.0 and would break the clients' frozen-tensor hash), and
+    // server-optimiser state is sized to the trainable part (LoRA: the adapters, not 90 MB).
+    let trainable: Vec<_> = specs
+        .iter()
+        .filter(|s| !cfg.frozen.contains(&s.name))
+        .cloned()
+        .collect();
+    let mut strategy = BuiltIn::new(cfg.strategy.clone(), &trainable);
     let strategy_name = cfg.strategy.kind.to_string();
     let (run_dir, start) = if cfg.resume {
         let r = RunDir::resume(

@@ -1,6 +1,7 @@
 use clap::{Parser, Subcommand};
 use fedtune_coordinator::config::ServeArgs;
 use fedtune_coordinator::demo::{self, DemoArgs};
+use fedtune_coordinator::embed_cmd::{self, EmbedArgs};
 use fedtune_coordinator::pretrain::PretrainArgs;
 
 /// fedtune coordinator: runs federated fine-tuning rounds and merges client updates.
@@ -21,6 +22,9 @@ enum Command {
     /// Train a built-in model centrally on a public data set: the starting point (`--init`) of
     /// a federated fine-tuning run.
     Pretrain(PretrainArgs),
+    /// Print sentence embeddings and their cosine similarities with a Hugging Face BERT
+    /// folder: check by hand that fedtune computes the published model.
+    Embed(EmbedArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,5 +53,6 @@ fn main() -> anyhow::Result<()> {
             fedtune_common::logging::init(fedtune_common::logging::LogFormat::Text);
             fedtune_coordinator::pretrain::run(args)
         }
+        Command::Embed(args) => embed_cmd::run(args),
     }
 }

@@ -162,7 +162,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
             }
             (None, None) => {}
         },
-    );
+    )?;
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }

@@ -344,10 +344,7 @@ impl Federation {
     }
 
     fn model_spec_pb(&self) -> pb::ModelSpec {
-        pb::ModelSpec {
-            name: self.cfg.model.kind.to_string(),
-            num_classes: self.cfg.model.num_classes,
-        }
+        fedtune_common::spec_wire::to_pb(&self.cfg.model)
     }
 
     /// Clients needed before a round opens.
@@ -948,6 +945,12 @@ impl Federation {
                 fed_eval_f1: None,
                 bytes_down: fit.stats.bytes_down.load(Ordering::Relaxed) + eval_bytes_down,
                 bytes_up: fit.stats.bytes_up.load(Ordering::Relaxed),
+                bytes_up_full: self
+                    .specs
+                    .iter()
+                    .map(|t| t.num_elements() as u64 * 4)
+                    .sum::<u64>()
+                    * fit.reports.len() as u64,
                 aggregate_ms,
                 eval_ms: 0,
                 round_ms: 0,

@@ -43,6 +43,9 @@ pub struct RoundRecord {
     /// evaluation broadcast.
     pub bytes_down: u64,
     pub bytes_up: u64,
+    /// What the same updates would weigh as full models (compare with `bytes_up` under
+    /// freezing or LoRA).
+    pub bytes_up_full: u64,
     pub aggregate_ms: u64,
     pub eval_ms: u64,
     pub round_ms: u64,
@@ -96,8 +99,14 @@ impl RoundRecord {
         } else {
             String::new()
         };
+        // Under freezing or LoRA, what full fine-tuning would have sent.
+        let full = if self.bytes_up_full > self.bytes_up {
+            format!(" (full model {})", human_bytes(self.bytes_up_full))
+        } else {
+            String::new()
+        };
         format!(
-            "round {:>w$}/{}{} | clients {}/{} ok, {} failed | train loss {:>6} | eval[{}] loss {:>6} acc {:>7} f1 {:>6}{fed} | down {:>9} up {:>9} | agg {:>4} ms | round {:>6.2} s",
+            "round {:>w$}/{}{} | clients {}/{} ok, {} failed | train loss {:>6} | eval[{}] loss {:>6} acc {:>7} f1 {:>6}{fed} | down {:>9} up {:>9}{full} | agg {:>4} ms | round {:>6.2} s",
             self.round,
             self.rounds,
             if self.attempt > 1 {

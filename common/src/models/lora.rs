@@ -1,0 +1,243 @@
+//! LoRA adapters on a transformer's projections (burn's built-in `Module::apply_lora`), and
+//! which tensors then train and travel.
+//!
+//! With LoRA the frozen base is `W` (burn layout `[in, out]`), the adapter `W.lora.a` `[in, r]`
+//! and `W.lora.b` `[r, out]`, and the layer computes with `W + (alpha / r)·a·b`. `b` starts at
+//! zero, so adding adapters leaves the model's outputs unchanged.
+//!
+//! Two federated modes:
+//! - **FedIT** (`fedit`, Zhang et al. 2024): `a` and `b` both train and are averaged
+//!   separately. Approximate: mean(b)·mean(a) ≠ mean(b·a) when clients' `a` differ.
+//! - **FFA-LoRA** (`ffa`, Sun et al. 2024): `a` stays as the coordinator initialised it (frozen,
+//!   identical everywhere); only `b` trains, so averaging `b` averages the updates exactly:
+//!   mean(a·b_k) = a·mean(b_k).
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::module::{Lora, Module, ParamGroup};
+
+use crate::tensors::{NamedTensor, TensorSet};
+
+/// Projections of a BERT layer that can carry adapters, by their Hugging Face / PEFT names.
+pub const TARGETS: &[(&str, &str)] = &[
+    ("query", "mha.query"),
+    ("key", "mha.key"),
+    ("value", "mha.value"),
+    ("attention_output", "mha.output"),
+    ("intermediate", "pwff.linear_inner"),
+    ("output", "pwff.linear_outer"),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraMode {
+    FedIt,
+    Ffa,
+}
+
+impl FromStr for LoraMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fedit" => Ok(Self::FedIt),
+            "ffa" => Ok(Self::Ffa),
+            _ => Err(format!(
+                "unknown LoRA mode `{s}`: use fedit (A and B averaged, approximate) or ffa (A frozen, B averaged, exact)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for LoraMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::FedIt => "fedit",
+            Self::Ffa => "ffa",
+        })
+    }
+}
+
+/// Which adapters a run trains. Travels in every task so that every client builds the same
+/// adapted model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Names from [`TARGETS`].
+    pub targets: Vec<String>,
+    pub mode: LoraMode,
+}
+
+impl LoraSpec {
+    /// Checks values that may come from a peer or a config file.
+    pub fn new(
+        rank: usize,
+        alpha: f64,
+        targets: Vec<String>,
+        mode: LoraMode,
+    ) -> Result<Self, String> {
+        if !(1..=1024).contains(&rank) {
+            return Err(format!("LoRA rank {rank} must be in 1..=1024"));
+        }
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(format!("LoRA alpha {alpha} must be a positive number"));
+        }
+        if targets.is_empty() {
+            return Err("LoRA needs at least one target (e.g. query,value)".into());
+        }
+        for t in &targets {
+            if !TARGETS.iter().any(|(name, _)| name == t) {
+                return Err(format!(
+                    "unknown LoRA target `{t}`: choose from {}",
+                    TARGETS
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        Ok(Self {
+            rank,
+            alpha,
+            targets,
+            mode,
+        })
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// The regex over burn's parameter paths that selects the adapted weights (paths include
+    /// enum variant names, so it is not anchored at the start).
+    fn param_regex(&self) -> String {
+        let modules: Vec<&str> = TARGETS
+            .iter()
+            .filter(|(name, _)| self.targets.iter().any(|t| t == name))
+            .map(|(_, path)| *path)
+            .collect();
+        format!(
+            r"\.encoder\.layers\.[0-9]+\.({})\.weight$",
+            modules.join("|").replace('.', r"\.")
+        )
+    }
+
+    /// Attaches the adapters to `model`. `a` is drawn like PEFT's (std 1/√(3·d_in)), `b` is
+    /// zero. Every parameter comes out frozen; the training code sets what trains from the
+    /// task's frozen list.
+    pub fn apply<M: Module>(&self, model: M, d_in: usize) -> Result<M, String> {
+        let group = ParamGroup::from_regex(self.param_regex())
+            .map_err(|e| format!("LoRA targets: {e:?}"))?;
+        let lora = Lora {
+            init_std: Some(1.0 / (3.0 * d_in as f64).sqrt()),
+            ..Lora::new(self.rank, self.alpha)
+        }
+        .set_param_group(group);
+        Ok(model.apply_lora(lora))
+    }
+
+    /// Whether the tensor `name` trains (and travels) under this spec: the adapters (FFA: `b`
+    /// only) and the classifier head. The frozen base is everything else.
+    pub fn is_trainable(&self, name: &str) -> bool {
+        name.ends_with(".lora.b")
+            || (self.mode == LoraMode::FedIt && name.ends_with(".lora.a"))
+            || name.starts_with("head.")
+    }
+}
+
+/// `set` with every adapter folded into its base weight (`W + scale·a·b`) and the factors
+/// removed: the plain fine-tuned model.
+pub fn merge(set: &TensorSet, scale: f64) -> Result<TensorSet, String> {
+    let mut out = Vec::with_capacity(set.len());
+    for t in set.tensors() {
+        if t.name.ends_with(".lora.a") || t.name.ends_with(".lora.b") {
+            continue;
+        }
+        let (a, b) = (
+            set.get(&format!("{}.lora.a", t.name)),
+            set.get(&format!("{}.lora.b", t.name)),
+        );
+        let merged = match (a, b) {
+            (Some(a), Some(b)) => add_low_rank(t, a, b, scale as f32)?,
+            (None, None) => t.clone(),
+            _ => return Err(format!("`{}` has only one of its two LoRA factors", t.name)),
+        };
+        out.push(merged);
+    }
+    TensorSet::new(out).map_err(|e| e.to_string())
+}
+
+/// `w + scale·a·b` for `w` `[in, out]`, `a` `[in, r]`, `b` `[r, out]`.
+fn add_low_rank(
+    w: &NamedTensor,
+    a: &NamedTensor,
+    b: &NamedTensor,
+    scale: f32,
+) -> Result<NamedTensor, String> {
+    let (&[n_in, n_out], &[a_in, r], &[b_r, b_out]) =
+        (w.shape.as_slice(), a.shape.as_slice(), b.shape.as_slice())
+    else {
+        return Err(format!("`{}`: LoRA factors must be matrices", w.name));
+    };
+    if (a_in, b_r, b_out) != (n_in, r, n_out) {
+        return Err(format!(
+            "`{}` is {:?} but its factors are {:?} and {:?}",
+            w.name, w.shape, a.shape, b.shape
+        ));
+    }
+    let mut data = w.data.clone();
+    for i in 0..n_in {
+        let row = &mut data[i * n_out..(i + 1) * n_out];
+        for k in 0..r {
+            let s = scale * a.data[i * r + k];
+            if s == 0.0 {
+                continue;
+            }
+            for (out, bv) in row.iter_mut().zip(&b.data[k * n_out..(k + 1) * n_out]) {
+                *out += s * bv;
+            }
+        }
+    }
+    Ok(NamedTensor {
+        name: w.name.clone(),
+        shape: w.shape.clone(),
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_are_checked() {
+        let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(LoraSpec::new(8, 16.0, t(&["query", "value"]), LoraMode::FedIt).is_ok());
+        let cases = [
+            (0, 16.0, t(&["query"]), "rank 0"),
+            (8, f64::NAN, t(&["query"]), "alpha"),
+            (8, 16.0, t(&[]), "at least one target"),
+            (8, 16.0, t(&["qkv"]), "unknown LoRA target `qkv`"),
+        ];
+        for (rank, alpha, targets, want) in cases {
+            let e = LoraSpec::new(rank, alpha, targets, LoraMode::Ffa).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        assert!("lora".parse::<LoraMode>().is_err());
+    }
+
+    #[test]
+    fn merge_adds_the_scaled_low_rank_product() {
+        let w = NamedTensor::new("x.weight", vec![2, 3], vec![0.0; 6]).unwrap();
+        let a = NamedTensor::new("x.weight.lora.a", vec![2, 1], vec![1.0, 2.0]).unwrap();
+        let b = NamedTensor::new("x.weight.lora.b", vec![1, 3], vec![1.0, 0.0, -1.0]).unwrap();
+        let set = TensorSet::new(vec![w, a, b]).unwrap();
+        let merged = merge(&set, 0.5).unwrap();
+        assert_eq!(merged.len(), 1);
+        assert_eq!(
+            merged.get("x.weight").unwrap().data,
+            vec![0.5, 0.0, -0.5, 1.0, 0.0, -1.0]
+        );
+    }
+}

@@ -1,0 +1,137 @@
+use fedtune_common::optim::OptimizerKind;
+
+use super::*;
+
+#[test]
+fn flags_override_file_and_unknown_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(
+        &p,
+        "rounds = 7\nmin_clients = 4\nround_timeout = \"90s\"\nmodel = \"cnn\"\n",
+    )
+    .unwrap();
+    let args = ServeArgs {
+        config: Some(p.clone()),
+        min_available_clients: Some(3),
+        ..Default::default()
+    };
+    let cfg = args.resolve().unwrap();
+    assert_eq!((cfg.rounds, cfg.policy.min_available_clients), (7, 3));
+    assert_eq!(cfg.policy.round_timeout, Duration::from_secs(90));
+    assert_eq!(cfg.model.kind.to_string(), "cnn");
+
+    std::fs::write(&p, "roundz = 7\n").unwrap();
+    let e = format!("{:#}", args.resolve().unwrap_err());
+    assert!(e.contains("roundz"), "{e}");
+    let bad = ServeArgs {
+        lr: Some(-1.0),
+        ..Default::default()
+    };
+    assert!(format!("{:#}", bad.resolve().unwrap_err()).contains("lr"));
+}
+
+#[test]
+fn strategy_keys_from_file_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(
+        &p,
+        "strategy = \"fedadam\"\nbeta2 = 0.999\nfraction_fit = 0.5\ngrace_period = \"30s\"\non_round_failure = \"stop\"\n",
+    )
+    .unwrap();
+    let args = ServeArgs {
+        config: Some(p.clone()),
+        tau: Some(0.01),
+        ..Default::default()
+    };
+    let cfg = args.resolve().unwrap();
+    assert_eq!(cfg.strategy.kind, StrategyKind::FedAdam);
+    assert_eq!(cfg.strategy.server_lr, 0.01, "fedadam's default server lr");
+    assert_eq!((cfg.strategy.beta2, cfg.strategy.tau), (0.999, 0.01));
+    assert_eq!(cfg.strategy.fraction_fit, 0.5);
+    assert_eq!(cfg.policy.grace_period, Some(Duration::from_secs(30)));
+    assert_eq!(cfg.policy.on_round_failure, OnRoundFailure::Stop);
+
+    let bad = |a: ServeArgs| format!("{:#}", a.resolve().unwrap_err());
+    let e = bad(ServeArgs {
+        strategy: Some("fedsgd".into()),
+        ..Default::default()
+    });
+    assert!(e.contains("fedsgd") && e.contains("krum"), "{e}");
+    let e = bad(ServeArgs {
+        strategy: Some("krum".into()),
+        ..Default::default()
+    });
+    assert!(e.contains("min_fit_clients") && e.contains('4'), "{e}");
+    let e = bad(ServeArgs {
+        trim_fraction: Some(0.5),
+        ..Default::default()
+    });
+    assert!(e.contains("trim_fraction"), "{e}");
+    let e = bad(ServeArgs {
+        fraction_fit: Some(0.0),
+        ..Default::default()
+    });
+    assert!(e.contains("fraction_fit"), "{e}");
+}
+
+#[test]
+fn recipe_keys_and_init_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("w.pt");
+    std::fs::write(&weights, b"x").unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "model = \"cnn\"\noptimizer = \"sgd\"\nmomentum = 0.9\nnesterov = true\nlr_schedule = \"cosine:0.1\"\nfreeze = \"conv1.*\"\naugment_flip = true\n[init]\nfile = {:?}\nreset_head = true\n[init.remap]\n\"^b\\\\.\" = \"\"\n\"^head\\\\.\" = \"fc2.\"\n",
+            weights
+        ),
+    )
+    .unwrap();
+    let cfg = ServeArgs {
+        config: Some(p.clone()),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    assert_eq!(cfg.optimizer.kind, OptimizerKind::Sgd);
+    assert!(cfg.optimizer.nesterov);
+    assert_eq!(cfg.lr_schedule, LrSchedule::Cosine { min_factor: 0.1 });
+    assert_eq!(cfg.frozen, vec!["conv1.weight", "conv1.bias"]);
+    assert!(cfg.augment.flip);
+    assert_eq!(cfg.init.as_deref(), Some(weights.as_path()));
+    assert_eq!(cfg.init_options.reset_head.as_deref(), Some("fc2."));
+    let rules: Vec<&str> = cfg
+        .init_options
+        .remap
+        .iter()
+        .map(|r| r.pattern.as_str())
+        .collect();
+    assert_eq!(rules, [r"^b\.", r"^head\."], "in file order");
+
+    let bad = |a: ServeArgs| format!("{:#}", a.resolve().unwrap_err());
+    let e = bad(ServeArgs {
+        nesterov: Some(true),
+        ..Default::default()
+    });
+    assert!(e.contains("nesterov"), "{e}");
+    let e = bad(ServeArgs {
+        model: Some("cnn".into()),
+        freeze: Some("conv9.*".into()),
+        ..Default::default()
+    });
+    assert!(e.contains("conv9.*") && e.contains("conv1.weight"), "{e}");
+    let e = bad(ServeArgs {
+        lr_schedule: Some("linear".into()),
+        ..Default::default()
+    });
+    assert!(e.contains("lr_schedule"), "{e}");
+    let e = bad(ServeArgs {
+        init_remap: vec!["no-equals".into()],
+        init: Some(weights.clone()),
+        ..Default::default()
+    });
+    assert!(e.contains("REGEX=REPLACEMENT"), "{e}");
+}
