@@ -15,6 +15,7 @@ pub mod demo;
 mod demo_text;
 pub mod embed_cmd;
 pub mod evaluation;
+pub mod hf_export;
 pub mod pretrain;
 pub mod round;
 pub mod round_record;
@@ -36,6 +37,7 @@ use tracing::info;
 
 use crate::config::ServeConfig;
 use crate::evaluation::{ServerEval, TextColumns};
+use crate::hf_export::HfSources;
 use crate::round::{Federation, RunSummary, Start};
 use crate::run_dir::RunDir;
 use crate::service::FederationService;
@@ -228,7 +230,14 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         });
     let server = tokio::spawn(server);
 
-    let run_dir = run_dir.with_pytorch_export(cfg.export_pytorch);
+    let hf_sources = match (&cfg.hf_init, &cfg.tokenizer) {
+        (Some(model_dir), Some(tokenizer)) => Some(HfSources {
+            model_dir: model_dir.clone(),
+            tokenizer: tokenizer.clone(),
+        }),
+        _ => None,
+    };
+    let run_dir = run_dir.with_pytorch_export(cfg.export_pytorch, hf_sources);
     let result = engine
         .run(start, Box::new(strategy), run_dir, server_eval)
         .await;

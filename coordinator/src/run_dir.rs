@@ -20,6 +20,7 @@ use fedtune_common::models::{ModelSpec, hf_bert, lora};
 use fedtune_common::pretrained;
 use fedtune_common::tensors::TensorSet;
 
+use crate::hf_export::{self, HfSources};
 use crate::round_record::RoundRecord;
 
 pub const GLOBAL_FILE: &str = "global.safetensors";
@@ -36,6 +37,7 @@ pub struct RunDir {
     strategy: String,
     metrics: File,
     export_pytorch: bool,
+    hf_sources: Option<HfSources>,
 }
 
 /// What `--resume` found in the output folder.
@@ -97,6 +99,7 @@ impl RunDir {
             strategy: strategy.to_string(),
             metrics,
             export_pytorch: false,
+            hf_sources: None,
         })
     }
 
@@ -167,9 +170,11 @@ impl RunDir {
         })
     }
 
-    /// Also write the model in PyTorch's layout with every checkpoint.
-    pub fn with_pytorch_export(mut self, on: bool) -> Self {
+    /// Also write the model in PyTorch's layout with every checkpoint; for a text model (with
+    /// `hf` sources) also the Hugging Face folders of [`crate::hf_export`].
+    pub fn with_pytorch_export(mut self, on: bool, hf: Option<HfSources>) -> Self {
         self.export_pytorch = on;
+        self.hf_sources = hf.filter(|_| on);
         self
     }
 
@@ -215,14 +220,21 @@ impl RunDir {
             ),
             ("fedtune.strategy".to_string(), self.strategy.clone()),
         ]);
-        if self.export_pytorch {
-            let mut meta = meta.clone();
-            meta.insert("fedtune.layout".into(), "pytorch".into());
-            checkpoint::save(
-                &pytorch_export(global, model)?,
-                meta,
-                &self.dir.join(PYTORCH_FILE),
-            )?;
+        match (&self.hf_sources, self.export_pytorch) {
+            // A text model from a Hugging Face folder: a whole folder `transformers` loads.
+            (Some(sources), true) => {
+                hf_export::write(&self.dir, global, model, sources, record.round)?
+            }
+            (None, true) => {
+                let mut meta = meta.clone();
+                meta.insert("fedtune.layout".into(), "pytorch".into());
+                checkpoint::save(
+                    &pytorch_export(global, model)?,
+                    meta,
+                    &self.dir.join(PYTORCH_FILE),
+                )?;
+            }
+            (_, false) => {}
         }
         checkpoint::save(global, meta, &self.global_path())?;
         if record.round > 1 {

@@ -220,3 +220,33 @@ pub mod minilm_reference {
         }
     }
 }
+
+/// A python with `torch`, `transformers` and `peft` (the libtorch venv once .ci/run installed
+/// them there): `FEDTUNE_TORCH_PYTHON`, else `~/.cache/fedtune/libtorch-venv/bin/python`. Missing:
+/// skipped with a message, or a failure under FEDTUNE_REQUIRE_FETCHED=1.
+pub fn transformers_python() -> Option<PathBuf> {
+    let python = std::env::var_os("FEDTUNE_TORCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/fedtune/libtorch-venv/bin/python")
+        });
+    let ok = Command::new(&python)
+        .args(["-c", "import torch, transformers, peft"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(python);
+    }
+    let msg = format!(
+        "{} cannot import torch, transformers and peft (deploy/install-libtorch.sh, then pip install transformers peft; .ci/run does)",
+        python.display()
+    );
+    if std::env::var("FEDTUNE_REQUIRE_FETCHED").is_ok_and(|v| v == "1") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}

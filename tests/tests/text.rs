@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use burn::tensor::Device;
 use fedtune_common::embed::SentenceEncoder;
+use fedtune_common::models::{BertArch, LoraMode, LoraSpec, ModelSpec, hf_bert};
+use fedtune_coordinator::hf_export::{self, HfSources};
 use fedtune_tests::{
     Proc, client_args, free_port, head_csv, minilm_dir, minilm_reference, text_data_dir,
+    transformers_python, workspace_root,
 };
 
 fedtune_tests::test_binaries!();
@@ -142,7 +145,15 @@ fn lora_federation_learns_and_later_rounds_move_only_adapters_and_head() {
         &test,
         &[(&a, &[]), (&b, &[])],
         2,
-        &["--rounds", "2", "--lora-rank", "8", "--lr", "0.002"],
+        &[
+            "--rounds",
+            "2",
+            "--lora-rank",
+            "8",
+            "--lr",
+            "0.002",
+            "--export-pytorch",
+        ],
     );
     let m = &run.metrics;
     assert_eq!(m.len(), 2, "{}", run.coordinator);
@@ -167,6 +178,16 @@ fn lora_federation_learns_and_later_rounds_move_only_adapters_and_head() {
         m[0]
     );
     assert_eq!(m[1]["bytes_down"].as_u64().unwrap(), 2 * update, "{}", m[1]);
+    // Every round leaves a folder `transformers` loads, and the adapters as PEFT saves them.
+    for f in [
+        "hf-model/model.safetensors",
+        "hf-model/config.json",
+        "hf-model/tokenizer.json",
+        "hf-adapter/adapter_model.safetensors",
+        "hf-adapter/adapter_config.json",
+    ] {
+        assert!(d.join("out").join(f).is_file(), "{f}");
+    }
     for c in &run.clients {
         // Once per run: the 216 training and 24 validation sentences, before round 1.
         assert_eq!(c.matches("tokenised 240 texts").count(), 1, "{c}");
@@ -221,5 +242,89 @@ fn a_client_with_a_wrong_column_or_an_unknown_label_is_told_and_the_round_goes_o
         run.clients[2].contains("line 3") && run.clients[2].contains("unknown label `meh`"),
         "{}",
         run.clients[2]
+    );
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn exported_folders_load_in_transformers_and_peft_with_the_same_embeddings() {
+    let (Some(minilm), Some(python)) = (minilm_dir(), transformers_python()) else {
+        return;
+    };
+    // MiniLM with LoRA adapters that moved (b ≠ 0), as after some rounds.
+    let arch = BertArch::from_hf_dir(&minilm).unwrap();
+    let lora = LoraSpec::new(
+        8,
+        16.0,
+        vec!["query".into(), "value".into()],
+        LoraMode::FedIt,
+    );
+    let spec = ModelSpec::parse(&arch.to_string(), 2)
+        .unwrap()
+        .with_lora(Some(lora.unwrap()))
+        .unwrap();
+    let weights = hf_bert::weights_path(&minilm).unwrap();
+    let (mut global, _) = hf_bert::load(&weights, &spec.init_weights(1).unwrap()).unwrap();
+    for (name, values) in global.values_mut() {
+        if name.ends_with(".lora.b") {
+            for (i, v) in values.iter_mut().enumerate() {
+                *v = ((i % 13) as f32 - 6.0) * 0.004;
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sources = HfSources {
+        model_dir: minilm.clone(),
+        tokenizer: minilm.join("tokenizer.json"),
+    };
+    hf_export::write(dir.path(), &global, &spec, &sources, 1).unwrap();
+
+    let sentences: Vec<String> = minilm_reference::QUICKSTART.map(String::from).to_vec();
+    let model_dir = dir.path().join(hf_export::MODEL_DIR);
+    let ours = SentenceEncoder::open(&model_dir, &Device::flex(), 256)
+        .unwrap()
+        .encode(&sentences, 8)
+        .unwrap();
+    let original = SentenceEncoder::open(&minilm, &Device::flex(), 256)
+        .unwrap()
+        .encode(&sentences, 8)
+        .unwrap();
+    assert!(
+        max_diff(&ours, &original) > 1e-3,
+        "the adapters must change the model"
+    );
+
+    let out = std::process::Command::new(python)
+        .arg(workspace_root().join("deploy/check_hf_export.py"))
+        .arg(&model_dir)
+        .arg("--adapter")
+        .arg(dir.path().join(hf_export::ADAPTER_DIR))
+        .args(&sentences)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let read = |key: &str| -> Vec<Vec<f32>> { serde_json::from_value(json[key].clone()).unwrap() };
+    let (theirs, peft) = (read("embeddings"), read("adapter_embeddings"));
+    assert!(
+        max_diff(&ours, &theirs) < 1e-4,
+        "transformers: {}",
+        max_diff(&ours, &theirs)
+    );
+    assert!(
+        max_diff(&ours, &peft) < 1e-4,
+        "peft: {}",
+        max_diff(&ours, &peft)
     );
 }

@@ -146,6 +146,70 @@ impl LoraSpec {
     }
 }
 
+/// The adapters of `set` in PEFT's `adapter_model.safetensors` layout for a Hugging Face
+/// `BertModel`: `base_model.model.<module>.lora_A.weight` `[r, in]` (= aᵀ) and `lora_B.weight`
+/// `[out, r]` (= bᵀ); PEFT's scaling is the same alpha / r.
+pub fn to_peft(set: &TensorSet) -> Result<TensorSet, String> {
+    let mut out = Vec::new();
+    for t in set.tensors() {
+        let (base, factor) = match t.name.rsplit_once(".lora.") {
+            Some((base, f @ ("a" | "b"))) => (base, f),
+            _ => continue,
+        };
+        let hf = super::hf_bert::hf_name(base)
+            .ok_or_else(|| format!("`{base}` has no Hugging Face name"))?;
+        let module = hf.strip_suffix(".weight").unwrap_or(&hf);
+        let which = if factor == "a" { "lora_A" } else { "lora_B" };
+        let mut transposed = super::hf_bert::transpose(t);
+        transposed.name = format!("base_model.model.{module}.{which}.weight");
+        out.push(transposed);
+    }
+    if out.is_empty() {
+        return Err("the model has no LoRA adapters".into());
+    }
+    TensorSet::new(out).map_err(|e| e.to_string())
+}
+
+impl LoraSpec {
+    /// PEFT's `adapter_config.json` for these adapters on a `BertModel` at `base_model`.
+    pub fn peft_config(&self, base_model: &str) -> serde_json::Value {
+        let plain = ["query", "key", "value"];
+        let target_modules = if self.targets.iter().all(|t| plain.contains(&t.as_str())) {
+            serde_json::json!(self.targets)
+        } else {
+            // `dense` alone would match three different projections: name them in full.
+            let paths: Vec<&str> = self
+                .targets
+                .iter()
+                .map(|t| match t.as_str() {
+                    "query" => r"attention\.self\.query",
+                    "key" => r"attention\.self\.key",
+                    "value" => r"attention\.self\.value",
+                    "attention_output" => r"attention\.output\.dense",
+                    "intermediate" => r"intermediate\.dense",
+                    _ => r"layer\.[0-9]+\.output\.dense",
+                })
+                .collect();
+            serde_json::json!(format!(r".*\.({})$", paths.join("|")))
+        };
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "FEATURE_EXTRACTION",
+            "base_model_name_or_path": base_model,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": target_modules,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_rslora": false,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "modules_to_save": null,
+        })
+    }
+}
+
 /// `set` with every adapter folded into its base weight (`W + scale·a·b`) and the factors
 /// removed: the plain fine-tuned model.
 pub fn merge(set: &TensorSet, scale: f64) -> Result<TensorSet, String> {
