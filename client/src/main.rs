@@ -29,12 +29,22 @@ enum Command {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// IDX folder with the images to train on.
-    #[arg(long)]
-    data: PathBuf,
+    /// IDX folder with the images to train on (image models).
+    #[arg(long, required_unless_present = "bert")]
+    data: Option<PathBuf>,
     /// Model: mlp or cnn.
     #[arg(long, default_value = "cnn")]
     model: String,
+    /// Time a BERT from this Hugging Face folder's config.json instead (random weights, random
+    /// token ids of --seq-len tokens: the step costs the same).
+    #[arg(long)]
+    bert: Option<PathBuf>,
+    /// BERT: tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    /// BERT: LoRA rank on query and value (0 = full fine-tuning).
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
     /// Batch sizes to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "64,256")]
     batch_sizes: Vec<usize>,
@@ -159,14 +169,27 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn bench_step(args: BenchArgs) -> anyhow::Result<()> {
-    let spec = fedtune_common::models::ModelSpec::parse(&args.model, 10)?;
-    let data = fedtune_common::data::DataFolder::open(&args.data)?.train;
+    use fedtune_client::bench;
     let device = args.device.device()?;
+    let (name, spec, data): (String, _, Box<dyn fedtune_common::data::Examples>) =
+        match (&args.bert, &args.data) {
+            (Some(dir), _) => {
+                let (spec, tokens) = bench::bert_setup(dir, args.lora_rank, args.seq_len)?;
+                let name = format!("bert-lora{}-seq{}", args.lora_rank, args.seq_len);
+                (name, spec, Box::new(tokens))
+            }
+            (None, Some(data)) => (
+                args.model.clone(),
+                fedtune_common::models::ModelSpec::parse(&args.model, 10)?,
+                Box::new(fedtune_common::data::DataFolder::open(data)?.train),
+            ),
+            (None, None) => anyhow::bail!("give --data DIR (image models) or --bert DIR"),
+        };
     for &batch in &args.batch_sizes {
-        let t = fedtune_client::bench::time_steps(&spec, &data, batch, 5, args.steps, &device)?;
+        let t = bench::time_steps(&spec, data.as_ref(), batch, 5, args.steps, &device)?;
         println!(
-            "bench-step model={} device={} batch={} steps={} mean_ms={:.3}",
-            args.model, args.device, t.batch_size, t.steps, t.mean_ms
+            "bench-step model={name} device={} batch={} steps={} mean_ms={:.3}",
+            args.device, t.batch_size, t.steps, t.mean_ms
         );
     }
     Ok(())

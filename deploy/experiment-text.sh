@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Federated fine-tuning of a published transformer (all-MiniLM-L6-v2) on real text, compared
+# across ways of fine-tuning with the same budget. Prints Markdown tables.
+#
+#   deploy/experiment-text.sh [OUT_DIR]
+#
+# Rotten Tomatoes, IID over CLIENTS clients (EXAMPLES sentences each), ROUNDS rounds of 1 local
+# epoch, server-side evaluation on EVAL test sentences:
+#   LoRA r=8 (fedit), LoRA r=8 (ffa), head only (frozen encoder: logistic regression on frozen
+#   MiniLM embeddings, trained by Adam), full fine-tuning, and centralised LoRA: one client holding
+#   the union of the clients' sentences for the same number of epochs (ROUNDS).
+# VADER, the four domains (movie reviews, tweets, product reviews, news) as four non-IID
+#   clients (EXAMPLES each): LoRA fedit, evaluated on the union of the four test splits and by
+#   each client on its own validation split (federated evaluation).
+#
+# Environment: CLIENTS (4), EXAMPLES (500), ROUNDS (3), EVAL (1000), LR (0.002), BATCH (16),
+# DEVICE (flex), PARTS ("rt vader").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-runs/experiment-text}"
+clients="${CLIENTS:-4}" examples="${EXAMPLES:-500}" rounds="${ROUNDS:-3}" eval="${EVAL:-1000}"
+lr="${LR:-0.002}" batch="${BATCH:-16}" device="${DEVICE:-flex}" parts="${PARTS:-rt vader}"
+minilm="$(deploy/fetch-pretrained.sh minilm | tail -1)"
+text="$(deploy/fetch-text-data.sh "$HOME/.cache/fedtune/text-data" | tail -1)"
+cargo build --release --workspace --bin fedtune-coordinator --bin fedtune-client >&2
+target_dir="$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)"
+coordinator="$target_dir/release/fedtune-coordinator"
+client="$target_dir/release/fedtune-client"
+mkdir -p "$out"
+field() { grep -o "\"$2\":[0-9.e-]*" "$1/metrics.jsonl" | cut -d: -f2; }
+last() { field "$1" "$2" | tail -1; }
+mean_round_s() { field "$1" round_ms | awk '{s+=$1} END {printf "%.1f", s/NR/1000}'; }
+
+if [[ " $parts " == *" rt "* ]]; then
+  demo() { # name, extra demo args...
+    local name="$1"; shift
+    echo "rotten tomatoes: $name" >&2
+    "$coordinator" demo --task text --clients "$clients" --examples-per-client "$examples" \
+      --eval-examples "$eval" --rounds "$rounds" --lr "$lr" --batch-size "$batch" \
+      --fraction-evaluate 0 --device "$device" --init "$minilm" --data "$text" \
+      --out "$out/rt-$name" "$@" > "$out/rt-$name.log" 2>&1 || { echo "$name failed; see $out/rt-$name.log" >&2; exit 1; }
+  }
+  demo lora-fedit --lora-rank 8 --lora-mode fedit
+  demo lora-ffa --lora-rank 8 --lora-mode ffa
+  demo head-only --lora-rank 0 --freeze head-only
+  demo full --lora-rank 0
+  echo "rotten tomatoes: centralised LoRA (one client, the union)" >&2
+  "$coordinator" demo --task text --clients 1 --examples-per-client $((clients * examples)) \
+    --eval-examples "$eval" --rounds "$rounds" --lr "$lr" --batch-size "$batch" --fraction-evaluate 0 \
+    --device "$device" --init "$minilm" --data "$text" --lora-rank 8 \
+    --out "$out/rt-central-lora" > "$out/rt-central-lora.log" 2>&1
+  echo
+  echo "Rotten Tomatoes, $clients clients × $examples sentences (IID), $rounds rounds × 1 epoch, batch $batch, lr $lr, $device; test: $eval sentences"
+  echo
+  echo "| run | accuracy | macro-F1 | up per round (all clients) | full model would be | mean round time |"
+  echo "|---|---|---|---|---|---|"
+  for r in lora-fedit lora-ffa head-only full central-lora; do
+    d="$out/rt-$r"
+    printf "| %s | %.2f%% | %.4f | %s B | %s B | %s s |\n" "$r" \
+      "$(awk -v a="$(last "$d" eval_accuracy)" 'BEGIN {print a*100}')" "$(last "$d" eval_f1)" \
+      "$(field "$d" bytes_up | tail -1)" "$(field "$d" bytes_up_full | tail -1)" "$(mean_round_s "$d")"
+  done
+  echo
+  echo "Accuracy per round (%):"
+  echo
+  echo "| round | lora-fedit | lora-ffa | head-only | full | central-lora |"
+  echo "|---|---|---|---|---|---|"
+  paste -d' ' <(field "$out/rt-lora-fedit" eval_accuracy) <(field "$out/rt-lora-ffa" eval_accuracy) \
+    <(field "$out/rt-head-only" eval_accuracy) <(field "$out/rt-full" eval_accuracy) \
+    <(field "$out/rt-central-lora" eval_accuracy) |
+    awk '{printf "| %d | %.2f | %.2f | %.2f | %.2f | %.2f |\n", NR, $1*100, $2*100, $3*100, $4*100, $5*100}'
+fi
+
+if [[ " $parts " == *" vader "* ]]; then
+  echo "vader: four domains as four clients, LoRA fedit" >&2
+  dir="$out/vader"
+  mkdir -p "$dir"
+  head -n $((eval + 1)) "$text/vader/all-test.csv" > "$dir/test.csv"
+  port=$((20000 + RANDOM % 20000))
+  "$coordinator" serve --listen "127.0.0.1:$port" --model bert --init "$minilm" --labels neg,pos \
+    --max-seq-len 64 --lora-rank 8 --rounds "$rounds" --lr "$lr" --batch-size "$batch" \
+    --min-available-clients 4 --fraction-evaluate 1 --eval-data "$dir/test.csv" --out "$dir/out" \
+    > "$dir/coordinator.log" 2>&1 &
+  pid=$!
+  for domain in movies tweets amazon nyt; do
+    head -n $((examples + 1)) "$text/vader/$domain/train.csv" > "$dir/$domain.csv"
+    "$client" run --coordinator "http://127.0.0.1:$port" --data "$dir/$domain.csv" --name "$domain" \
+      --tokenizer "$minilm/tokenizer.json" --device "$device" --no-progress > "$dir/$domain.log" 2>&1 &
+  done
+  wait "$pid"
+  wait
+  echo
+  echo "VADER, 4 domains as 4 clients × $examples sentences (non-IID), LoRA r=8 fedit, $rounds rounds; union test: $eval sentences"
+  echo
+  echo "| round | union test accuracy | movies (own val) | tweets | amazon | nyt |"
+  echo "|---|---|---|---|---|---|"
+  own() { grep "evaluation of model" "$dir/$1.log" | grep -o "acc [0-9.]*%" | cut -d' ' -f2 | tr -d '%'; }
+  paste -d' ' <(field "$dir/out" eval_accuracy) <(own movies) <(own tweets) <(own amazon) <(own nyt) |
+    awk '{printf "| %d | %.2f%% | %s%% | %s%% | %s%% | %s%% |\n", NR, $1*100, $2, $3, $4, $5}'
+fi
