@@ -14,7 +14,8 @@
 #   each client on its own validation split (federated evaluation).
 #
 # Environment: CLIENTS (4), EXAMPLES (500), ROUNDS (3), EVAL (1000), LR (0.002), BATCH (16),
-# DEVICE (flex), PARTS ("rt vader").
+# DEVICE (flex), PARTS ("rt vader"), BIN_DIR (use the binaries already built there instead of
+# building).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/experiment-text}"
@@ -22,10 +23,15 @@ clients="${CLIENTS:-4}" examples="${EXAMPLES:-500}" rounds="${ROUNDS:-3}" eval="
 lr="${LR:-0.002}" batch="${BATCH:-16}" device="${DEVICE:-flex}" parts="${PARTS:-rt vader}"
 minilm="$(deploy/fetch-pretrained.sh minilm | tail -1)"
 text="$(deploy/fetch-text-data.sh "$HOME/.cache/fedtune/text-data" | tail -1)"
-cargo build --release --workspace --bin fedtune-coordinator --bin fedtune-client >&2
-target_dir="$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)"
-coordinator="$target_dir/release/fedtune-coordinator"
-client="$target_dir/release/fedtune-client"
+if [[ -n "${BIN_DIR:-}" ]]; then
+  bin_dir="$BIN_DIR"
+else
+  cargo build --release --workspace --bin fedtune-coordinator --bin fedtune-client >&2
+  target_dir="$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)"
+  bin_dir="$target_dir/release"
+fi
+coordinator="$bin_dir/fedtune-coordinator"
+client="$bin_dir/fedtune-client"
 mkdir -p "$out"
 field() { grep -o "\"$2\":[0-9.e-]*" "$1/metrics.jsonl" | cut -d: -f2; }
 last() { field "$1" "$2" | tail -1; }

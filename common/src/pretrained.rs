@@ -144,21 +144,6 @@ fn read_pytorch(path: &Path) -> Result<(Vec<NamedTensor>, Vec<String>), Checkpoi
     Ok((out, skipped))
 }
 
-fn transpose(t: &NamedTensor) -> NamedTensor {
-    let (r, c) = (t.shape[0], t.shape[1]);
-    let mut data = vec![0.0; t.data.len()];
-    for i in 0..r {
-        for j in 0..c {
-            data[j * r + i] = t.data[i * c + j];
-        }
-    }
-    NamedTensor {
-        name: t.name.clone(),
-        shape: vec![c, r],
-        data,
-    }
-}
-
 /// Loads `path` onto a model whose fresh parameters are `init`.
 pub fn load(
     path: &Path,
@@ -223,7 +208,7 @@ pub fn load(
         };
         let f = if pytorch_layout && f.shape.len() == 2 && t.name.ends_with(".weight") {
             adapt.transposed.push(t.name.clone());
-            transpose(f)
+            f.transposed()
         } else {
             f.clone()
         };
@@ -263,7 +248,7 @@ pub fn to_pytorch_layout(set: &TensorSet) -> TensorSet {
         .iter()
         .map(|t| {
             if t.shape.len() == 2 && t.name.ends_with(".weight") {
-                transpose(t)
+                t.transposed()
             } else {
                 t.clone()
             }

@@ -62,6 +62,25 @@ impl NamedTensor {
         Ok(Self { name, shape, data })
     }
 
+    /// A matrix transposed (`[r, c]` becomes `[c, r]`): PyTorch's Linear layout to burn's and
+    /// back. Other ranks come back unchanged.
+    pub fn transposed(&self) -> NamedTensor {
+        let &[r, c] = self.shape.as_slice() else {
+            return self.clone();
+        };
+        let mut data = vec![0.0; self.data.len()];
+        for i in 0..r {
+            for j in 0..c {
+                data[j * r + i] = self.data[i * c + j];
+            }
+        }
+        NamedTensor {
+            name: self.name.clone(),
+            shape: vec![c, r],
+            data,
+        }
+    }
+
     pub fn num_elements(&self) -> usize {
         self.data.len()
     }

@@ -209,19 +209,50 @@ fn image_plan(args: &DemoArgs) -> anyhow::Result<Plan> {
     }
 
     let serve = ServeArgs {
-        listen: Some("127.0.0.1:0".parse()?),
-        rounds: Some(args.rounds.unwrap_or(5)),
-        min_available_clients: Some(args.clients),
         model: Some(args.model.clone()),
         num_classes: Some(model.num_classes),
-        out: Some(args.out.clone()),
         eval_data: Some(eval_dir),
         init: args.init.clone(),
         reset_head: args.reset_head,
+        ..serve_args(args, Recipe::IMAGE)?
+    };
+    Ok(Plan {
+        client_data: client_dirs,
+        serve,
+        client_flags: Vec::new(),
+        model_name: args.model.clone(),
+    })
+}
+
+/// A task's defaults for what the user did not set.
+pub(crate) struct Recipe {
+    pub rounds: u64,
+    pub local_epochs: u32,
+    pub batch_size: u32,
+    pub lr: f64,
+}
+
+impl Recipe {
+    const IMAGE: Recipe = Recipe {
+        rounds: 5,
+        local_epochs: 2,
+        batch_size: 32,
+        lr: 0.001,
+    };
+}
+
+/// The coordinator settings every demo task shares: this machine, the user's recipe and
+/// strategy over the task's defaults, Adam, text logs.
+pub(crate) fn serve_args(args: &DemoArgs, recipe: Recipe) -> anyhow::Result<ServeArgs> {
+    Ok(ServeArgs {
+        listen: Some("127.0.0.1:0".parse()?),
+        rounds: Some(args.rounds.unwrap_or(recipe.rounds)),
+        min_available_clients: Some(args.clients),
+        out: Some(args.out.clone()),
         freeze: args.freeze.clone(),
-        local_epochs: Some(args.local_epochs.unwrap_or(2)),
-        batch_size: Some(args.batch_size.unwrap_or(32)),
-        lr: Some(args.lr.unwrap_or(0.001)),
+        local_epochs: Some(args.local_epochs.unwrap_or(recipe.local_epochs)),
+        batch_size: Some(args.batch_size.unwrap_or(recipe.batch_size)),
+        lr: Some(args.lr.unwrap_or(recipe.lr)),
         optimizer: Some("adam".into()),
         round_timeout: Some(Duration::from_secs(1800)),
         strategy: Some(args.strategy.clone()),
@@ -230,12 +261,6 @@ fn image_plan(args: &DemoArgs) -> anyhow::Result<Plan> {
         log_format: Some(LogFormat::Text),
         seed: Some(args.seed),
         ..Default::default()
-    };
-    Ok(Plan {
-        client_data: client_dirs,
-        serve,
-        client_flags: Vec::new(),
-        model_name: args.model.clone(),
     })
 }
 

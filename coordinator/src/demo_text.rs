@@ -2,13 +2,11 @@
 //! split IID across the clients (a sample per client, so the demo takes minutes on 2 cores).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use fedtune_common::logging::LogFormat;
 
 use crate::config::{ServeArgs, TextModelArgs};
-use crate::demo::{DemoArgs, Plan};
+use crate::demo::{DemoArgs, Plan, Recipe, serve_args};
 
 fn cache(sub: &str) -> PathBuf {
     PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
@@ -97,9 +95,6 @@ pub(crate) fn plan(args: &DemoArgs) -> anyhow::Result<Plan> {
     }
     println!("  server-side evaluation: {} test sentences", test.len());
     let serve = ServeArgs {
-        listen: Some("127.0.0.1:0".parse()?),
-        rounds: Some(args.rounds.unwrap_or(3)),
-        min_available_clients: Some(args.clients),
         model: Some("bert".into()),
         init: Some(model_dir.clone()),
         text: TextModelArgs {
@@ -109,20 +104,16 @@ pub(crate) fn plan(args: &DemoArgs) -> anyhow::Result<Plan> {
             lora_mode: Some(args.lora_mode.clone()),
             ..Default::default()
         },
-        out: Some(args.out.clone()),
         eval_data: Some(eval),
-        freeze: args.freeze.clone(),
-        local_epochs: Some(args.local_epochs.unwrap_or(1)),
-        batch_size: Some(args.batch_size.unwrap_or(16)),
-        lr: Some(args.lr.unwrap_or(0.002)),
-        optimizer: Some("adam".into()),
-        round_timeout: Some(Duration::from_secs(1800)),
-        strategy: Some(args.strategy.clone()),
-        server_lr: args.server_lr,
-        fraction_evaluate: Some(args.fraction_evaluate),
-        log_format: Some(LogFormat::Text),
-        seed: Some(args.seed),
-        ..Default::default()
+        ..serve_args(
+            args,
+            Recipe {
+                rounds: 3,
+                local_epochs: 1,
+                batch_size: 16,
+                lr: 0.002,
+            },
+        )?
     };
     Ok(Plan {
         client_data,

@@ -8,12 +8,12 @@ use fedtune_common::device::{DeviceChoice, DeviceError};
 use fedtune_common::embed::SentenceEncoder;
 use fedtune_common::models::ModelSpec;
 use fedtune_common::params;
+use fedtune_common::tensors::TensorSet;
 use fedtune_tests::{fashion_subset, minilm_dir, minilm_reference};
 
-fn logits(spec: &ModelSpec, device: DeviceChoice) -> Vec<f32> {
-    let weights = spec.init_weights(3).unwrap();
+fn logits(spec: &ModelSpec, weights: &TensorSet, device: DeviceChoice) -> Vec<f32> {
     let device = device.device().unwrap();
-    let model = params::inject(spec.build(&device).unwrap(), &weights)
+    let model = params::inject(spec.build(&device).unwrap(), weights)
         .unwrap()
         .valid();
     let test = DataFolder::open(&fashion_subset())
@@ -32,9 +32,12 @@ fn logits(spec: &ModelSpec, device: DeviceChoice) -> Vec<f32> {
 fn same_weights_same_outputs_on_flex_and_libtorch() {
     for name in ["mlp", "cnn"] {
         let spec = ModelSpec::parse(name, 10).unwrap();
+        // One set of weights for both (drawing them twice would race with other tests on the
+        // device's random generator).
+        let weights = spec.init_weights(3).unwrap();
         let (a, b) = (
-            logits(&spec, DeviceChoice::Flex),
-            logits(&spec, DeviceChoice::LibTorch),
+            logits(&spec, &weights, DeviceChoice::Flex),
+            logits(&spec, &weights, DeviceChoice::LibTorch),
         );
         assert_eq!(a.len(), 64 * 10);
         let worst = a

@@ -132,3 +132,54 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny BERT-style WordPiece tokenizer.json (lower-casing, [CLS] … [SEP]).
+    const TINY: &str = r###"{
+      "version": "1.0", "truncation": null,
+      "padding": {"strategy": {"Fixed": 16}, "direction": "Right", "pad_to_multiple_of": null,
+                  "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
+      "added_tokens": [],
+      "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                     "strip_accents": null, "lowercase": true},
+      "pre_tokenizer": {"type": "BertPreTokenizer"},
+      "post_processor": {"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                           "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
+      "decoder": null,
+      "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                "max_input_chars_per_word": 100,
+                "vocab": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "good": 4, "film": 5,
+                          "bad": 6, "##s": 7}}
+    }"###;
+
+    #[test]
+    fn encodes_without_fixed_padding_truncates_and_checks_the_vocabulary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, TINY).unwrap();
+        let texts = vec!["Good films".to_string(), "bad".to_string()];
+        // The folder works too; the file's fixed padding to 16 is switched off.
+        let t = TextTokenizer::open(dir.path(), 128).unwrap();
+        assert_eq!(
+            t.encode(&texts, "t").unwrap(),
+            [vec![2, 4, 5, 7, 3], vec![2, 6, 3]]
+        );
+        assert_eq!(t.sha256(), file_sha256(&path).unwrap());
+        // Truncation counts [CLS] and [SEP].
+        let short = TextTokenizer::open(&path, 4).unwrap();
+        assert_eq!(short.encode(&texts, "t").unwrap()[0], [2, 4, 5, 3]);
+        assert!(t.check_fits(8).is_ok());
+        let e = t.check_fits(6).unwrap_err().to_string();
+        assert!(e.contains("8 tokens") && e.contains("6 rows"), "{e}");
+        std::fs::write(&path, "{}").unwrap();
+        let e = TextTokenizer::open(&path, 16).err().unwrap().to_string();
+        assert!(e.contains("not a Hugging Face tokenizer.json"), "{e}");
+    }
+}

@@ -87,21 +87,6 @@ pub fn is_linear_weight(name: &str) -> bool {
         && (name.contains(".mha.") || name.contains(".pwff.") || name.starts_with("head."))
 }
 
-pub(crate) fn transpose(t: &NamedTensor) -> NamedTensor {
-    let (r, c) = (t.shape[0], t.shape[1]);
-    let mut data = vec![0.0; t.data.len()];
-    for i in 0..r {
-        for j in 0..c {
-            data[j * r + i] = t.data[i * c + j];
-        }
-    }
-    NamedTensor {
-        name: t.name.clone(),
-        shape: vec![c, r],
-        data,
-    }
-}
-
 /// The float tensors of a safetensors file as f32, by name; the names of the others.
 fn read_floats(path: &Path) -> Result<(HashMap<String, NamedTensor>, Vec<String>), HfError> {
     let err = |message: String| HfError::File {
@@ -198,7 +183,7 @@ pub fn load(path: &Path, init: &TensorSet) -> Result<(TensorSet, LoadReport), Hf
             continue;
         };
         let f = if is_linear_weight(&t.name) && f.shape.len() == 2 {
-            transpose(f)
+            f.transposed()
         } else {
             f.clone()
         };
@@ -276,7 +261,7 @@ pub fn to_hf(set: &TensorSet) -> Result<TensorSet, String> {
             ));
         };
         let t = if is_linear_weight(&t.name) {
-            transpose(t)
+            t.transposed()
         } else {
             t.clone()
         };

@@ -160,7 +160,7 @@ pub fn to_peft(set: &TensorSet) -> Result<TensorSet, String> {
             .ok_or_else(|| format!("`{base}` has no Hugging Face name"))?;
         let module = hf.strip_suffix(".weight").unwrap_or(&hf);
         let which = if factor == "a" { "lora_A" } else { "lora_B" };
-        let mut transposed = super::hf_bert::transpose(t);
+        let mut transposed = t.transposed();
         transposed.name = format!("base_model.model.{module}.{which}.weight");
         out.push(transposed);
     }
