@@ -106,7 +106,12 @@ impl TextDataset {
                         ))
                     })?
             };
-            out.push(class as u8);
+            let class = u8::try_from(class).map_err(|_| {
+                self.err(format!(
+                    "line {line}: class {class}: fedtune handles at most 256 classes"
+                ))
+            })?;
+            out.push(class);
         }
         Ok(out)
     }

@@ -1,0 +1,194 @@
+//! The `--config` TOML file: every `serve` flag as a key, with the defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use fedtune_common::logging::LogFormat;
+use fedtune_common::models::DROPOUT;
+use serde::Deserialize;
+
+/// The TOML file: the same keys as the flags, with `-` written `_` (e.g. `min_clients = 3`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: SocketAddr,
+    pub rounds: u64,
+    #[serde(alias = "min_clients")]
+    pub min_available_clients: usize,
+    #[serde(with = "humantime_serde")]
+    pub available_timeout: Duration,
+    pub model: String,
+    pub num_classes: Option<u32>,
+    pub init: Option<InitFile>,
+    pub tokenizer: Option<PathBuf>,
+    pub labels: Vec<String>,
+    pub max_seq_len: Option<usize>,
+    pub lora_rank: Option<usize>,
+    pub lora_alpha: Option<f64>,
+    pub lora_targets: Vec<String>,
+    pub lora_mode: Option<String>,
+    pub export_pytorch: bool,
+    pub out: PathBuf,
+    pub eval_data: Option<PathBuf>,
+    pub eval_text_column: String,
+    pub eval_label_column: String,
+    pub local_epochs: u32,
+    pub batch_size: u32,
+    pub lr: f64,
+    pub optimizer: String,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    pub lr_schedule: String,
+    pub warmup_steps: u32,
+    pub lr_round_decay: f64,
+    pub clip_norm: f64,
+    pub dropout: f64,
+    pub freeze: String,
+    pub augment_crop_padding: u32,
+    pub augment_flip: bool,
+    pub augment_noise: f64,
+    pub early_stopping_patience: u32,
+    #[serde(with = "humantime_serde")]
+    pub round_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Option<Duration>,
+    pub accept_failures: bool,
+    pub on_round_failure: OnRoundFailure,
+    pub round_retries: u32,
+    pub strategy: String,
+    pub server_lr: Option<f64>,
+    pub server_momentum: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub tau: f64,
+    pub proximal_mu: Option<f64>,
+    pub trim_fraction: f64,
+    pub krum_f: usize,
+    pub krum_m: usize,
+    pub fraction_fit: f64,
+    pub min_fit_clients: usize,
+    pub fraction_evaluate: f64,
+    pub min_evaluate_clients: usize,
+    pub evaluate_every: u64,
+    pub buffer_memory_mb: u64,
+    pub resume: bool,
+    pub log_format: LogFormat,
+    pub seed: u64,
+}
+
+/// `init = "file"`, or a table with the rules that adapt the file to the model:
+///
+/// ```toml
+/// [init]
+/// file = "resnet-ish.pt"
+/// layout = "pytorch"        # auto (by extension), burn or pytorch
+/// reset_head = true         # re-initialise the classifier head (new number of classes)
+/// [init.remap]              # regex -> replacement, applied in order to every file key
+/// "^backbone\\." = ""
+/// "^classifier\\." = "fc2."
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum InitFile {
+    Path(PathBuf),
+    Table(InitTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitTable {
+    pub file: PathBuf,
+    #[serde(default)]
+    pub layout: Option<String>,
+    #[serde(default)]
+    pub reset_head: bool,
+    #[serde(default)]
+    pub remap: toml::Table,
+}
+
+/// What happens to a round that gathered too few updates (or any failure, without
+/// `accept_failures`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRoundFailure {
+    /// Run the round again with freshly selected clients (up to `round_retries` times).
+    Retry,
+    /// End the run with an error; the last completed round stays in the output folder.
+    Stop,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            rounds: 5,
+            min_available_clients: 2,
+            available_timeout: Duration::from_secs(30 * 60),
+            model: "mlp".into(),
+            num_classes: None,
+            init: None,
+            tokenizer: None,
+            labels: Vec::new(),
+            max_seq_len: None,
+            lora_rank: None,
+            lora_alpha: None,
+            lora_targets: Vec::new(),
+            lora_mode: None,
+            export_pytorch: false,
+            out: PathBuf::from("runs/latest"),
+            eval_data: None,
+            eval_text_column: "text".into(),
+            eval_label_column: "label".into(),
+            local_epochs: 1,
+            batch_size: 32,
+            lr: 0.001,
+            optimizer: "adam".into(),
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            lr_schedule: "constant".into(),
+            warmup_steps: 0,
+            lr_round_decay: 1.0,
+            clip_norm: 0.0,
+            dropout: DROPOUT,
+            freeze: "none".into(),
+            augment_crop_padding: 0,
+            augment_flip: false,
+            augment_noise: 0.0,
+            early_stopping_patience: 0,
+            round_timeout: Duration::from_secs(600),
+            grace_period: None,
+            accept_failures: true,
+            on_round_failure: OnRoundFailure::Retry,
+            round_retries: 3,
+            strategy: "fedavg".into(),
+            server_lr: None,
+            server_momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+            proximal_mu: None,
+            trim_fraction: 0.2,
+            krum_f: 1,
+            krum_m: 0,
+            fraction_fit: 1.0,
+            min_fit_clients: 1,
+            fraction_evaluate: 0.0,
+            min_evaluate_clients: 1,
+            evaluate_every: 1,
+            buffer_memory_mb: 1024,
+            resume: false,
+            log_format: LogFormat::Text,
+            seed: 42,
+        }
+    }
+}
+
+pub(super) fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
