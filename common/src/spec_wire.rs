@@ -48,6 +48,14 @@ pub fn from_pb(spec: &pb::ModelSpec) -> Result<ModelSpec, ModelError> {
                 "max sequence length {max_seq_len} is outside 2..={MAX_SEQ_LEN}"
             )));
         }
+        if let crate::models::ModelKind::Bert(arch) = out.kind
+            && max_seq_len > arch.max_positions
+        {
+            return Err(ModelError::BadBert(format!(
+                "max sequence length {max_seq_len} exceeds the model's {} positions",
+                arch.max_positions
+            )));
+        }
         if !t.labels.is_empty() && t.labels.len() != spec.num_classes as usize {
             return Err(ModelError::BadBert(format!(
                 "{} label names for {} classes",
@@ -89,6 +97,14 @@ mod tests {
         let mut bad = to_pb(&spec);
         bad.lora.as_mut().unwrap().rank = 0;
         assert!(from_pb(&bad).unwrap_err().to_string().contains("rank 0"));
+        let mut bad = to_pb(&spec);
+        bad.text.as_mut().unwrap().max_seq_len = 65;
+        assert!(
+            from_pb(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("64 positions")
+        );
         let mut bad = to_pb(&spec);
         bad.text.as_mut().unwrap().labels.push("meh".into());
         assert!(
