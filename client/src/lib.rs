@@ -1,7 +1,8 @@
 //! The fedtune edge client: pulls work from the coordinator, fine-tunes locally with burn and
 //! returns weight deltas with metrics.
 //!
-//! - [`session`]: the protocol loop (join, tasks, transfers, reconnects, heartbeats).
+//! - [`session`]: the protocol loop (join, tasks, transfers, reconnects, heartbeats);
+//!   `connection`: the endpoint, retryable failures and backoff.
 //! - [`fine_tune`]: a Train task -> a delta and metrics (no gRPC); [`task_config`]: the task's
 //!   training settings, checked and capped.
 //! - [`local_data`]: the private data and its validation split; [`progress`]: what a user sees.
@@ -9,6 +10,7 @@
 
 pub mod attack;
 pub mod bench;
+mod connection;
 pub mod fine_tune;
 pub mod frozen_cache;
 pub mod local_data;

@@ -22,6 +22,7 @@ use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::attack::Attack;
+use crate::connection::{BACKOFF_START, Backoff, endpoint, transient};
 use crate::fine_tune::{self, LocalUpdate, Split};
 use crate::frozen_cache::FrozenCache;
 use crate::local_data::{Columns, LocalData};
@@ -30,8 +31,6 @@ use crate::task_config::{self, Caps};
 
 /// Longest the coordinator may hold a NextTask call, plus slack.
 const NEXT_TASK_TIMEOUT: Duration = Duration::from_secs(60);
-const BACKOFF_START: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Attempts for one download or upload before the task is given up.
 const TRANSFER_ATTEMPTS: u32 = 5;
 
@@ -79,90 +78,6 @@ struct Session {
     rpc: FederationClient<Channel>,
     token: String,
     heartbeat_every: Duration,
-}
-
-fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
-    let uri: tonic::transport::Uri = url.parse().with_context(|| {
-        format!("invalid coordinator URL `{url}` (expected e.g. http://10.0.0.5:50051)")
-    })?;
-    if uri.scheme_str() == Some("https") {
-        bail!(
-            "coordinator URL `{url}`: TLS (https://) is not supported in this release; use http:// on a trusted network or VPN"
-        );
-    }
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
-        bail!(
-            "invalid coordinator URL `{url}`: it must start with http:// and name a host, e.g. http://10.0.0.5:50051"
-        );
-    }
-    Ok(Endpoint::from_shared(url.to_string())
-        .with_context(|| {
-            format!("invalid coordinator URL `{url}` (expected e.g. http://10.0.0.5:50051)")
-        })?
-        .connect_timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .max_frame_size(Some((1 << 20) + (64 << 10))))
-}
-
-fn transient(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable
-            | Code::Unknown
-            | Code::DeadlineExceeded
-            | Code::Cancelled
-            | Code::Aborted
-            | Code::DataLoss
-            | Code::Internal
-            | Code::ResourceExhausted
-    )
-}
-
-struct Backoff {
-    next: Duration,
-    down_since: Option<tokio::time::Instant>,
-    give_up_after: Duration,
-}
-
-impl Backoff {
-    fn new(give_up_after: Duration) -> Self {
-        Self {
-            next: BACKOFF_START,
-            down_since: None,
-            give_up_after,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = BACKOFF_START;
-        self.down_since = None;
-    }
-
-    /// Sleeps before the next attempt; fails once the coordinator has been away too long.
-    async fn wait(&mut self, what: &str, err: &dyn std::fmt::Display) -> anyhow::Result<()> {
-        let since = *self
-            .down_since
-            .get_or_insert_with(tokio::time::Instant::now);
-        if since.elapsed() > self.give_up_after {
-            bail!(
-                "{what}: coordinator unreachable for {}; giving up: {err}",
-                humantime::format_duration(self.give_up_after)
-            );
-        }
-        let jitter =
-            Duration::from_millis(rand::random::<u64>() % (self.next.as_millis() as u64 / 4 + 1));
-        warn!(
-            "{what}: {err}; retrying in {:.1} s",
-            (self.next + jitter).as_secs_f64()
-        );
-        tokio::time::sleep(self.next + jitter).await;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        Ok(())
-    }
 }
 
 /// Runs the client until the coordinator says the federation is finished.

@@ -9,6 +9,7 @@
 //! - [`evaluation`]: server-side evaluation; [`demo`]: the one-command local federation;
 //!   [`pretrain`]: central pre-training, the starting point of a fine-tuning run.
 
+pub mod broadcast;
 pub mod clients;
 pub mod config;
 pub mod demo;

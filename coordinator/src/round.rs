@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use fedtune_common::logging::LogFormat;
 use fedtune_common::tensors::{TensorSet, TensorSpec};
-use fedtune_common::wire::{EncodedTensors, MAX_CHUNK_BYTES, Payload};
+use fedtune_common::wire::{EncodedTensors, Payload};
 use fedtune_proto::{self as pb, PROTOCOL_VERSION};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{info, warn};
 
+pub use crate::broadcast::Broadcast;
 use crate::clients::Clients;
 use crate::config::{OnRoundFailure, ServeConfig};
 use crate::evaluation::ServerEval;
@@ -167,47 +168,6 @@ impl PhaseKind {
         match self {
             Self::Fit { .. } => "a training task",
             Self::Evaluate => "an evaluation task",
-        }
-    }
-}
-
-/// One global model version, encoded once for every client: in full, and (when the run freezes
-/// tensors) without the frozen ones, for clients that already hold those.
-pub struct Broadcast {
-    full: Arc<EncodedTensors>,
-    trainable: Option<Arc<EncodedTensors>>,
-    /// Content hash of the frozen tensors (0 when nothing is frozen).
-    frozen_hash: u64,
-}
-
-impl Broadcast {
-    pub fn encode(global: &TensorSet, version: u64, frozen: &[String]) -> anyhow::Result<Self> {
-        let full = Arc::new(EncodedTensors::encode(global, version, MAX_CHUNK_BYTES)?);
-        if frozen.is_empty() {
-            return Ok(Self {
-                full,
-                trainable: None,
-                frozen_hash: 0,
-            });
-        }
-        let is_frozen = |n: &str| frozen.iter().any(|f| f == n);
-        let trainable = global.select(|n| !is_frozen(n));
-        Ok(Self {
-            full,
-            trainable: Some(Arc::new(EncodedTensors::encode(
-                &trainable,
-                version,
-                MAX_CHUNK_BYTES,
-            )?)),
-            frozen_hash: global.content_hash_of(is_frozen),
-        })
-    }
-
-    /// What a client holding frozen tensors with hash `frozen_hash` must download.
-    fn for_client(&self, frozen_hash: u64) -> Arc<EncodedTensors> {
-        match &self.trainable {
-            Some(t) if frozen_hash != 0 && frozen_hash == self.frozen_hash => t.clone(),
-            _ => self.full.clone(),
         }
     }
 }
@@ -1109,7 +1069,7 @@ impl Federation {
         aggregator: Option<Box<dyn Aggregator>>,
     ) -> u64 {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        let bytes = broadcast.full.total_bytes();
+        let bytes = broadcast.full_bytes();
         if let Some(aggregator) = aggregator {
             // Installed before `state` is locked (lock order: `aggregate` is never taken while
             // `state` is held). Nothing is folded into it before the phase below opens.
