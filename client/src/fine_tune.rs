@@ -7,7 +7,6 @@ use std::time::Instant;
 use fedtune_common::data::Examples;
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::models::ModelSpec;
-use fedtune_common::params;
 use fedtune_common::tensors::{NamedTensor, TensorSet, TensorSpec};
 use fedtune_common::train::{self, Progress, TrainSettings};
 
@@ -57,7 +56,9 @@ pub fn fine_tune(
     let plain = device.device()?;
     let autodiff = plain.clone().autodiff();
     autodiff.seed(settings.seed);
-    let model = params::inject(spec.build_with_dropout(&autodiff, dropout)?, global)?;
+    let model = spec
+        .build_with_dropout(&autodiff, dropout)?
+        .inject(global)?;
     // Validation every epoch only when early stopping needs it.
     let per_epoch_validation: &[usize] = if settings.early_stopping_patience > 0 {
         data.val_idx
@@ -75,7 +76,7 @@ pub fn fine_tune(
     )?;
     let train_ms = started.elapsed().as_millis() as f64;
 
-    let local = params::extract(&outcome.model)?;
+    let local = outcome.model.extract()?;
     let delta = local
         .delta_from(global)?
         .select(|n| !settings.frozen.iter().any(|f| f == n));
@@ -116,7 +117,7 @@ pub fn evaluate_global(
     batch_size: usize,
 ) -> anyhow::Result<(u64, HashMap<String, f64>)> {
     let plain = device.device()?;
-    let model = params::inject(spec.build(&plain)?, global)?;
+    let model = spec.build(&plain)?.inject(global)?;
     let eval = train::evaluate(
         &model,
         data.examples,

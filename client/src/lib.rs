@@ -10,6 +10,7 @@
 
 pub mod attack;
 pub mod bench;
+pub mod cli;
 mod connection;
 pub mod fine_tune;
 pub mod frozen_cache;

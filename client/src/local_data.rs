@@ -10,7 +10,7 @@ use fedtune_common::data::text::{csv_holds_text, is_text_file};
 use fedtune_common::data::{
     DataFolder, Examples, ImageDataset, TextDataset, TextTokenizer, TokenizedText, validation_split,
 };
-use fedtune_common::models::{ModelKind, ModelSpec};
+use fedtune_common::models::ModelSpec;
 use tracing::info;
 
 /// Where a text file's columns are.
@@ -101,7 +101,7 @@ impl LocalData {
         &self,
         spec: &ModelSpec,
     ) -> anyhow::Result<Arc<dyn Examples + Send + Sync>> {
-        match (&self.examples, &spec.kind) {
+        match (&self.examples, spec.kind.bert()) {
             (LocalExamples::Images(data), _) => {
                 spec.check_data(data)
                     .context("local data does not fit the coordinator's model")?;
@@ -111,7 +111,7 @@ impl LocalData {
                 }
                 Ok(data.clone())
             }
-            (LocalExamples::Text(data), ModelKind::Bert(arch)) => {
+            (LocalExamples::Text(data), Some(arch)) => {
                 let input = spec
                     .text
                     .as_ref()
@@ -165,9 +165,10 @@ impl LocalData {
                 });
                 Ok(examples)
             }
-            (LocalExamples::Text(_), kind) => bail!(
-                "{}: this client holds text, but the coordinator's model `{kind}` reads images or table rows",
-                self.source
+            (LocalExamples::Text(_), None) => bail!(
+                "{}: this client holds text, but the coordinator's model `{}` reads images or table rows",
+                self.source,
+                spec.kind
             ),
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fedtune_common::device::DeviceChoice;
-use fedtune_common::models::{ModelKind, ModelSpec};
+use fedtune_common::models::ModelSpec;
 use fedtune_common::spec_wire;
 use fedtune_common::tensors::{TensorSpec, check_specs};
 use fedtune_common::wire::{Assembler, EncodedTensors, MAX_CHUNK_BYTES, Payload};
@@ -317,7 +317,7 @@ async fn train_round(
         }
         (TrainMode::Full, None) => Err(anyhow::anyhow!("no local data")),
         (TrainMode::Full, Some(data)) => {
-            if matches!(spec.kind, ModelKind::Synthetic { .. }) {
+            if spec.kind.is_synthetic() {
                 bail!(
                     "the coordinator runs a synthetic model, which cannot be trained: run this client with --train none"
                 );
@@ -596,7 +596,7 @@ async fn evaluate_round(
         .context("coordinator asked for a model this client cannot build")?;
     let _heartbeat = spawn_heartbeat(s, format!("evaluating round {}", task.round));
     let evaluable = opts.train == TrainMode::Full
-        && !matches!(spec.kind, ModelKind::Synthetic { .. })
+        && !spec.kind.is_synthetic()
         && data.is_some_and(|d| !d.val_idx.is_empty());
     let (num_examples, metrics) = match data.filter(|_| evaluable) {
         None => {

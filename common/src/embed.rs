@@ -10,7 +10,9 @@ use burn::tensor::Device;
 use crate::data::tokenizer::TokenizerError;
 use crate::data::{Examples, TextTokenizer, TokenizedText};
 use crate::models::bert::l2_normalize;
-use crate::models::{BertArch, ModelError, ModelInput, ModelSpec, Net, hf_bert};
+use crate::models::{
+    Architecture, BertArch, ModelError, ModelInput, ModelSpec, TextClassifier, hf_bert,
+};
 use crate::params::{self, ParamsError};
 use crate::pretrained::LoadReport;
 
@@ -31,7 +33,7 @@ pub enum EmbedError {
 }
 
 pub struct SentenceEncoder {
-    net: Net,
+    net: TextClassifier,
     tokenizer: TextTokenizer,
     device: Device,
     pub report: LoadReport,
@@ -46,7 +48,8 @@ impl SentenceEncoder {
         let (weights, report) = hf_bert::load(&weights_path, &spec.init_weights(0)?)?;
         let tokenizer = TextTokenizer::open(dir, max_seq_len.min(arch.max_positions))?;
         tokenizer.check_fits(arch.vocab_size)?;
-        let net = params::inject(spec.build(device)?, &weights)?.valid();
+        let net = TextClassifier::build(&spec, device, 0.0)?;
+        let net = params::inject(net, &weights)?.valid();
         Ok(Self {
             net,
             tokenizer,
@@ -68,9 +71,6 @@ impl SentenceEncoder {
             pad_id: 0,
             source: "sentences".into(),
         };
-        let Net::Bert(model) = &self.net else {
-            return Err(EmbedError::Folder("not a text model".into()));
-        };
         let mut out = Vec::with_capacity(sentences.len());
         let all: Vec<usize> = (0..data.len()).collect();
         for chunk in all.chunks(batch_size.max(1)) {
@@ -78,7 +78,7 @@ impl SentenceEncoder {
             else {
                 return Err(EmbedError::Folder("text batches are tokens".into()));
             };
-            let pooled = l2_normalize(model.bert.mean_pooled(ids, padding));
+            let pooled = l2_normalize(self.net.bert.mean_pooled(ids, padding));
             let [rows, dim] = pooled.dims();
             let values = pooled
                 .into_data()

@@ -12,8 +12,6 @@ use burn::optim::{
 };
 use burn::tensor::Tensor;
 
-use crate::models::Net;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptimizerKind {
     Sgd,
@@ -214,7 +212,7 @@ impl ModuleVisitor for Scale<'_> {
 }
 
 /// The norm of all gradients together.
-pub fn global_grad_norm(model: &Net, grads: &GradientsParams) -> f64 {
+pub fn global_grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
     let mut v = SumOfSquares { grads, sum: 0.0 };
     model.visit(&mut v);
     v.sum.sqrt()
@@ -222,7 +220,7 @@ pub fn global_grad_norm(model: &Net, grads: &GradientsParams) -> f64 {
 
 /// Scales every gradient by `max_norm / norm` when the global norm exceeds `max_norm` (as
 /// PyTorch's `clip_grad_norm_`). Returns the norm before clipping.
-pub fn clip_global_norm(model: &Net, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+pub fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
     let norm = global_grad_norm(model, grads);
     if norm > max_norm && norm.is_finite() {
         let mut v = Scale {

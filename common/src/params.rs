@@ -203,17 +203,17 @@ mod tests {
     use burn::tensor::Device;
 
     use super::*;
-    use crate::models::ModelSpec;
+    use crate::models::{Architecture, Cnn, Mlp, ModelSpec};
 
     #[test]
     fn extract_inject_round_trip_is_bit_exact() {
         let spec = ModelSpec::parse("cnn", 10).unwrap();
         let device = Device::flex();
         device.seed(1);
-        let a = spec.build(&device).unwrap();
+        let a = Cnn::build(&spec, &device, 0.1).unwrap();
         let set_a = extract(&a).unwrap();
         device.seed(2);
-        let b = inject(spec.build(&device).unwrap(), &set_a).unwrap();
+        let b = inject(Cnn::build(&spec, &device, 0.1).unwrap(), &set_a).unwrap();
         let set_b = extract(&b).unwrap();
         assert_eq!(set_a.len(), 8);
         for (x, y) in set_a.tensors().iter().zip(set_b.tensors()) {
@@ -229,7 +229,7 @@ mod tests {
         }
         // Injection onto an autodiff device keeps the values too (what the client trains on).
         let ad = device.clone().autodiff();
-        let c = inject(spec.build(&ad).unwrap(), &set_a).unwrap();
+        let c = inject(Cnn::build(&spec, &ad, 0.1).unwrap(), &set_a).unwrap();
         assert_eq!(extract(&c).unwrap(), set_a);
     }
 
@@ -237,7 +237,7 @@ mod tests {
     fn inject_refuses_a_foreign_set() {
         let spec = ModelSpec::parse("mlp", 10).unwrap();
         let other = ModelSpec::parse("mlp", 5).unwrap().init_weights(0).unwrap();
-        let e = inject(spec.build(&Device::flex()).unwrap(), &other)
+        let e = inject(Mlp::build(&spec, &Device::flex(), 0.1).unwrap(), &other)
             .unwrap_err()
             .to_string();
         assert!(e.contains("fc2") && e.contains("shape"), "{e}");

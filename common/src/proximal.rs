@@ -5,8 +5,6 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 
-use crate::models::Net;
-
 /// The anchor weights w₀, flattened, in the model's visiting order.
 pub struct Proximal {
     mu: f64,
@@ -51,7 +49,7 @@ impl ModuleVisitor for Penalty<'_> {
 
 impl Proximal {
     /// Remembers `model`'s current weights as the anchor.
-    pub fn new(model: &Net, mu: f64) -> Self {
+    pub fn new<M: Module>(model: &M, mu: f64) -> Self {
         let mut v = Anchors(Vec::new());
         model.visit(&mut v);
         Self { mu, anchors: v.0 }
@@ -59,7 +57,7 @@ impl Proximal {
 
     /// μ/2·‖w − w₀‖² for `model` (a one-element tensor on the model's device, tracked by
     /// autodiff).
-    pub fn penalty(&self, model: &Net) -> Option<Tensor<1>> {
+    pub fn penalty<M: Module>(&self, model: &M) -> Option<Tensor<1>> {
         let mut v = Penalty {
             anchors: &self.anchors,
             next: 0,

@@ -48,7 +48,7 @@ pub fn from_pb(spec: &pb::ModelSpec) -> Result<ModelSpec, ModelError> {
                 "max sequence length {max_seq_len} is outside 2..={MAX_SEQ_LEN}"
             )));
         }
-        if let crate::models::ModelKind::Bert(arch) = out.kind
+        if let Some(arch) = out.kind.bert()
             && max_seq_len > arch.max_positions
         {
             return Err(ModelError::BadBert(format!(

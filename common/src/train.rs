@@ -2,9 +2,7 @@
 //! (server-side evaluation) and tests. One readable loop: shuffle, batch, forward, loss,
 //! backward, optimiser step.
 
-use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::GradientsParams;
 use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -13,11 +11,9 @@ use rand::seq::SliceRandom;
 use crate::augment::Augment;
 use crate::data::Examples;
 use crate::metrics::{ClassificationMetrics, ConfusionMatrix};
-use crate::models::{InputMismatch, Net};
+use crate::models::{InputMismatch, Model};
 pub use crate::optim::OptimizerKind;
-use crate::optim::{LrSchedule, OptimizerSettings, clip_global_norm, scheduled_lr};
-use crate::params;
-use crate::proximal::Proximal;
+use crate::optim::{LrSchedule, OptimizerSettings, scheduled_lr};
 
 /// Everything local training needs to know besides the data and the device.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,7 +97,7 @@ impl Progress {
 
 pub struct TrainOutcome {
     /// The trained model (with early stopping: the weights of the best validation epoch).
-    pub model: Net,
+    pub model: Model,
     /// Mean training loss over the last epoch run.
     pub train_loss: f64,
     pub steps: usize,
@@ -113,7 +109,7 @@ pub struct TrainOutcome {
 /// `indices`; with `validation` examples, evaluates after every epoch (reported through
 /// `on_progress`, and used for early stopping).
 pub fn train(
-    model: Net,
+    model: Model,
     data: &dyn Examples,
     indices: &[usize],
     validation: &[usize],
@@ -121,11 +117,10 @@ pub fn train(
     device: &Device,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<TrainOutcome, InputMismatch> {
-    let mut model = params::set_frozen(model, &settings.frozen);
+    let mut model = model.set_frozen(&settings.frozen);
     let mut optim = settings.optimizer.init();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let proximal =
-        (settings.proximal_mu > 0.0).then(|| Proximal::new(&model, settings.proximal_mu));
+    let proximal = (settings.proximal_mu > 0.0).then(|| model.proximal(settings.proximal_mu));
     let mut rng = StdRng::seed_from_u64(settings.seed);
     let mut order = indices.to_vec();
     let batch_size = settings.batch_size.max(1);
@@ -133,7 +128,7 @@ pub fn train(
     let total_steps = steps_per_epoch * settings.epochs as usize;
     let (mut train_loss, mut steps) = (f64::NAN, 0);
     let plain = device.clone().inner();
-    let mut best: Option<(f64, Net)> = None;
+    let mut best: Option<(f64, Model)> = None;
     let mut since_best = 0;
     let (mut epochs_run, mut stopped_early) = (0, false);
 
@@ -147,14 +142,11 @@ pub fn train(
             let loss = loss_fn.forward(logits, labels);
             // The reported loss is the data loss; the proximal term only shapes the gradient.
             let loss_value = f64::from(loss.clone().into_scalar::<f32>());
-            let loss = match proximal.as_ref().and_then(|p| p.penalty(&model)) {
+            let loss = match proximal.as_ref().and_then(|p| model.penalty(p)) {
                 Some(term) => loss + term,
                 None => loss,
             };
-            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-            if let Some(max) = settings.clip_norm {
-                clip_global_norm(&model, &mut grads, max);
-            }
+            let grads = loss.backward();
             lr = scheduled_lr(
                 settings.lr,
                 settings.schedule,
@@ -163,7 +155,7 @@ pub fn train(
                 steps_per_epoch,
                 total_steps,
             );
-            model = optim.step(lr, model, grads);
+            model = model.step(&mut optim, lr, grads, settings.clip_norm);
 
             loss_sum += loss_value * chunk.len() as f64;
             seen += chunk.len();
@@ -251,7 +243,7 @@ impl Evaluation {
 /// Evaluates `model` on the examples at `indices`. `device` is a plain (non-autodiff) device;
 /// the model is switched to inference mode (no dropout, no gradients).
 pub fn evaluate(
-    model: &Net,
+    model: &Model,
     data: &dyn Examples,
     indices: &[usize],
     batch_size: usize,
@@ -329,7 +321,7 @@ mod tests {
         let device = Device::flex().autodiff();
         device.seed(3);
         let start = spec.init_weights(3).unwrap();
-        let model = params::inject(spec.build(&device).unwrap(), &start).unwrap();
+        let model = spec.build(&device).unwrap().inject(&start).unwrap();
         let settings = TrainSettings {
             epochs: 3,
             batch_size: 16,
@@ -342,7 +334,7 @@ mod tests {
         let d = data();
         let idx: Vec<usize> = (0..d.len()).collect();
         let out = train(model, &d, &idx, &[], &settings, &device, &mut |_| {}).unwrap();
-        let end = params::extract(&out.model).unwrap();
+        let end = out.model.extract().unwrap();
         let delta = end.delta_from(&start).unwrap();
         delta
             .tensors()
@@ -357,19 +349,22 @@ mod tests {
     fn run(start: &TensorSet, settings: TrainSettings) -> TensorSet {
         let spec = ModelSpec::parse("mlp", 4).unwrap();
         let device = Device::flex().autodiff();
-        let model = params::inject(spec.build_with_dropout(&device, 0.0).unwrap(), start).unwrap();
+        let model = spec
+            .build_with_dropout(&device, 0.0)
+            .unwrap()
+            .inject(start)
+            .unwrap();
         let d = data();
         let idx: Vec<usize> = (0..d.len()).collect();
         let settings = TrainSettings {
             batch_size: d.len(),
             ..settings
         };
-        params::extract(
-            &train(model, &d, &idx, &[], &settings, &device, &mut |_| {})
-                .unwrap()
-                .model,
-        )
-        .unwrap()
+        train(model, &d, &idx, &[], &settings, &device, &mut |_| {})
+            .unwrap()
+            .model
+            .extract()
+            .unwrap()
     }
 
     fn flat(set: &TensorSet) -> Vec<f64> {
@@ -573,7 +568,11 @@ mod tests {
         // patience 1, training stops early and keeps the first epoch's weights.
         let spec = ModelSpec::parse("mlp", 4).unwrap();
         let device = Device::flex().autodiff();
-        let model = params::inject(spec.build_with_dropout(&device, 0.0).unwrap(), &w0).unwrap();
+        let model = spec
+            .build_with_dropout(&device, 0.0)
+            .unwrap()
+            .inject(&w0)
+            .unwrap();
         let d = data();
         let (train_idx, val_idx): (Vec<usize>, Vec<usize>) = (0..d.len()).partition(|i| i % 4 != 0);
         let mut validations = 0;

@@ -6,7 +6,6 @@ use anyhow::Context;
 use burn::tensor::Device;
 use fedtune_common::data::{DataFolder, Examples, TextDataset, TextTokenizer, TokenizedText};
 use fedtune_common::models::ModelSpec;
-use fedtune_common::params;
 use fedtune_common::tensors::TensorSet;
 use fedtune_common::train::{self, Evaluation};
 
@@ -63,7 +62,7 @@ impl ServerEval {
     pub fn evaluate(&self, global: &TensorSet) -> anyhow::Result<Evaluation> {
         let device = Device::flex();
         let model = self.spec.build(&device)?;
-        let model = params::inject(model, global)?;
+        let model = model.inject(global)?;
         let batch = if self.spec.is_text() {
             TEXT_EVAL_BATCH
         } else {

@@ -10,6 +10,7 @@
 //!   [`pretrain`]: central pre-training, the starting point of a fine-tuning run.
 
 pub mod broadcast;
+pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod demo;

@@ -14,7 +14,6 @@ use fedtune_common::data::{DataFolder, validation_split};
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::models::{DROPOUT, ModelSpec};
 use fedtune_common::optim::OptimizerSettings;
-use fedtune_common::params;
 use fedtune_common::pretrained::{self, InitOptions};
 use fedtune_common::train::{self, TrainSettings};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -114,14 +113,14 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
     let mut model = spec.build_with_dropout(&autodiff, DROPOUT)?;
     if let Some(init) = &args.init {
         let (weights, report, _) =
-            pretrained::load(init, &params::extract(&model)?, &InitOptions::default())?;
+            pretrained::load(init, &model.extract()?, &InitOptions::default())?;
         info!(
             "starting from {}: {} tensors applied, {} missing",
             init.display(),
             report.applied.len(),
             report.missing.len()
         );
-        model = params::inject(model, &weights)?;
+        model = model.inject(&weights)?;
     }
     let settings = TrainSettings {
         epochs: args.epochs,
@@ -202,7 +201,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
             format!("{:.4}", m.accuracy),
         );
     }
-    let weights = params::extract(&outcome.model)?;
+    let weights = outcome.model.extract()?;
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

@@ -7,13 +7,15 @@ use fedtune_common::data::{DataFolder, Examples};
 use fedtune_common::device::{DeviceChoice, DeviceError};
 use fedtune_common::embed::SentenceEncoder;
 use fedtune_common::models::ModelSpec;
-use fedtune_common::params;
 use fedtune_common::tensors::TensorSet;
 use fedtune_tests::{fashion_subset, minilm_dir, minilm_reference};
 
 fn logits(spec: &ModelSpec, weights: &TensorSet, device: DeviceChoice) -> Vec<f32> {
     let device = device.device().unwrap();
-    let model = params::inject(spec.build(&device).unwrap(), weights)
+    let model = spec
+        .build(&device)
+        .unwrap()
+        .inject(weights)
         .unwrap()
         .valid();
     let test = DataFolder::open(&fashion_subset())

@@ -21,6 +21,8 @@ use burn::nn::{
 };
 use burn::tensor::{Bool, Device, Int, Tensor};
 
+use super::{Architecture, Input, InputMismatch, ModelError, ModelInput, ModelSpec};
+
 /// The shape of a BERT network: what a Hugging Face `config.json` says about it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BertArch {
@@ -333,14 +335,41 @@ impl TextClassifier {
         }
     }
 
-    pub fn num_classes(&self) -> usize {
-        self.head.weight.val().dims()[1]
-    }
-
     /// Logits `[batch, classes]`.
     pub fn forward(&self, ids: Tensor<2, Int>, padding: Tensor<2, Bool>) -> Tensor<2> {
         let pooled = self.bert.mean_pooled(ids, padding);
         self.head.forward(self.dropout.forward(pooled))
+    }
+}
+
+impl Architecture for TextClassifier {
+    const NAME: &'static str = "bert";
+    const USAGE: &'static str = "bert (with --init DIR, a Hugging Face BERT folder)";
+    const HEAD: Option<&'static str> = Some("head.");
+    const LORA: bool = true;
+
+    fn input(options: Option<&str>) -> Result<Input, String> {
+        match options {
+            Some(arch) => arch.parse::<BertArch>().map(|_| Input::Text),
+            None => Err(
+                "model `bert` needs its architecture: give --init DIR (a Hugging Face BERT folder with config.json), or name it in full, e.g. bert:v30522,h384,l6,a12,i1536,p512,t2,eps1e-12".into(),
+            ),
+        }
+    }
+
+    fn build(spec: &ModelSpec, device: &Device, dropout: f64) -> Result<Self, ModelError> {
+        let arch = spec.kind.options().unwrap_or_default();
+        let arch: BertArch = arch.parse().map_err(ModelError::BadBert)?;
+        let net = Self::new(&arch, spec.num_classes as usize, dropout, device);
+        match &spec.lora {
+            Some(lora) => lora.apply(net, arch.hidden).map_err(ModelError::BadLora),
+            None => Ok(net),
+        }
+    }
+
+    fn forward(&self, input: ModelInput) -> Result<Tensor<2>, InputMismatch> {
+        let (ids, padding) = input.tokens()?;
+        Ok(TextClassifier::forward(self, ids, padding))
     }
 }
 

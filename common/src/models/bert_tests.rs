@@ -1,14 +1,12 @@
 //! BERT and LoRA on a tiny random BERT (no files needed): names, loading, adapters, merging,
 //! and what travels.
 
-use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use super::*;
 use crate::checkpoint;
 use crate::data::{Examples, TokenizedText};
 use crate::optim::OptimizerSettings;
-use crate::params;
 use crate::tensors::TensorSet;
 use crate::train::{self, OptimizerKind, TrainSettings};
 
@@ -32,7 +30,7 @@ fn batch(device: &Device) -> (Tensor<2, Int>, Tensor<2, Bool>) {
     )
 }
 
-fn logits(net: &Net, device: &Device) -> Vec<f32> {
+fn logits(net: &Model, device: &Device) -> Vec<f32> {
     let (ids, padding) = batch(device);
     net.valid()
         .forward(ModelInput::Tokens { ids, padding })
@@ -43,8 +41,8 @@ fn logits(net: &Net, device: &Device) -> Vec<f32> {
 }
 
 /// A model of `spec` with the weights `set`, on flex.
-fn with_weights(spec: &ModelSpec, set: &TensorSet) -> Net {
-    params::inject(spec.build(&Device::flex()).unwrap(), set).unwrap()
+fn with_weights(spec: &ModelSpec, set: &TensorSet) -> Model {
+    spec.build(&Device::flex()).unwrap().inject(set).unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -160,7 +158,11 @@ fn tiny_text() -> TokenizedText {
 /// weights. (In the first step only `b` and the head get gradients: `b` starts at zero.)
 fn two_steps(spec: &ModelSpec, start: &TensorSet) -> TensorSet {
     let device = Device::flex().autodiff();
-    let model = params::inject(spec.build_with_dropout(&device, 0.0).unwrap(), start).unwrap();
+    let model = spec
+        .build_with_dropout(&device, 0.0)
+        .unwrap()
+        .inject(start)
+        .unwrap();
     let data = tiny_text();
     let settings = TrainSettings {
         batch_size: data.len(),
@@ -175,7 +177,7 @@ fn two_steps(spec: &ModelSpec, start: &TensorSet) -> TensorSet {
     };
     let idx: Vec<usize> = (0..data.len()).collect();
     let out = train::train(model, &data, &idx, &[], &settings, &device, &mut |_| {}).unwrap();
-    params::extract(&out.model).unwrap()
+    out.model.extract().unwrap()
 }
 
 #[test]

@@ -7,6 +7,11 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor, activation::relu};
 
+use super::{
+    Architecture, IMAGE_CHANNELS, IMAGE_SIZE, Input, InputMismatch, ModelError, ModelInput,
+    ModelSpec,
+};
+
 const C1: usize = 16;
 const C2: usize = 32;
 const HIDDEN: usize = 128;
@@ -46,10 +51,6 @@ impl Cnn {
         }
     }
 
-    pub fn num_classes(&self) -> usize {
-        self.fc2.weight.val().dims()[1]
-    }
-
     /// `images`: `[batch, channels, height, width]`; returns logits `[batch, classes]`.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = self.pool.forward(relu(self.conv1.forward(images)));
@@ -57,5 +58,37 @@ impl Cnn {
         let x = x.flatten::<2>(1, 3);
         let x = self.dropout.forward(relu(self.fc1.forward(x)));
         self.fc2.forward(x)
+    }
+}
+
+impl Architecture for Cnn {
+    const NAME: &'static str = "cnn";
+    const USAGE: &'static str = "cnn (28x28 images)";
+    const HEAD: Option<&'static str> = Some("fc2.");
+
+    fn input(options: Option<&str>) -> Result<Input, String> {
+        match options {
+            None => Ok(Input::Images {
+                height: IMAGE_SIZE,
+                width: IMAGE_SIZE,
+            }),
+            Some(o) => Err(format!("`cnn:{o}`: cnn takes no options")),
+        }
+    }
+
+    fn build(spec: &ModelSpec, device: &Device, dropout: f64) -> Result<Self, ModelError> {
+        let classes = spec.num_classes as usize;
+        Ok(Self::new(
+            IMAGE_CHANNELS,
+            IMAGE_SIZE,
+            IMAGE_SIZE,
+            classes,
+            dropout,
+            device,
+        ))
+    }
+
+    fn forward(&self, input: ModelInput) -> Result<Tensor<2>, InputMismatch> {
+        Ok(Cnn::forward(self, input.images()?))
     }
 }

@@ -1,6 +1,7 @@
 //! Built-in models, built by name: the coordinator names the model in each task and the client
 //! builds the same architecture, so no code travels over the wire.
 
+mod architecture;
 pub mod bert;
 #[cfg(test)]
 mod bert_tests;
@@ -8,20 +9,24 @@ mod cnn;
 pub mod hf_bert;
 pub mod lora;
 mod mlp;
+mod model;
+mod registry;
 pub mod synthetic;
 
 use std::fmt;
 use std::str::FromStr;
 
-use burn::module::Module;
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::Device;
 
+pub use architecture::{Architecture, Input, InputMismatch, ModelInput};
 pub use bert::{BertArch, TextClassifier};
 pub use cnn::Cnn;
 pub use lora::{LoraMode, LoraSpec};
-pub use mlp::Mlp;
+pub use mlp::{Mlp, TabularMlp};
+pub use model::Model;
+pub use registry::{Registered, lookup, register, registered};
 
-use crate::params::{self, ParamsError};
+use crate::params::ParamsError;
 use crate::tensors::{TensorSet, TensorSpec};
 
 /// Image geometry of the built-in image models.
@@ -31,23 +36,20 @@ pub const IMAGE_SIZE: usize = 28;
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ModelError {
     #[error(
-        "unknown model `{0}`: choose mlp, cnn, tabular-mlp:<features> (e.g. tabular-mlp:13), bert (with --init DIR, a Hugging Face BERT folder) or synthetic:<params> (e.g. synthetic:10M)"
+        "unknown model `{name}`: this program knows {known}. An architecture of your own must be registered in both the coordinator's and the clients' binaries (see examples/custom-model)"
     )]
-    Unknown(String),
+    Unknown { name: String, known: String },
+    /// The options after `name:` do not suit the architecture (the message says why).
+    #[error("{0}")]
+    BadOptions(String),
     #[error("{0}")]
     BadBert(String),
     #[error(
-        "model `bert` needs its architecture: give --init DIR (a Hugging Face BERT folder with config.json), or name it in full, e.g. bert:v30522,h384,l6,a12,i1536,p512,t2,eps1e-12"
+        "LoRA adapters need an architecture that takes them (bert); `{0}` does not: drop --lora-rank"
     )]
-    BertWithoutArch,
-    #[error("LoRA adapters need a transformer (--model bert); `{0}` has none")]
-    LoraNeedsTransformer(String),
+    LoraNotSupported(String),
     #[error("{0}")]
     BadLora(String),
-    #[error(
-        "`{0}`: the number after `tabular-mlp:` must be the count of feature columns (1 or more)"
-    )]
-    BadFeatures(String),
     #[error(
         "`{0}`: the parameter count after `synthetic:` must be a positive number, optionally with k, M or G (e.g. synthetic:600M)"
     )]
@@ -56,52 +58,58 @@ pub enum ModelError {
     BadClasses(u32),
     #[error("model `{0}` has no architecture to train; run its clients with `--train none`")]
     NotTrainable(String),
+    #[error("{0}")]
+    Registration(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Which model: a network of a registered architecture, or a bare parameter set.
+#[derive(Clone, PartialEq)]
 pub enum ModelKind {
-    Mlp,
-    Cnn,
-    /// The MLP on `features` numeric inputs (CSV data).
-    TabularMlp {
-        features: usize,
+    /// `name` or `name:options` of a registered [`Architecture`].
+    Net {
+        arch: Registered,
+        options: Option<String>,
+        input: Input,
     },
-    Synthetic {
-        params: u64,
-    },
-    /// BERT with a classification head on mean-pooled token states (text).
-    Bert(BertArch),
+    /// A parameter set of about `params` numbers with no architecture, for protocol and
+    /// memory benchmarks (clients run `--train none`).
+    Synthetic { params: u64 },
 }
 
 impl FromStr for ModelKind {
     type Err = ModelError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "mlp" => Ok(Self::Mlp),
-            "cnn" => Ok(Self::Cnn),
-            "bert" => Err(ModelError::BertWithoutArch),
-            _ => {
-                if let Some(arch) = s.strip_prefix("bert:") {
-                    return arch.parse().map(Self::Bert).map_err(ModelError::BadBert);
-                }
-                if let Some(n) = s.strip_prefix("tabular-mlp:") {
-                    return match n.parse::<usize>() {
-                        Ok(features) if (1..=1 << 20).contains(&features) => {
-                            Ok(Self::TabularMlp { features })
-                        }
-                        _ => Err(ModelError::BadFeatures(s.to_string())),
-                    };
-                }
-                match s.strip_prefix("synthetic:") {
-                    Some(size) => parse_count(size)
-                        .map(|params| Self::Synthetic { params })
-                        .ok_or_else(|| ModelError::BadSyntheticSize(s.to_string())),
-                    None => Err(ModelError::Unknown(s.to_string())),
-                }
-            }
+        let (name, options) = match s.split_once(':') {
+            Some((name, options)) => (name, Some(options)),
+            None => (s, None),
+        };
+        if name == "synthetic" {
+            return options
+                .and_then(parse_count)
+                .map(|params| Self::Synthetic { params })
+                .ok_or_else(|| ModelError::BadSyntheticSize(s.to_string()));
         }
+        let arch = lookup(name).ok_or_else(|| ModelError::Unknown {
+            name: s.to_string(),
+            known: known_models(),
+        })?;
+        let input = arch.input(options).map_err(ModelError::BadOptions)?;
+        Ok(Self::Net {
+            arch,
+            options: options.map(str::to_string),
+            input,
+        })
     }
+}
+
+/// The registered model names for messages: `mlp, cnn, …, or synthetic:<params> (…)`.
+pub fn known_models() -> String {
+    let names: Vec<&str> = registered().iter().map(Registered::usage).collect();
+    format!(
+        "{}, or synthetic:<params> (e.g. synthetic:10M, no architecture: clients run --train none)",
+        names.join(", ")
+    )
 }
 
 fn parse_count(s: &str) -> Option<u64> {
@@ -116,15 +124,65 @@ fn parse_count(s: &str) -> Option<u64> {
     (total.is_finite() && total >= 1.0 && total < u64::MAX as f64).then_some(total as u64)
 }
 
+impl ModelKind {
+    /// The options after `name:` (`13` in `tabular-mlp:13`), if any.
+    pub fn options(&self) -> Option<&str> {
+        match self {
+            Self::Net { options, .. } => options.as_deref(),
+            Self::Synthetic { .. } => None,
+        }
+    }
+
+    /// The architecture's registered name (`bert`); `synthetic` for a bare parameter set.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Net { arch, .. } => arch.name(),
+            Self::Synthetic { .. } => "synthetic",
+        }
+    }
+
+    /// What the network reads (`None`: a parameter set with no architecture).
+    pub fn input(&self) -> Option<Input> {
+        match self {
+            Self::Net { input, .. } => Some(*input),
+            Self::Synthetic { .. } => None,
+        }
+    }
+
+    pub fn is_synthetic(&self) -> bool {
+        matches!(self, Self::Synthetic { .. })
+    }
+
+    /// The BERT architecture of a `bert:…` model.
+    pub fn bert(&self) -> Option<BertArch> {
+        match self {
+            Self::Net {
+                arch,
+                options: Some(options),
+                ..
+            } if arch.name() == TextClassifier::NAME => options.parse().ok(),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for ModelKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Mlp => write!(f, "mlp"),
-            Self::Cnn => write!(f, "cnn"),
-            Self::TabularMlp { features } => write!(f, "tabular-mlp:{features}"),
+            Self::Net {
+                arch,
+                options: Some(options),
+                ..
+            } => write!(f, "{}:{options}", arch.name()),
+            Self::Net { arch, .. } => f.write_str(arch.name()),
             Self::Synthetic { params } => write!(f, "synthetic:{params}"),
-            Self::Bert(arch) => write!(f, "{arch}"),
         }
+    }
+}
+
+impl fmt::Debug for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -151,19 +209,6 @@ pub struct ModelSpec {
     pub text: Option<TextInput>,
 }
 
-/// What a model takes in one batch (one lives at a time, moved into `forward`: boxing the
-/// larger variant would buy nothing).
-#[allow(clippy::large_enum_variant)]
-pub enum ModelInput {
-    /// `[batch, channels, height, width]`, normalised (tabular rows as `[batch, 1, 1, n]`).
-    Images(Tensor<4>),
-    /// Token ids `[batch, seq]` and `padding` (true at padding positions).
-    Tokens {
-        ids: Tensor<2, Int>,
-        padding: Tensor<2, Bool>,
-    },
-}
-
 /// Dropout of the built-in models while training, unless the run sets another.
 pub const DROPOUT: f64 = 0.1;
 
@@ -180,10 +225,11 @@ impl ModelSpec {
         })
     }
 
-    /// Adds LoRA adapters (transformers only).
+    /// Adds LoRA adapters (architectures that take them only).
     pub fn with_lora(mut self, lora: Option<LoraSpec>) -> Result<Self, ModelError> {
-        if lora.is_some() && !self.is_text() {
-            return Err(ModelError::LoraNeedsTransformer(self.kind.to_string()));
+        let supported = matches!(&self.kind, ModelKind::Net { arch, .. } if arch.supports_lora());
+        if lora.is_some() && !supported {
+            return Err(ModelError::LoraNotSupported(self.kind.to_string()));
         }
         self.lora = lora;
         Ok(self)
@@ -191,7 +237,7 @@ impl ModelSpec {
 
     /// Whether the model reads text (tokens) rather than images or table rows.
     pub fn is_text(&self) -> bool {
-        matches!(self.kind, ModelKind::Bert(_))
+        self.kind.input() == Some(Input::Text)
     }
 
     /// The tensors that do not train under this spec's adapters (none without LoRA): the
@@ -213,55 +259,29 @@ impl ModelSpec {
     }
 
     /// Builds the network on `device` with fresh (seeded by the device) weights.
-    pub fn build(&self, device: &Device) -> Result<Net, ModelError> {
+    pub fn build(&self, device: &Device) -> Result<Model, ModelError> {
         self.build_with_dropout(device, DROPOUT)
     }
 
     /// The tensor-name prefix of the classifier head (replaced by `--reset-head`, kept
     /// trainable by `--freeze head-only`).
     pub fn head_prefix(&self) -> Option<&'static str> {
-        match self.kind {
-            ModelKind::Mlp | ModelKind::Cnn | ModelKind::TabularMlp { .. } => Some("fc2."),
-            ModelKind::Bert(_) => Some("head."),
+        match &self.kind {
+            ModelKind::Net { arch, .. } => arch.head_prefix(),
             ModelKind::Synthetic { .. } => None,
         }
     }
 
     /// As [`ModelSpec::build`] with dropout probability `dropout` (active only in training).
-    pub fn build_with_dropout(&self, device: &Device, dropout: f64) -> Result<Net, ModelError> {
-        let classes = self.num_classes as usize;
-        match self.kind {
-            ModelKind::Mlp => Ok(Net::Mlp(Mlp::new(
-                IMAGE_CHANNELS * IMAGE_SIZE * IMAGE_SIZE,
-                classes,
-                dropout,
-                device,
-            ))),
-            ModelKind::TabularMlp { features } => {
-                Ok(Net::Mlp(Mlp::new(features, classes, dropout, device)))
-            }
-            ModelKind::Cnn => Ok(Net::Cnn(Cnn::new(
-                IMAGE_CHANNELS,
-                IMAGE_SIZE,
-                IMAGE_SIZE,
-                classes,
-                dropout,
-                device,
-            ))),
-            ModelKind::Bert(arch) => {
-                let net = TextClassifier::new(&arch, classes, dropout, device);
-                let net = match &self.lora {
-                    Some(lora) => lora.apply(net, arch.hidden).map_err(ModelError::BadLora)?,
-                    None => net,
-                };
-                Ok(Net::Bert(net))
-            }
+    pub fn build_with_dropout(&self, device: &Device, dropout: f64) -> Result<Model, ModelError> {
+        match &self.kind {
+            ModelKind::Net { arch, .. } => arch.build(self, device, dropout),
             ModelKind::Synthetic { .. } => Err(ModelError::NotTrainable(self.kind.to_string())),
         }
     }
 
-    /// Whether `data` fits this model: labels below the number of classes, and 28×28 images for
-    /// the image models or rows of exactly `features` values for `tabular-mlp`.
+    /// Whether `data` fits this model: labels below the number of classes, and images of the
+    /// model's size or rows of exactly its number of features.
     pub fn check_data(
         &self,
         data: &crate::data::ImageDataset,
@@ -272,27 +292,28 @@ impl ModelSpec {
             path: data.source.clone(),
             reason,
         };
-        if self.is_text() {
-            return Err(mismatch(format!(
+        let Some(input) = self.kind.input() else {
+            return Ok(());
+        };
+        match (input, data.is_tabular()) {
+            (Input::Text, _) => Err(mismatch(format!(
                 "image or table data, but the model `{}` reads text: give a CSV/TSV/JSONL file with a text column",
                 self.kind
-            )));
-        }
-        match (self.kind, data.is_tabular()) {
-            (ModelKind::TabularMlp { features }, true) if data.cols == features => Ok(()),
-            (ModelKind::TabularMlp { features }, true) => Err(mismatch(format!(
+            ))),
+            (Input::Table { features }, true) if data.cols == features => Ok(()),
+            (Input::Table { features }, true) => Err(mismatch(format!(
                 "{} feature columns, the model `{}` takes {features}",
                 data.cols, self.kind
             ))),
-            (ModelKind::TabularMlp { .. }, false) => Err(mismatch(format!(
+            (Input::Table { .. }, false) => Err(mismatch(format!(
                 "image data, but the model `{}` takes CSV rows",
                 self.kind
             ))),
-            (_, true) => Err(mismatch(format!(
-                "tabular (CSV) data, but the model `{}` takes 28x28 images; use tabular-mlp:{}",
+            (Input::Images { height, width }, true) => Err(mismatch(format!(
+                "tabular (CSV) data, but the model `{}` takes {height}x{width} images; use tabular-mlp:{}",
                 self.kind, data.cols
             ))),
-            _ => data.check_image_size(IMAGE_SIZE, IMAGE_SIZE),
+            (Input::Images { height, width }, false) => data.check_image_size(height, width),
         }
     }
 
@@ -307,7 +328,7 @@ impl ModelSpec {
                     name: self.kind.to_string(),
                     message: e.to_string(),
                 })?;
-                params::extract(&net)
+                net.extract()
             }
         }
     }
@@ -317,54 +338,9 @@ impl ModelSpec {
         match self.kind {
             ModelKind::Synthetic { params } => synthetic::specs(params),
             _ => match self.build(&Device::flex()) {
-                Ok(net) => params::specs(&net),
+                Ok(net) => net.specs(),
                 Err(_) => Vec::new(),
             },
-        }
-    }
-}
-
-/// One of the trainable built-in networks.
-// A process holds one or two of these; boxing the larger variant would buy nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Module, Debug)]
-pub enum Net {
-    Mlp(Mlp),
-    Cnn(Cnn),
-    Bert(TextClassifier),
-}
-
-/// A batch of one kind given to a model that reads another.
-#[derive(Debug, thiserror::Error)]
-#[error("the model reads {model}, the batch holds {batch}")]
-pub struct InputMismatch {
-    model: &'static str,
-    batch: &'static str,
-}
-
-impl Net {
-    pub fn num_classes(&self) -> usize {
-        match self {
-            Net::Mlp(m) => m.num_classes(),
-            Net::Cnn(m) => m.num_classes(),
-            Net::Bert(m) => m.num_classes(),
-        }
-    }
-
-    /// Logits `[batch, classes]`.
-    pub fn forward(&self, input: ModelInput) -> Result<Tensor<2>, InputMismatch> {
-        match (self, input) {
-            (Net::Mlp(m), ModelInput::Images(x)) => Ok(m.forward(x)),
-            (Net::Cnn(m), ModelInput::Images(x)) => Ok(m.forward(x)),
-            (Net::Bert(m), ModelInput::Tokens { ids, padding }) => Ok(m.forward(ids, padding)),
-            (Net::Bert(_), ModelInput::Images(_)) => Err(InputMismatch {
-                model: "text",
-                batch: "images",
-            }),
-            (_, ModelInput::Tokens { .. }) => Err(InputMismatch {
-                model: "images",
-                batch: "text",
-            }),
         }
     }
 }
@@ -375,7 +351,7 @@ mod tests {
 
     #[test]
     fn names_parse() {
-        assert_eq!("mlp".parse(), Ok(ModelKind::Mlp));
+        assert_eq!("mlp".parse::<ModelKind>().unwrap().to_string(), "mlp");
         assert_eq!(
             "synthetic:10M".parse(),
             Ok(ModelKind::Synthetic { params: 10_000_000 })
@@ -388,10 +364,11 @@ mod tests {
             "synthetic:-3".parse::<ModelKind>(),
             Err(ModelError::BadSyntheticSize(_))
         ));
-        assert!(matches!(
-            "resnet".parse::<ModelKind>(),
-            Err(ModelError::Unknown(_))
-        ));
+        let unknown = "resnet".parse::<ModelKind>().unwrap_err().to_string();
+        assert!(
+            unknown.contains("`resnet`") && unknown.contains("tabular-mlp:<features>"),
+            "{unknown}"
+        );
         assert!(ModelSpec::parse("mlp", 1).is_err());
     }
 

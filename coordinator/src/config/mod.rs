@@ -44,8 +44,8 @@ pub struct ServeArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub available_timeout: Option<Duration>,
     /// Model: mlp, cnn (28x28x1 images), tabular-mlp:<features> (CSV rows), bert (text; with
-    /// --init DIR, a Hugging Face BERT folder) or synthetic:<params> (protocol benchmarks)
-    /// [default: mlp].
+    /// --init DIR, a Hugging Face BERT folder), synthetic:<params> (protocol benchmarks), or an
+    /// architecture a program built on the fedtune libraries registered [default: mlp].
     #[arg(long)]
     pub model: Option<String>,
     /// Number of output classes [default: 10, or the number of --labels].

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use fedtune_common::data::TextTokenizer;
 use fedtune_common::data::tokenizer::tokenizer_file;
-use fedtune_common::models::{BertArch, LoraMode, LoraSpec, ModelKind, ModelSpec, TextInput};
+use fedtune_common::models::{BertArch, LoraMode, LoraSpec, ModelSpec, TextInput};
 use fedtune_common::spec_wire::MAX_SEQ_LEN;
 
 pub const DEFAULT_MAX_SEQ_LEN: usize = 128;
@@ -145,7 +145,7 @@ pub fn resolve(
     };
     let mut spec = spec.with_lora(lora).context("`lora_rank`")?;
     let mut tokenizer = None;
-    if let ModelKind::Bert(arch) = spec.kind {
+    if let Some(arch) = spec.kind.bert() {
         let max_seq_len = args
             .max_seq_len
             .or(file.max_seq_len)

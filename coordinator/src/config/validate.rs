@@ -1,7 +1,6 @@
 //! Every `serve` value checked once, naming the key and what it must be.
 
 use anyhow::bail;
-use fedtune_common::models::ModelKind;
 use fedtune_common::optim::OptimizerKind;
 
 use crate::strategy::StrategyKind;
@@ -31,7 +30,7 @@ impl ServeConfig {
         {
             bail!("`init`: {} is not a file", init.display());
         }
-        if self.eval_data.is_some() && matches!(self.model.kind, ModelKind::Synthetic { .. }) {
+        if self.eval_data.is_some() && self.model.kind.is_synthetic() {
             bail!(
                 "`eval_data` cannot be used with a synthetic model (it has no architecture to evaluate)"
             );
@@ -91,7 +90,7 @@ impl ServeConfig {
         if !(a.noise_std.is_finite() && (0.0..=1.0).contains(&a.noise_std)) {
             bail!("`augment_noise` must be in [0, 1], got {}", a.noise_std);
         }
-        if !self.frozen.is_empty() && matches!(self.model.kind, ModelKind::Synthetic { .. }) {
+        if !self.frozen.is_empty() && self.model.kind.is_synthetic() {
             bail!("`freeze` needs a built-in model with an architecture");
         }
         Ok(())

@@ -1,0 +1,201 @@
+//! The `fedtune-client` command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::attack::Attack;
+use crate::session::{self, ClientOptions, TrainMode};
+use crate::task_config::Caps;
+use clap::{Parser, Subcommand, ValueEnum};
+use fedtune_common::device::DeviceChoice;
+use fedtune_common::logging::{self, LogFormat};
+
+/// fedtune edge client: fine-tunes locally on private data and sends weight deltas to the
+/// coordinator.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join a coordinator and work until it says the federation is finished.
+    Run(RunArgs),
+    /// List the compute devices this binary can use.
+    Devices,
+    /// Time the local training step of a built-in model (forward, backward, Adam step).
+    BenchStep(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// IDX folder with the images to train on (image models).
+    #[arg(long, required_unless_present = "bert")]
+    data: Option<PathBuf>,
+    /// Model: mlp, cnn or a registered image architecture.
+    #[arg(long, default_value = "cnn")]
+    model: String,
+    /// Time a BERT from this Hugging Face folder's config.json instead (random weights, random
+    /// token ids of --seq-len tokens: the step costs the same).
+    #[arg(long)]
+    bert: Option<PathBuf>,
+    /// BERT: tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    /// BERT: LoRA rank on query and value (0 = full fine-tuning).
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// Batch sizes to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "64,256")]
+    batch_sizes: Vec<usize>,
+    /// Device: flex, libtorch or cuda:N.
+    #[arg(long, default_value = "flex")]
+    device: DeviceChoice,
+    /// Timed steps per batch size (after 5 warm-up steps).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Train {
+    /// Fine-tune with burn on the local data.
+    Full,
+    /// Send a small fixed delta without training (protocol benchmarks).
+    None,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Coordinator URL, e.g. http://10.0.0.5:50051.
+    #[arg(long)]
+    coordinator: String,
+    /// Local data: a folder of IDX files (images-idx3-ubyte + labels-idx1-ubyte, gzipped or
+    /// not), an image folder (<class>/<file>.png|jpg), a CSV table, or text: a TSV or JSONL
+    /// file, or a CSV file with a --text-column.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// CSV and text data: the column holding the label (a class number, or for text one of the
+    /// coordinator's --labels names).
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// Text data: the column holding the text.
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    /// Text models: this client's copy of the coordinator's tokenizer.json (or a Hugging Face
+    /// folder holding it); checked against the coordinator's by SHA-256.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Compute device: flex (pure Rust), libtorch (CPU) or cuda:N (the last two need a build
+    /// with --features tch).
+    #[arg(long, default_value = "flex")]
+    device: DeviceChoice,
+    /// Name shown in the coordinator's logs [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Local training mode.
+    #[arg(long, value_enum, default_value_t = Train::Full)]
+    train: Train,
+    /// Fraction of the local data held out for validation (never trained on).
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Seed of the validation split and local shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Never draw a progress bar (log one line per epoch instead).
+    #[arg(long)]
+    no_progress: bool,
+    /// Give up when the coordinator stays unreachable this long (e.g. 10m, 2h).
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    give_up_after: Duration,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
+    /// Never train with batches larger than this, whatever the coordinator asks (memory).
+    #[arg(long)]
+    max_batch_size: Option<usize>,
+    /// Never run more local epochs than this per round, whatever the coordinator asks.
+    #[arg(long)]
+    max_epochs: Option<u32>,
+    /// TEST TOOL for robustness experiments: tamper with every update this client sends
+    /// (sign-flip, scale:K, noise:SIGMA). Never use it in a real federation.
+    #[arg(long)]
+    simulate_attack: Option<Attack>,
+}
+
+/// Parses the command line and runs the command: the whole `fedtune-client` binary. A program
+/// built on this library calls it after registering its own architectures
+/// ([`fedtune_common::models::register`]).
+pub fn main() -> anyhow::Result<()> {
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Devices => {
+            println!("{}", fedtune_common::device::describe());
+            return Ok(());
+        }
+        Command::BenchStep(args) => return bench_step(args),
+    };
+    logging::init(args.log_format);
+    let name = args
+        .name
+        .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "client".into()));
+    let opts = ClientOptions {
+        coordinator: args.coordinator,
+        data: args.data,
+        device: args.device,
+        name,
+        train: match args.train {
+            Train::Full => TrainMode::Full,
+            Train::None => TrainMode::None,
+        },
+        val_fraction: args.val_fraction,
+        seed: args.seed,
+        progress_bar: !args.no_progress && session::stderr_is_terminal(),
+        give_up_after: args.give_up_after,
+        attack: args.simulate_attack,
+        label_column: args.label_column,
+        text_column: args.text_column,
+        tokenizer: args.tokenizer,
+        caps: Caps {
+            max_batch_size: args.max_batch_size.filter(|&n| n > 0),
+            max_epochs: args.max_epochs.filter(|&n| n > 0),
+        },
+    };
+    if let Some(attack) = opts.attack {
+        tracing::warn!(
+            "{}: --simulate-attack {attack}: this client will send tampered updates (a test tool for robustness experiments)",
+            opts.name
+        );
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(session::run(opts))?;
+    Ok(())
+}
+
+fn bench_step(args: BenchArgs) -> anyhow::Result<()> {
+    use crate::bench;
+    let device = args.device.device()?;
+    let (name, spec, data): (String, _, Box<dyn fedtune_common::data::Examples>) =
+        match (&args.bert, &args.data) {
+            (Some(dir), _) => {
+                let (spec, tokens) = bench::bert_setup(dir, args.lora_rank, args.seq_len)?;
+                let name = format!("bert-lora{}-seq{}", args.lora_rank, args.seq_len);
+                (name, spec, Box::new(tokens))
+            }
+            (None, Some(data)) => (
+                args.model.clone(),
+                fedtune_common::models::ModelSpec::parse(&args.model, 10)?,
+                Box::new(fedtune_common::data::DataFolder::open(data)?.train),
+            ),
+            (None, None) => anyhow::bail!("give --data DIR (image models) or --bert DIR"),
+        };
+    for &batch in &args.batch_sizes {
+        let t = bench::time_steps(&spec, data.as_ref(), batch, 5, args.steps, &device)?;
+        println!(
+            "bench-step model={name} device={} batch={} steps={} mean_ms={:.3}",
+            args.device, t.batch_size, t.steps, t.mean_ms
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! `fedtune-coordinator` that also knows `tiny-conv`.
+
+fn main() -> anyhow::Result<()> {
+    fedtune_common::models::register::<fedtune_example_custom_model::TinyConv>()?;
+    fedtune_coordinator::cli::main()
+}
