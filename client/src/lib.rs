@@ -18,3 +18,4 @@ pub mod local_data;
 pub mod progress;
 pub mod session;
 pub mod task_config;
+mod transfer;

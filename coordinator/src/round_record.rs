@@ -1,7 +1,9 @@
 //! What one round did: the object logged at INFO (as fields in JSON logs, as one aligned line in
 //! text logs) and written to `metrics.jsonl`.
 
+use fedtune_common::logging::LogFormat;
 use serde::Serialize;
+use tracing::info;
 
 use crate::strategy::EvalSummary;
 
@@ -75,6 +77,47 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 impl RoundRecord {
+    /// Logs the round at INFO: one aligned line in text logs, fields in JSON logs.
+    pub fn log(&self, format: LogFormat) {
+        let r = self;
+        if format == LogFormat::Text {
+            info!("{}", r.text_line());
+            return;
+        }
+        info!(
+            round = r.round,
+            rounds = r.rounds,
+            attempt = r.attempt,
+            model_version = r.model_version,
+            clients_selected = r.clients_selected,
+            clients_reported = r.clients_reported,
+            clients_failed = r.clients_failed,
+            train_loss = r.train_loss,
+            eval_source = r.eval_source,
+            eval_loss = r.eval_loss,
+            eval_accuracy = r.eval_accuracy,
+            eval_precision = r.eval_precision,
+            eval_recall = r.eval_recall,
+            eval_f1 = r.eval_f1,
+            eval_examples = r.eval_examples,
+            fed_eval_clients = r.fed_eval_clients,
+            fed_eval_examples = r.fed_eval_examples,
+            fed_eval_loss = r.fed_eval_loss,
+            fed_eval_accuracy = r.fed_eval_accuracy,
+            fed_eval_precision = r.fed_eval_precision,
+            fed_eval_recall = r.fed_eval_recall,
+            fed_eval_f1 = r.fed_eval_f1,
+            bytes_down = r.bytes_down,
+            bytes_up = r.bytes_up,
+            aggregate_ms = r.aggregate_ms,
+            eval_ms = r.eval_ms,
+            round_ms = r.round_ms,
+            "round {}/{} complete",
+            r.round,
+            r.rounds
+        );
+    }
+
     pub fn set_fed_eval(&mut self, e: &EvalSummary) {
         self.fed_eval_clients = e.clients;
         self.fed_eval_examples = e.examples;

@@ -1,0 +1,205 @@
+//! Moving tensors over the session: the model download (checked against the task's model,
+//! completed from the frozen cache), the update upload (retried under the same task id, which
+//! the coordinator counts once), and the heartbeats that keep a long transfer or training
+//! from being taken for a dead client.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, bail};
+use fedtune_common::models::ModelSpec;
+use fedtune_common::tensors::{TensorSpec, check_specs};
+use fedtune_common::wire::{Assembler, EncodedTensors, Payload};
+use fedtune_proto::{self as pb, model_frame, submit_reply::Outcome, update_frame};
+use tokio_stream::StreamExt;
+use tonic::{Code, Status};
+use tracing::warn;
+
+use crate::connection::{BACKOFF_START, transient};
+use crate::session::{Session, TRANSFER_ATTEMPTS};
+
+/// Sends Heartbeat every interval until dropped.
+pub(crate) struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub(crate) fn spawn_heartbeat(s: &Session, activity: String) -> Heartbeat {
+    let (mut rpc, token, every) = (s.rpc.clone(), s.token.clone(), s.heartbeat_every);
+    Heartbeat(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let req = pb::HeartbeatRequest {
+                session_token: token.clone(),
+                activity: activity.clone(),
+            };
+            if let Err(e) = rpc.heartbeat(req).await {
+                tracing::debug!("heartbeat failed: {e}");
+            }
+        }
+    }))
+}
+
+/// The task a model download is for.
+#[derive(Clone, Copy)]
+pub(crate) struct TaskRef<'a> {
+    pub task_id: &'a str,
+    pub round: u64,
+}
+
+/// Streams the global model of `task`, checking it against the model the task names.
+pub(crate) async fn download(
+    s: &mut Session,
+    task: TaskRef<'_>,
+    spec: &ModelSpec,
+    frozen: Option<(u64, &[String])>,
+) -> anyhow::Result<Payload> {
+    let expected = spec.specs();
+    let limit: u64 = expected.iter().map(|t| t.num_elements() as u64 * 4).sum();
+    // Offering the frozen tensors' hash, the client may receive the trainable ones only.
+    let (frozen_hash, trainable) = match frozen {
+        Some((hash, names)) => (
+            hash,
+            expected
+                .iter()
+                .filter(|t| !names.contains(&t.name))
+                .cloned()
+                .collect(),
+        ),
+        None => (0, Vec::new()),
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match try_download(s, task, &expected, &trainable, frozen_hash, limit).await {
+            Ok(set) => return Ok(set),
+            Err(e)
+                if attempt < TRANSFER_ATTEMPTS
+                    && e.downcast_ref::<Status>().is_some_and(transient) =>
+            {
+                warn!(
+                    "round {}: model download failed ({e}); retrying ({attempt}/{TRANSFER_ATTEMPTS})",
+                    task.round
+                );
+                tokio::time::sleep(BACKOFF_START * attempt).await;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "downloading the global model for round {}",
+                    task.round
+                )));
+            }
+        }
+    }
+}
+
+pub(crate) async fn try_download(
+    s: &mut Session,
+    task: TaskRef<'_>,
+    expected: &[TensorSpec],
+    trainable: &[TensorSpec],
+    frozen_hash: u64,
+    limit: u64,
+) -> anyhow::Result<Payload> {
+    let mut frames = s
+        .rpc
+        .fetch_model(pb::FetchModelRequest {
+            session_token: s.token.clone(),
+            task_id: task.task_id.to_string(),
+            frozen_hash,
+        })
+        .await?
+        .into_inner();
+    let manifest = match frames.next().await {
+        Some(Ok(pb::ModelFrame {
+            frame: Some(model_frame::Frame::Manifest(m)),
+        })) => m,
+        Some(Ok(_)) => bail!("model stream did not start with a manifest"),
+        Some(Err(st)) => return Err(st.into()),
+        None => bail!("model stream was empty"),
+    };
+    let mut asm = Assembler::new(manifest, limit)?;
+    let trainable_only = frozen_hash != 0 && check_specs(asm.specs(), trainable).is_ok();
+    if !trainable_only {
+        check_specs(asm.specs(), expected)
+            .context("the coordinator's model does not match the model the task names")?;
+    }
+    while let Some(frame) = frames.next().await {
+        match frame? {
+            pb::ModelFrame {
+                frame: Some(model_frame::Frame::Chunk(c)),
+            } => asm.push(&c)?,
+            _ => bail!("unexpected frame in the model stream"),
+        }
+    }
+    Ok(asm.finish()?)
+}
+
+/// Uploads `update` for `task`; retries transient failures with the same task id (the
+/// coordinator counts a task once). Returns (counted, bytes sent, what the coordinator said).
+pub(crate) async fn upload(
+    s: &mut Session,
+    task: &pb::TrainTask,
+    encoded: &EncodedTensors,
+    num_examples: u64,
+    metrics: &HashMap<String, f64>,
+) -> anyhow::Result<(bool, u64, String)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let header = pb::UpdateHeader {
+            session_token: s.token.clone(),
+            task_id: task.task_id.clone(),
+            round: task.round,
+            model_version: task.model_version,
+            num_examples,
+            manifest: Some(encoded.manifest.clone()),
+            metrics: metrics.clone(),
+        };
+        let frames = std::iter::once(pb::UpdateFrame {
+            frame: Some(update_frame::Frame::Header(header)),
+        })
+        .chain(encoded.chunks.iter().cloned().map(|c| pb::UpdateFrame {
+            frame: Some(update_frame::Frame::Chunk(c)),
+        }))
+        .collect::<Vec<_>>();
+        match s.rpc.submit_update(tokio_stream::iter(frames)).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let counted =
+                    r.outcome == Outcome::Accepted as i32 || r.outcome == Outcome::Duplicate as i32;
+                return Ok((counted, encoded.total_bytes(), r.message));
+            }
+            Err(st) if attempt < TRANSFER_ATTEMPTS && transient(&st) => {
+                warn!(
+                    "round {}: upload failed ({}); retrying ({attempt}/{TRANSFER_ATTEMPTS})",
+                    task.round,
+                    st.message()
+                );
+                tokio::time::sleep(BACKOFF_START * attempt).await;
+            }
+            Err(st)
+                if matches!(
+                    st.code(),
+                    Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound
+                ) =>
+            {
+                // The round goes on without this update; so does this client.
+                warn!(
+                    "round {}: coordinator refused the update: {}",
+                    task.round,
+                    st.message()
+                );
+                return Ok((
+                    false,
+                    encoded.total_bytes(),
+                    format!("refused: {}", st.message()),
+                ));
+            }
+            Err(st) => return Err(st.into()),
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The round state machine: the one place that decides what happens when.
+//!
+//! ```text
+//!            ┌──────────── retry (same round, fresh selection) ◀── failed ──┐
+//!            ▼                                                              │
+//!  Waiting ──(≥ min available live)──▶ Open(fit r) ──(all selected reported/failed,
+//!     ▲         deadline, or grace after min_fit)──▶ Closing(r): combine ─┴─ ok ─▶ server step
+//!     │      ▶ [Open(evaluate r) ─(all reported / deadline)─▶] server eval ▶ checkpoint ▶ log
+//!     └───────────────────────────────(r < rounds)─────────────────────────────┘   (r = rounds) ▶ Finished
+//! ```
+//!
+//! [`Federation::run`] drives the transitions and owns the [`Strategy`]; the RPC-facing methods
+//! (`join`, `next_task`, `model_for`, `begin_upload`, `commit_upload`, `evaluation_report`, ...)
+//! only read the current phase and record what clients did. Every opened phase (a training
+//! attempt or an evaluation) has a serial number; a task is only valid while its serial is the
+//! open one, so a late or repeated upload can never reach another phase's aggregate. Locks:
+//! `state` is never held across an await or a heavy computation; `aggregate` is taken before
+//! `state` when both are needed, never the other way round.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fedtune_common::tensors::{TensorSet, TensorSpec};
+use fedtune_common::wire::{EncodedTensors, Payload};
+use fedtune_proto::{self as pb, PROTOCOL_VERSION};
+use tokio::sync::{Notify, Semaphore};
+use tracing::{info, warn};
+
+pub use crate::broadcast::Broadcast;
+use crate::clients::Clients;
+use crate::config::{OnRoundFailure, ServeConfig};
+use crate::evaluation::ServerEval;
+use crate::round_record::{RoundRecord, human_bytes};
+use crate::run_dir::RunDir;
+use crate::strategy::{AggregateError, Aggregator, Candidate, EvalReport, FitPlan, Strategy};
+
+mod engine;
+mod requests;
+
+/// How long NextTask holds a call open when there is nothing to do.
+pub const LONG_POLL: Duration = Duration::from_secs(20);
+/// How often a busy client must send Heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// A selected client not heard from for this long is counted as failed for the round.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the wait for clients is logged.
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(5);
+/// After the last round, how long to keep answering so that clients learn the run is over.
+const FINISH_GRACE: Duration = Duration::from_secs(10);
+/// Uploads staged at once; each holds one model-sized buffer, so this bounds memory.
+pub const UPLOAD_SLOTS: usize = 2;
+/// Batch size clients use to evaluate the global model.
+const EVAL_BATCH: u32 = 256;
+
+/// Why an RPC was refused; the service turns it into a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "protocol version mismatch: client speaks {client}, coordinator speaks {server}; upgrade the older side"
+    )]
+    ProtocolMismatch { client: u32, server: u32 },
+    #[error("unknown session token (the coordinator may have restarted): join again")]
+    UnknownSession,
+    #[error("unknown task `{0}`")]
+    UnknownTask(String),
+    #[error("task `{task_id}` belongs to another client")]
+    NotYourTask { task_id: String },
+    #[error(
+        "round {task_round} has closed (the current round is {current}); update for task `{task_id}` refused as late"
+    )]
+    RoundClosed {
+        task_id: String,
+        task_round: u64,
+        current: u64,
+    },
+    #[error(
+        "task `{task_id}` belongs to an earlier attempt of round {round}, which has closed; refused as late"
+    )]
+    AttemptClosed { task_id: String, round: u64 },
+    #[error("task `{task_id}` is {is}; {hint}")]
+    WrongKind {
+        task_id: String,
+        is: &'static str,
+        hint: &'static str,
+    },
+    #[error("an upload for task `{0}` is already in progress")]
+    UploadInProgress(String),
+    #[error("task `{task_id}` was already marked failed: {reason}")]
+    TaskFailed { task_id: String, reason: String },
+    #[error("update for task `{task_id}` refused: {reason}")]
+    InvalidUpdate { task_id: String, reason: String },
+    #[error("the coordinator could not keep the update for task `{task_id}`: {reason}")]
+    Internal { task_id: String, reason: String },
+}
+
+/// An update's claims, before its tensors arrive.
+pub struct UpdateClaim {
+    pub token: String,
+    pub task_id: String,
+    pub model_version: u64,
+    pub num_examples: u64,
+    pub metrics: HashMap<String, f64>,
+}
+
+/// Permission to stream one upload, from `begin_upload` to `commit_upload` / `abort_upload`.
+pub struct UploadTicket {
+    pub task_id: String,
+    serial: u64,
+    round: u64,
+    client_id: String,
+    client_name: String,
+    num_examples: u64,
+    metrics: HashMap<String, f64>,
+    stats: Arc<RoundStats>,
+}
+
+impl UploadTicket {
+    pub fn count_bytes_up(&self, n: u64) {
+        self.stats.bytes_up.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// What an accepted or repeated upload got.
+pub enum SubmitOutcome {
+    Accepted,
+    Duplicate { round: u64 },
+}
+
+#[derive(Default)]
+pub struct RoundStats {
+    bytes_down: AtomicU64,
+    bytes_up: AtomicU64,
+}
+
+impl RoundStats {
+    pub fn count_bytes_down(&self, n: u64) {
+        self.bytes_down.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum TaskStatus {
+    Assigned,
+    Uploading,
+    Reported,
+    Failed(String),
+}
+
+struct TaskState {
+    task_id: String,
+    status: TaskStatus,
+}
+
+struct ClientReport {
+    num_examples: u64,
+    metrics: HashMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PhaseKind {
+    Fit { proximal_mu: f64 },
+    Evaluate,
+}
+
+impl PhaseKind {
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Fit { .. } => "a training task",
+            Self::Evaluate => "an evaluation task",
+        }
+    }
+}
+
+/// A phase in which selected clients have tasks: a training attempt or an evaluation.
+struct OpenPhase {
+    serial: u64,
+    kind: PhaseKind,
+    round: u64,
+    attempt: u32,
+    model_version: u64,
+    broadcast: Arc<Broadcast>,
+    /// client id -> its task.
+    tasks: HashMap<String, TaskState>,
+    reports: Vec<ClientReport>,
+    stats: Arc<RoundStats>,
+}
+
+enum Phase {
+    Waiting { round: u64 },
+    Open(OpenPhase),
+    Closing { round: u64 },
+    Finished { reason: String },
+}
+
+/// A task id as issued.
+#[derive(Clone)]
+struct Issued {
+    serial: u64,
+    kind: PhaseKind,
+    round: u64,
+    client_id: String,
+}
+
+impl Issued {
+    fn key(&self) -> (u64, u64) {
+        (self.serial, self.round)
+    }
+}
+
+struct State {
+    clients: Clients,
+    phase: Phase,
+    /// Every task id ever issued.
+    issued: HashMap<String, Issued>,
+    /// Task ids whose result was counted, with their round: a repeat is answered DUPLICATE.
+    counted: HashMap<String, u64>,
+    current_round: u64,
+}
+
+struct RoundAggregate {
+    serial: u64,
+    aggregator: Box<dyn Aggregator>,
+    /// An update that could not be kept (e.g. the spill disk is full) fails the round.
+    error: Option<AggregateError>,
+}
+
+/// The coordinator's shared state and the round engine.
+pub struct Federation {
+    cfg: ServeConfig,
+    run_id: String,
+    specs: Vec<TensorSpec>,
+    /// The tensors an update carries: all but the frozen ones.
+    update_specs: Vec<TensorSpec>,
+    model_bytes: u64,
+    state: Mutex<State>,
+    changed: Notify,
+    aggregate: Mutex<Option<RoundAggregate>>,
+    next_serial: AtomicU64,
+    pub upload_slots: Semaphore,
+}
+
+/// What a finished run leaves behind.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub records: Vec<RoundRecord>,
+    pub global_path: std::path::PathBuf,
+    pub metrics_path: std::path::PathBuf,
+}
+
+/// Where a run starts: round 1 with fresh weights, or after the last checkpoint of `--resume`.
+pub struct Start {
+    pub global: TensorSet,
+    /// The first round to run.
+    pub round: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Federation {
+    pub fn new(cfg: ServeConfig, specs: Vec<TensorSpec>) -> Self {
+        let model_bytes = specs.iter().map(|s| s.num_elements() as u64 * 4).sum();
+        let update_specs = specs
+            .iter()
+            .filter(|s| !cfg.frozen.contains(&s.name))
+            .cloned()
+            .collect();
+        let mut id = [0u8; 6];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+        Self {
+            cfg,
+            run_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            specs,
+            update_specs,
+            model_bytes,
+            state: Mutex::new(State {
+                clients: Clients::default(),
+                phase: Phase::Waiting { round: 1 },
+                issued: HashMap::new(),
+                counted: HashMap::new(),
+                current_round: 0,
+            }),
+            changed: Notify::new(),
+            aggregate: Mutex::new(None),
+            next_serial: AtomicU64::new(1),
+            upload_slots: Semaphore::new(UPLOAD_SLOTS),
+        }
+    }
+
+    pub fn model_bytes(&self) -> u64 {
+        self.model_bytes
+    }
+
+    pub fn specs(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    /// The tensors every update must carry (the model minus its frozen tensors).
+    pub fn update_specs(&self) -> &[TensorSpec] {
+        &self.update_specs
+    }
+
+    fn model_spec_pb(&self) -> pb::ModelSpec {
+        fedtune_common::spec_wire::to_pb(&self.cfg.model)
+    }
+
+    /// Clients needed before a round opens.
+    fn needed_clients(&self) -> usize {
+        self.cfg
+            .policy
+            .min_available_clients
+            .max(self.cfg.strategy.min_fit_clients)
+    }
+}

@@ -1,0 +1,415 @@
+//! What clients ask of the federation, through the service: join, heartbeat, the next task,
+//! the model, uploads and evaluation reports. These only read the open phase and record what
+//! clients did; the engine (`engine.rs`) decides when phases open and close.
+
+use super::*;
+
+impl Federation {
+    pub fn join(&self, req: &pb::JoinRequest) -> Result<pb::JoinReply, Refusal> {
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(Refusal::ProtocolMismatch {
+                client: req.protocol_version,
+                server: PROTOCOL_VERSION,
+            });
+        }
+        let (id, token) = lock(&self.state)
+            .clients
+            .join(&req.name, &req.device, req.num_examples);
+        info!(
+            "client joined: {} ({}) on {} with {} examples",
+            req.name, id, req.device, req.num_examples
+        );
+        self.changed.notify_waiters();
+        Ok(pb::JoinReply {
+            protocol_version: PROTOCOL_VERSION,
+            client_id: id,
+            session_token: token,
+            run_id: self.run_id.clone(),
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
+        })
+    }
+
+    pub fn heartbeat(&self, token: &str) -> Result<(), Refusal> {
+        lock(&self.state)
+            .clients
+            .touch(token)
+            .map(|_| ())
+            .ok_or(Refusal::UnknownSession)
+    }
+
+    /// Long-poll: returns a task as soon as there is one for this client, or Wait after
+    /// [`LONG_POLL`].
+    pub async fn next_task(&self, token: &str) -> Result<pb::Task, Refusal> {
+        use pb::task::Kind;
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let reason = {
+                let mut st = lock(&self.state);
+                let needed = self.needed_clients();
+                let st = &mut *st;
+                let client = st.clients.touch(token).ok_or(Refusal::UnknownSession)?;
+                let client_id = client.id.clone();
+                match &st.phase {
+                    Phase::Finished { reason } => {
+                        client.told_finished = true;
+                        return Ok(pb::Task {
+                            kind: Some(Kind::Finished(pb::Finished {
+                                reason: reason.clone(),
+                            })),
+                        });
+                    }
+                    Phase::Open(open) => match open.tasks.get(&client_id) {
+                        Some(t) if t.status == TaskStatus::Assigned => {
+                            return Ok(pb::Task {
+                                kind: Some(self.task_message(open, &t.task_id)),
+                            });
+                        }
+                        Some(_) => format!(
+                            "round {} in progress; waiting for the other clients",
+                            open.round
+                        ),
+                        None => format!(
+                            "round {} in progress without you (not selected this time)",
+                            open.round
+                        ),
+                    },
+                    Phase::Closing { round } => format!("aggregating round {round}"),
+                    Phase::Waiting { round } => {
+                        let live = st.clients.live(LIVENESS_TIMEOUT).len();
+                        format!("waiting for clients before round {round}: {live}/{needed} live")
+                    }
+                }
+            };
+            tokio::select! {
+                _ = &mut notified => continue,
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Ok(pb::Task { kind: Some(Kind::Wait(pb::Wait { retry_after_ms: 100, reason })) });
+                }
+            }
+        }
+    }
+
+    fn task_message(&self, open: &OpenPhase, task_id: &str) -> pb::task::Kind {
+        use pb::task::Kind;
+        match open.kind {
+            PhaseKind::Fit { proximal_mu } => Kind::Train(pb::TrainTask {
+                round: open.round,
+                task_id: task_id.to_string(),
+                model_version: open.model_version,
+                model: Some(self.model_spec_pb()),
+                config: Some(pb::TrainConfig {
+                    local_epochs: self.cfg.local_epochs,
+                    batch_size: self.cfg.batch_size,
+                    // Server-side decay of the clients' learning rate across rounds.
+                    lr: self.cfg.lr * self.cfg.lr_round_decay.powi(open.round as i32 - 1),
+                    optimizer: self.cfg.optimizer.kind.to_string(),
+                    momentum: self.cfg.optimizer.momentum,
+                    nesterov: self.cfg.optimizer.nesterov,
+                    weight_decay: self.cfg.optimizer.weight_decay,
+                    lr_schedule: self.cfg.lr_schedule.to_string(),
+                    warmup_steps: self.cfg.warmup_steps,
+                    clip_norm: self.cfg.clip_norm,
+                    dropout: self.cfg.dropout,
+                    frozen: self.cfg.frozen.clone(),
+                    augment: Some(pb::Augmentation {
+                        crop_padding: self.cfg.augment.crop_padding as u32,
+                        flip: self.cfg.augment.flip,
+                        noise_std: f64::from(self.cfg.augment.noise_std),
+                    }),
+                    early_stopping_patience: self.cfg.early_stopping_patience,
+                    seed: self
+                        .cfg
+                        .seed
+                        .wrapping_add(open.round)
+                        .wrapping_add(u64::from(open.attempt - 1) << 32),
+                    proximal_mu,
+                }),
+            }),
+            PhaseKind::Evaluate => Kind::Evaluate(pb::EvaluateTask {
+                round: open.round,
+                task_id: task_id.to_string(),
+                model_version: open.model_version,
+                model: Some(self.model_spec_pb()),
+                batch_size: EVAL_BATCH,
+            }),
+        }
+    }
+
+    /// Finds the task `task_id` of the client holding `token`; checks it is this client's.
+    fn task_of(st: &mut State, token: &str, task_id: &str) -> Result<(Issued, String), Refusal> {
+        let client = st.clients.touch(token).ok_or(Refusal::UnknownSession)?;
+        let (client_id, client_name) = (client.id.clone(), client.name.clone());
+        let issued = st
+            .issued
+            .get(task_id)
+            .cloned()
+            .ok_or_else(|| Refusal::UnknownTask(task_id.to_string()))?;
+        if issued.client_id != client_id {
+            return Err(Refusal::NotYourTask {
+                task_id: task_id.to_string(),
+            });
+        }
+        Ok((issued, client_name))
+    }
+
+    /// The open phase `issued` belongs to, or why it is over.
+    /// The open phase with `serial` (a task's round `round`), or why it is over.
+    fn open_for<'a>(
+        phase: &'a mut Phase,
+        current_round: u64,
+        (serial, round): (u64, u64),
+        task_id: &str,
+    ) -> Result<&'a mut OpenPhase, Refusal> {
+        match phase {
+            Phase::Open(open) if open.serial == serial => Ok(open),
+            _ if round == current_round => Err(Refusal::AttemptClosed {
+                task_id: task_id.to_string(),
+                round,
+            }),
+            _ => Err(Refusal::RoundClosed {
+                task_id: task_id.to_string(),
+                task_round: round,
+                current: current_round,
+            }),
+        }
+    }
+
+    /// The broadcast a client must download for `task_id` (without the frozen tensors when it
+    /// holds them, by `frozen_hash`), and the round's byte counters.
+    pub fn model_for(
+        &self,
+        token: &str,
+        task_id: &str,
+        frozen_hash: u64,
+    ) -> Result<(Arc<EncodedTensors>, Arc<RoundStats>), Refusal> {
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let (issued, _) = Self::task_of(st, token, task_id)?;
+        let open = Self::open_for(&mut st.phase, st.current_round, issued.key(), task_id)?;
+        Ok((open.broadcast.for_client(frozen_hash), open.stats.clone()))
+    }
+
+    /// Checks an update's header before any tensor bytes are accepted.
+    pub fn begin_upload(
+        &self,
+        claim: UpdateClaim,
+    ) -> Result<Result<UploadTicket, SubmitOutcome>, Refusal> {
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let task_id = claim.task_id.clone();
+        let (issued, client_name) = Self::task_of(st, &claim.token, &task_id)?;
+        if issued.kind == PhaseKind::Evaluate {
+            return Err(Refusal::WrongKind {
+                task_id,
+                is: issued.kind.noun(),
+                hint: "send its result with SubmitEvaluation",
+            });
+        }
+        if let Some(&round) = st.counted.get(&task_id) {
+            return Ok(Err(SubmitOutcome::Duplicate { round }));
+        }
+        let open = match Self::open_for(&mut st.phase, st.current_round, issued.key(), &task_id) {
+            Ok(open) => open,
+            Err(refusal) => {
+                warn!("late update from {client_name}: {refusal}");
+                return Err(refusal);
+            }
+        };
+        let Some(task) = open.tasks.get_mut(&issued.client_id) else {
+            return Err(Refusal::UnknownTask(task_id));
+        };
+        let invalid = if claim.model_version != open.model_version {
+            Some(format!(
+                "computed against model version {}, the round's is {}",
+                claim.model_version, open.model_version
+            ))
+        } else if claim.num_examples == 0 {
+            Some("num_examples is 0; an update must come from at least one example".to_string())
+        } else {
+            claim
+                .metrics
+                .iter()
+                .find(|(_, v)| !v.is_finite())
+                .map(|(k, v)| format!("metric `{k}` is not finite ({v})"))
+        };
+        if let Some(reason) = invalid
+            && task.status == TaskStatus::Assigned
+        {
+            // The same task would fail the same way again: the round goes on without it.
+            warn!(
+                "round {}: update for task `{task_id}` refused: {reason}",
+                issued.round
+            );
+            task.status = TaskStatus::Failed(reason.clone());
+            return Err(Refusal::InvalidUpdate { task_id, reason });
+        }
+        match &task.status {
+            TaskStatus::Uploading => return Err(Refusal::UploadInProgress(task_id)),
+            TaskStatus::Failed(reason) => {
+                return Err(Refusal::TaskFailed {
+                    task_id,
+                    reason: reason.clone(),
+                });
+            }
+            TaskStatus::Reported => {
+                return Ok(Err(SubmitOutcome::Duplicate {
+                    round: issued.round,
+                }));
+            }
+            TaskStatus::Assigned => task.status = TaskStatus::Uploading,
+        }
+        Ok(Ok(UploadTicket {
+            task_id,
+            serial: issued.serial,
+            round: issued.round,
+            client_id: issued.client_id,
+            client_name,
+            num_examples: claim.num_examples,
+            metrics: claim.metrics,
+            stats: open.stats.clone(),
+        }))
+    }
+
+    /// An upload that did not complete: `failure` marks the task failed for the round (invalid
+    /// content); `None` lets the client retry (a broken stream).
+    pub fn abort_upload(&self, ticket: UploadTicket, failure: Option<String>) {
+        let mut st = lock(&self.state);
+        if let Phase::Open(open) = &mut st.phase
+            && open.serial == ticket.serial
+            && let Some(task) = open.tasks.get_mut(&ticket.client_id)
+            && task.status == TaskStatus::Uploading
+        {
+            task.status = match failure {
+                Some(reason) => {
+                    warn!(
+                        "round {}: update for task `{}` refused: {reason}",
+                        ticket.round, ticket.task_id
+                    );
+                    TaskStatus::Failed(reason)
+                }
+                None => TaskStatus::Assigned,
+            };
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Folds a complete, verified delta into the round's aggregate, exactly once. Blocking:
+    /// call it from a blocking thread.
+    pub fn commit_upload(
+        &self,
+        ticket: UploadTicket,
+        delta: &Payload,
+    ) -> Result<SubmitOutcome, Refusal> {
+        let mut aggregate = lock(&self.aggregate);
+        {
+            let mut st = lock(&self.state);
+            let st = &mut *st;
+            let key = (ticket.serial, ticket.round);
+            let open = match Self::open_for(&mut st.phase, st.current_round, key, &ticket.task_id) {
+                Ok(open) => open,
+                Err(refusal) => {
+                    warn!("late update from {}: {refusal}", ticket.client_name);
+                    return Err(refusal);
+                }
+            };
+            let Some(task) = open
+                .tasks
+                .get_mut(&ticket.client_id)
+                .filter(|t| t.status == TaskStatus::Uploading)
+            else {
+                return Err(Refusal::AttemptClosed {
+                    task_id: ticket.task_id,
+                    round: ticket.round,
+                });
+            };
+            task.status = TaskStatus::Reported;
+            open.reports.push(ClientReport {
+                num_examples: ticket.num_examples,
+                metrics: ticket.metrics,
+            });
+            st.counted.insert(ticket.task_id.clone(), ticket.round);
+        }
+        // Still holding `aggregate`: the round cannot close before this update is folded in.
+        if let Some(agg) = aggregate.as_mut().filter(|a| a.serial == ticket.serial)
+            && let Err(e) = agg
+                .aggregator
+                .accept(&ticket.client_name, delta, ticket.num_examples)
+        {
+            let reason = e.to_string();
+            warn!("round {}: {reason}", ticket.round);
+            agg.error.get_or_insert(e);
+            drop(aggregate);
+            self.changed.notify_waiters();
+            return Err(Refusal::Internal {
+                task_id: ticket.task_id,
+                reason,
+            });
+        }
+        drop(aggregate);
+        self.changed.notify_waiters();
+        Ok(SubmitOutcome::Accepted)
+    }
+
+    /// Records a client's evaluation of the global model.
+    pub fn evaluation_report(
+        &self,
+        token: &str,
+        report: &pb::EvaluationReport,
+    ) -> Result<SubmitOutcome, Refusal> {
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let task_id = report.task_id.clone();
+        let (issued, client_name) = Self::task_of(st, token, &task_id)?;
+        if issued.kind != PhaseKind::Evaluate {
+            return Err(Refusal::WrongKind {
+                task_id,
+                is: issued.kind.noun(),
+                hint: "send its result with SubmitUpdate",
+            });
+        }
+        if let Some(&round) = st.counted.get(&task_id) {
+            return Ok(SubmitOutcome::Duplicate { round });
+        }
+        let open = match Self::open_for(&mut st.phase, st.current_round, issued.key(), &task_id) {
+            Ok(open) => open,
+            Err(refusal) => {
+                warn!("late evaluation from {client_name}: {refusal}");
+                return Err(refusal);
+            }
+        };
+        let Some(task) = open.tasks.get_mut(&issued.client_id) else {
+            return Err(Refusal::UnknownTask(task_id));
+        };
+        if let Some((k, v)) = report.metrics.iter().find(|(_, v)| !v.is_finite()) {
+            let reason = format!("metric `{k}` is not finite ({v})");
+            task.status = TaskStatus::Failed(reason.clone());
+            return Err(Refusal::InvalidUpdate { task_id, reason });
+        }
+        match &task.status {
+            TaskStatus::Failed(reason) => {
+                return Err(Refusal::TaskFailed {
+                    task_id,
+                    reason: reason.clone(),
+                });
+            }
+            TaskStatus::Reported => {
+                return Ok(SubmitOutcome::Duplicate {
+                    round: issued.round,
+                });
+            }
+            TaskStatus::Assigned | TaskStatus::Uploading => task.status = TaskStatus::Reported,
+        }
+        open.reports.push(ClientReport {
+            num_examples: report.num_examples,
+            metrics: report.metrics.clone(),
+        });
+        st.counted.insert(task_id, issued.round);
+        drop(guard);
+        self.changed.notify_waiters();
+        Ok(SubmitOutcome::Accepted)
+    }
+}

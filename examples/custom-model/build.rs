@@ -1,0 +1,5 @@
+include!("../../deploy/link-libtorch.rs");
+
+fn main() {
+    link_libtorch();
+}
