@@ -87,6 +87,10 @@ struct RunArgs {
     /// folder holding it); checked against the coordinator's by SHA-256.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// A local test set in the same formats as --data: federated evaluation measures the
+    /// global model on all of it instead of on the validation split.
+    #[arg(long)]
+    test_data: Option<PathBuf>,
     /// Compute device: flex (pure Rust), libtorch (CPU) or cuda:N (the last two need a build
     /// with --features tch).
     #[arg(long, default_value = "flex")]
@@ -157,6 +161,7 @@ pub fn main() -> anyhow::Result<()> {
         label_column: args.label_column,
         text_column: args.text_column,
         tokenizer: args.tokenizer,
+        test_data: args.test_data,
         caps: Caps {
             max_batch_size: args.max_batch_size.filter(|&n| n > 0),
             max_epochs: args.max_epochs.filter(|&n| n > 0),

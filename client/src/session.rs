@@ -60,6 +60,9 @@ pub struct ClientOptions {
     pub text_column: String,
     /// The tokenizer.json this client holds, for text models.
     pub tokenizer: Option<PathBuf>,
+    /// A local test set: federated evaluation measures the global model on it (all of it)
+    /// instead of on the validation split.
+    pub test_data: Option<PathBuf>,
 }
 
 /// What the client did over the run.
@@ -78,13 +81,14 @@ pub(crate) struct Session {
 
 /// Runs the client until the coordinator says the federation is finished.
 pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
+    let columns = Columns {
+        text: opts.text_column.clone(),
+        label: opts.label_column.clone(),
+    };
     let data = match (&opts.data, opts.train) {
         (Some(path), _) => Some(LocalData::open(
             path,
-            &Columns {
-                text: opts.text_column.clone(),
-                label: opts.label_column.clone(),
-            },
+            &columns,
             opts.tokenizer.clone(),
             opts.val_fraction,
             opts.seed,
@@ -93,6 +97,14 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
         (None, TrainMode::Full) => {
             bail!("--data is required to train (only --train none runs without data)")
         }
+    };
+    // Opened with no validation split: every example is a test example.
+    let test = match &opts.test_data {
+        Some(path) => Some(
+            LocalData::open(path, &columns, opts.tokenizer.clone(), 0.0, opts.seed)
+                .context("--test-data")?,
+        ),
+        None => None,
     };
     if opts.train == TrainMode::Full {
         // Fail now, not at the first task, when the device is not usable.
@@ -168,7 +180,11 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
             }
             Some(Kind::Evaluate(t)) => {
                 let round = t.round;
-                match evaluate_round(s, t, &opts, data.as_ref(), &mut frozen_cache).await {
+                let local = EvalData {
+                    data: data.as_ref(),
+                    test: test.as_ref(),
+                };
+                match evaluate_round(s, t, &opts, local, &mut frozen_cache).await {
                     Ok(()) => report.rounds_evaluated += 1,
                     Err(e) => {
                         after_task_error(e, &format!("round {round} evaluation"), &mut session)?
@@ -390,11 +406,32 @@ fn fxhash(s: &str) -> u64 {
 
 /// One Evaluate task: download the global model, evaluate it on the local validation split,
 /// report the figures.
+/// What federated evaluation measures: the local test set when there is one, else the
+/// validation split of the training data.
+#[derive(Clone, Copy)]
+struct EvalData<'a> {
+    data: Option<&'a LocalData>,
+    test: Option<&'a LocalData>,
+}
+
+impl<'a> EvalData<'a> {
+    /// The data and the indices to evaluate on, and what they are called in the log.
+    fn pick(self) -> Option<(&'a LocalData, &'a [usize], &'static str)> {
+        match (self.test, self.data) {
+            (Some(test), _) => Some((test, &test.train_idx, "test")),
+            (None, Some(data)) if !data.val_idx.is_empty() => {
+                Some((data, &data.val_idx, "validation"))
+            }
+            _ => None,
+        }
+    }
+}
+
 async fn evaluate_round(
     s: &mut Session,
     task: pb::EvaluateTask,
     opts: &ClientOptions,
-    data: Option<&LocalData>,
+    local: EvalData<'_>,
     cache: &mut FrozenCache,
 ) -> anyhow::Result<()> {
     let spec_pb = task
@@ -404,16 +441,16 @@ async fn evaluate_round(
     let spec = spec_wire::from_pb(&spec_pb)
         .context("coordinator asked for a model this client cannot build")?;
     let _heartbeat = spawn_heartbeat(s, format!("evaluating round {}", task.round));
-    let evaluable = opts.train == TrainMode::Full
-        && !spec.kind.is_synthetic()
-        && data.is_some_and(|d| !d.val_idx.is_empty());
-    let (num_examples, metrics) = match data.filter(|_| evaluable) {
+    let evaluable = opts.train == TrainMode::Full && !spec.kind.is_synthetic();
+    let mut what = "validation";
+    let (num_examples, metrics) = match local.pick().filter(|_| evaluable) {
         None => {
             // Nothing to evaluate on (no validation split, or `--train none`): say so with a
             // zero-weight report rather than leaving the round waiting.
             (0, HashMap::new())
         }
-        Some(data) => {
+        Some((data, indices, name)) => {
+            what = name;
             let examples = data.examples_for(&spec)?;
             let frozen = cache.names();
             let payload = download(
@@ -429,13 +466,12 @@ async fn evaluate_round(
             let global = cache.complete(payload, &spec, &frozen)?;
             let (device, batch) = (opts.device, task.batch_size.max(1) as usize);
             tokio::task::block_in_place(|| {
-                fine_tune::evaluate_global(
-                    &global,
-                    &spec,
-                    Split::of(data, examples.as_ref()),
-                    device,
-                    batch,
-                )
+                let split = Split {
+                    examples: examples.as_ref(),
+                    train_idx: &[],
+                    val_idx: indices,
+                };
+                fine_tune::evaluate_global(&global, &spec, split, device, batch)
             })?
         }
     };
@@ -467,7 +503,7 @@ async fn evaluate_round(
     };
     let m = |k: &str| metrics.get(k).copied();
     info!(
-        "{} round {} evaluation of model v{} | {} validation examples | loss {} acc {} f1 {} | {}",
+        "{} round {} evaluation of model v{} | {} {what} examples | loss {} acc {} f1 {} | {}",
         opts.name,
         task.round,
         task.model_version,

@@ -365,3 +365,59 @@ fn pretrain_writes_a_checkpoint_for_init() {
         .check_matches(&ModelSpec::parse("mlp", 10).unwrap().specs())
         .unwrap();
 }
+
+/// `--test-data`: federated evaluation measures the global model on the client's own test set,
+/// all of it, instead of on its validation split.
+#[test]
+fn a_client_with_a_test_set_is_evaluated_on_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = DataFolder::open(&fashion_subset()).unwrap();
+    let (train, test) = (dir.path().join("train"), dir.path().join("test"));
+    for (path, range) in [(&train, 0..1000), (&test, 5000..5300)] {
+        std::fs::create_dir_all(path).unwrap();
+        let part: Vec<usize> = range.collect();
+        folder
+            .train
+            .subset(&part)
+            .write_pair(path, "train-")
+            .unwrap();
+    }
+    let port = free_port();
+    let out = dir.path().join("out");
+    let mut coordinator = Proc::spawn(
+        "coordinator",
+        coordinator_bin(),
+        &[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--rounds",
+            "1",
+            "--min-clients",
+            "1",
+            "--model",
+            "mlp",
+            "--fraction-evaluate",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from),
+        dir.path(),
+    );
+    let test_arg = test.display().to_string();
+    let args = client_args(port, &train, "site", &["--test-data", &test_arg]);
+    let mut client = Proc::spawn("client", client_bin(), &args, dir.path());
+    let status = coordinator.wait(Duration::from_secs(120));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        coordinator.output()
+    );
+    client.wait(Duration::from_secs(30));
+    let log = client.output();
+    assert!(log.contains("| 300 test examples |"), "{log}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let row: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(row["fed_eval_examples"], 300, "{row}");
+}

@@ -2,7 +2,6 @@
 //! asking for CUDA where there is none is a clear error, not a panic.
 #![cfg(feature = "tch")]
 
-use burn::module::Module;
 use fedtune_common::data::{DataFolder, Examples};
 use fedtune_common::device::{DeviceChoice, DeviceError};
 use fedtune_common::embed::SentenceEncoder;
