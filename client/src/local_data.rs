@@ -10,7 +10,7 @@ use fedtune_common::data::text::{csv_holds_text, is_text_file};
 use fedtune_common::data::{
     DataFolder, Examples, ImageDataset, TextDataset, TextTokenizer, TokenizedText, validation_split,
 };
-use fedtune_common::models::ModelSpec;
+use fedtune_common::models::{Input, ModelSpec};
 use tracing::info;
 
 /// Where a text file's columns are.
@@ -101,7 +101,11 @@ impl LocalData {
         &self,
         spec: &ModelSpec,
     ) -> anyhow::Result<Arc<dyn Examples + Send + Sync>> {
-        match (&self.examples, spec.kind.bert()) {
+        let vocab = match spec.kind.input() {
+            Some(Input::Text { vocab_size, .. }) => Some(vocab_size),
+            _ => None,
+        };
+        match (&self.examples, vocab) {
             (LocalExamples::Images(data), _) => {
                 spec.check_data(data)
                     .context("local data does not fit the coordinator's model")?;
@@ -111,7 +115,7 @@ impl LocalData {
                 }
                 Ok(data.clone())
             }
-            (LocalExamples::Text(data), Some(arch)) => {
+            (LocalExamples::Text(data), Some(vocab_size)) => {
                 let input = spec
                     .text
                     .as_ref()
@@ -145,7 +149,7 @@ impl LocalData {
                         input.tokenizer_sha256
                     );
                 }
-                tokenizer.check_fits(arch.vocab_size)?;
+                tokenizer.check_fits(vocab_size)?;
                 let started = std::time::Instant::now();
                 let examples = Arc::new(
                     TokenizedText::prepare(data, &tokenizer, &input.labels, spec.num_classes)

@@ -3,7 +3,7 @@
 
 use fedtune_proto as pb;
 
-use crate::models::{LoraSpec, ModelError, ModelSpec, TextInput};
+use crate::models::{Input, LoraSpec, ModelError, ModelSpec, TextInput};
 
 /// The most tokens a text model is asked to read (BERT-family position tables stop at 512;
 /// larger would only allocate for nothing).
@@ -48,12 +48,11 @@ pub fn from_pb(spec: &pb::ModelSpec) -> Result<ModelSpec, ModelError> {
                 "max sequence length {max_seq_len} is outside 2..={MAX_SEQ_LEN}"
             )));
         }
-        if let Some(arch) = out.kind.bert()
-            && max_seq_len > arch.max_positions
+        if let Some(Input::Text { max_positions, .. }) = out.kind.input()
+            && max_seq_len > max_positions
         {
             return Err(ModelError::BadBert(format!(
-                "max sequence length {max_seq_len} exceeds the model's {} positions",
-                arch.max_positions
+                "max sequence length {max_seq_len} exceeds the model's {max_positions} positions"
             )));
         }
         if !t.labels.is_empty() && t.labels.len() != spec.num_classes as usize {

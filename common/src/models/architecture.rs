@@ -17,8 +17,13 @@ pub enum Input {
     Images { height: usize, width: usize },
     /// Rows of `features` numbers (CSV tables), given as `[batch, 1, 1, features]`.
     Table { features: usize },
-    /// Token ids and padding masks (CSV/TSV/JSONL text through the task's tokenizer).
-    Text,
+    /// Token ids and padding masks (CSV/TSV/JSONL text through the task's tokenizer): ids
+    /// below `vocab_size` (a larger tokenizer is refused), at most `max_positions` per text
+    /// (the cap on `--max-seq-len`).
+    Text {
+        vocab_size: usize,
+        max_positions: usize,
+    },
 }
 
 impl Input {
@@ -26,7 +31,7 @@ impl Input {
         match self {
             Self::Images { height, width } => format!("{height}x{width} images"),
             Self::Table { features } => format!("CSV rows of {features} feature columns"),
-            Self::Text => "text".into(),
+            Self::Text { .. } => "text".into(),
         }
     }
 }

@@ -350,7 +350,10 @@ impl Architecture for TextClassifier {
 
     fn input(options: Option<&str>) -> Result<Input, String> {
         match options {
-            Some(arch) => arch.parse::<BertArch>().map(|_| Input::Text),
+            Some(arch) => arch.parse::<BertArch>().map(|a| Input::Text {
+                vocab_size: a.vocab_size,
+                max_positions: a.max_positions,
+            }),
             None => Err(
                 "model `bert` needs its architecture: give --init DIR (a Hugging Face BERT folder with config.json), or name it in full, e.g. bert:v30522,h384,l6,a12,i1536,p512,t2,eps1e-12".into(),
             ),

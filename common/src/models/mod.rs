@@ -152,18 +152,6 @@ impl ModelKind {
     pub fn is_synthetic(&self) -> bool {
         matches!(self, Self::Synthetic { .. })
     }
-
-    /// The BERT architecture of a `bert:…` model.
-    pub fn bert(&self) -> Option<BertArch> {
-        match self {
-            Self::Net {
-                arch,
-                options: Some(options),
-                ..
-            } if arch.name() == TextClassifier::NAME => options.parse().ok(),
-            _ => None,
-        }
-    }
 }
 
 impl fmt::Display for ModelKind {
@@ -237,7 +225,7 @@ impl ModelSpec {
 
     /// Whether the model reads text (tokens) rather than images or table rows.
     pub fn is_text(&self) -> bool {
-        self.kind.input() == Some(Input::Text)
+        matches!(self.kind.input(), Some(Input::Text { .. }))
     }
 
     /// The tensors that do not train under this spec's adapters (none without LoRA): the
@@ -296,7 +284,7 @@ impl ModelSpec {
             return Ok(());
         };
         match (input, data.is_tabular()) {
-            (Input::Text, _) => Err(mismatch(format!(
+            (Input::Text { .. }, _) => Err(mismatch(format!(
                 "image or table data, but the model `{}` reads text: give a CSV/TSV/JSONL file with a text column",
                 self.kind
             ))),

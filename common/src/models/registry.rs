@@ -206,7 +206,7 @@ mod tests {
             impl Architecture for $ty {
                 const NAME: &'static str = $name;
                 fn input(_: Option<&str>) -> Result<Input, String> {
-                    Ok(Input::Text)
+                    Ok(Input::Table { features: 1 })
                 }
                 fn build(_: &ModelSpec, device: &Device, _: f64) -> Result<Self, ModelError> {
                     Ok(Self {

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use fedtune_common::data::TextTokenizer;
 use fedtune_common::data::tokenizer::tokenizer_file;
-use fedtune_common::models::{BertArch, LoraMode, LoraSpec, ModelSpec, TextInput};
+use fedtune_common::models::{BertArch, Input, LoraMode, LoraSpec, ModelSpec, TextInput};
 use fedtune_common::spec_wire::MAX_SEQ_LEN;
 
 pub const DEFAULT_MAX_SEQ_LEN: usize = 128;
@@ -145,16 +145,19 @@ pub fn resolve(
     };
     let mut spec = spec.with_lora(lora).context("`lora_rank`")?;
     let mut tokenizer = None;
-    if let Some(arch) = spec.kind.bert() {
+    if let Some(Input::Text {
+        vocab_size,
+        max_positions,
+    }) = spec.kind.input()
+    {
         let max_seq_len = args
             .max_seq_len
             .or(file.max_seq_len)
             .unwrap_or(DEFAULT_MAX_SEQ_LEN);
-        if !(2..=MAX_SEQ_LEN.min(arch.max_positions)).contains(&max_seq_len) {
+        if !(2..=MAX_SEQ_LEN.min(max_positions)).contains(&max_seq_len) {
             bail!(
-                "`max_seq_len` {max_seq_len} must be in 2..={} (the model has {} positions)",
-                MAX_SEQ_LEN.min(arch.max_positions),
-                arch.max_positions
+                "`max_seq_len` {max_seq_len} must be in 2..={} (the model has {max_positions} positions)",
+                MAX_SEQ_LEN.min(max_positions),
             );
         }
         let path = args
@@ -166,7 +169,7 @@ pub fn resolve(
                 "a text model needs a tokenizer: give --tokenizer FILE (tokenizer.json) or --init DIR with a tokenizer.json",
             )?;
         let tok = TextTokenizer::open(&path, max_seq_len)?;
-        tok.check_fits(arch.vocab_size)?;
+        tok.check_fits(vocab_size)?;
         spec.text = Some(TextInput {
             labels,
             tokenizer_sha256: tok.sha256().to_string(),
