@@ -265,6 +265,19 @@ pub struct Bert {
 impl Bert {
     pub fn new(arch: &BertArch, dropout: f64, device: &Device) -> Self {
         let embedding = |n, d| EmbeddingConfig::new(n, d).init(device);
+        let mut encoder =
+            TransformerEncoderConfig::new(arch.hidden, arch.intermediate, arch.heads, arch.layers)
+                .with_dropout(dropout)
+                .with_norm_first(false)
+                .with_layer_norm_eps(arch.layer_norm_eps)
+                .init(device);
+        // burn's feed-forward block drops out its GELU output too; BERT does not (its dropouts
+        // are on the attention probabilities and on each sub-layer's output). Without this, every
+        // training step would draw and apply a mask over [batch, seq, intermediate] per layer
+        // that BERT never had.
+        for layer in &mut encoder.layers {
+            layer.pwff.dropout = DropoutConfig::new(0.0).init();
+        }
         Self {
             embeddings: BertEmbeddings {
                 word_embeddings: embedding(arch.vocab_size, arch.hidden),
@@ -275,16 +288,7 @@ impl Bert {
                     .init(device),
                 dropout: DropoutConfig::new(dropout).init(),
             },
-            encoder: TransformerEncoderConfig::new(
-                arch.hidden,
-                arch.intermediate,
-                arch.heads,
-                arch.layers,
-            )
-            .with_dropout(dropout)
-            .with_norm_first(false)
-            .with_layer_norm_eps(arch.layer_norm_eps)
-            .init(device),
+            encoder,
         }
     }
 

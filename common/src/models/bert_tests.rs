@@ -310,3 +310,16 @@ fn text_batches_pad_to_the_longest_and_mask_it() {
     );
     assert_eq!(labels.into_data().iter::<i64>().collect::<Vec<_>>(), [0, 1]);
 }
+
+/// BERT drops out the attention probabilities and each sub-layer's output, never the GELU
+/// output inside the feed-forward block (which burn's encoder layer would by default).
+#[test]
+fn training_dropouts_are_berts() {
+    let net = TextClassifier::build(&spec(None), &Device::flex(), 0.1).unwrap();
+    assert_eq!(net.bert.embeddings.dropout.prob, 0.1);
+    for layer in &net.bert.encoder.layers {
+        assert_eq!(layer.mha.dropout.prob, 0.1);
+        assert_eq!(layer.dropout.prob, 0.1);
+        assert_eq!(layer.pwff.dropout.prob, 0.0);
+    }
+}
