@@ -52,6 +52,15 @@ pub(crate) fn transient(s: &Status) -> bool {
     )
 }
 
+/// The coordinator refused the request for good (a late, repeated or unknown task): retrying
+/// cannot help, and the run goes on without it.
+pub(crate) fn refused(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound
+    )
+}
+
 pub(crate) struct Backoff {
     next: Duration,
     down_since: Option<tokio::time::Instant>,

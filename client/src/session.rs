@@ -17,7 +17,7 @@ use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::attack::Attack;
-use crate::connection::{BACKOFF_START, Backoff, endpoint, transient};
+use crate::connection::{BACKOFF_START, Backoff, endpoint, refused, transient};
 use crate::fine_tune::{self, LocalUpdate, Split};
 use crate::frozen_cache::FrozenCache;
 use crate::local_data::{Columns, LocalData};
@@ -490,12 +490,7 @@ async fn evaluate_round(
             Err(st) if attempt < TRANSFER_ATTEMPTS && transient(&st) => {
                 tokio::time::sleep(BACKOFF_START * attempt).await;
             }
-            Err(st)
-                if matches!(
-                    st.code(),
-                    Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound
-                ) =>
-            {
+            Err(st) if refused(&st) => {
                 break format!("refused: {}", st.message());
             }
             Err(st) => return Err(st.into()),

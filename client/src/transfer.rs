@@ -11,10 +11,10 @@ use fedtune_common::tensors::{TensorSpec, check_specs};
 use fedtune_common::wire::{Assembler, EncodedTensors, Payload};
 use fedtune_proto::{self as pb, model_frame, submit_reply::Outcome, update_frame};
 use tokio_stream::StreamExt;
-use tonic::{Code, Status};
+use tonic::Status;
 use tracing::warn;
 
-use crate::connection::{BACKOFF_START, transient};
+use crate::connection::{BACKOFF_START, refused, transient};
 use crate::session::{Session, TRANSFER_ATTEMPTS};
 
 /// Sends Heartbeat every interval until dropped.
@@ -181,12 +181,7 @@ pub(crate) async fn upload(
                 );
                 tokio::time::sleep(BACKOFF_START * attempt).await;
             }
-            Err(st)
-                if matches!(
-                    st.code(),
-                    Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound
-                ) =>
-            {
+            Err(st) if refused(&st) => {
                 // The round goes on without this update; so does this client.
                 warn!(
                     "round {}: coordinator refused the update: {}",

@@ -100,6 +100,18 @@ impl Proc {
         }
     }
 
+    /// Waits as [`Proc::wait`] and fails the test, with the process's log, unless it exited
+    /// successfully.
+    pub fn expect_success(&mut self, timeout: Duration) {
+        let status = self.wait(timeout);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} failed: {status:?}\n{}",
+            self.name,
+            self.output()
+        );
+    }
+
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -74,20 +74,9 @@ fn own_architecture_federates_on_binaries_built_from_the_libraries() {
             Proc::spawn(&format!("client{i}"), tiny_conv_client(), &args, dir)
         })
         .collect();
-    let status = coordinator.wait(Duration::from_secs(300));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "coordinator failed: {status:?}\n{}",
-        coordinator.output()
-    );
+    coordinator.expect_success(Duration::from_secs(300));
     for c in &mut clients {
-        let status = c.wait(Duration::from_secs(60));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "{} failed: {status:?}\n{}",
-            c.name,
-            c.output()
-        );
+        c.expect_success(Duration::from_secs(60));
     }
 
     let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -136,7 +125,7 @@ fn a_stock_client_refuses_an_architecture_it_does_not_know_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let port = free_port();
-    let mut coordinator = serve(port, 1, &dir.join("out"), dir);
+    let coordinator = serve(port, 1, &dir.join("out"), dir);
     let args = client_args(port, &client_data(dir, 0), "stock", &[]);
     let stock = Proc::spawn("stock-client", client_bin(), &args, dir);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -155,8 +144,7 @@ fn a_stock_client_refuses_an_architecture_it_does_not_know_by_name() {
     ] {
         assert!(log.contains(want), "{want}:\n{log}");
     }
-    drop(stock);
-    let _ = coordinator.wait(Duration::from_millis(10));
+    drop((stock, coordinator));
     // The stock coordinator refuses the name at start-up, before it listens.
     let mut stock_coordinator = Proc::spawn(
         "stock-coordinator",

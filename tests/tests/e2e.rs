@@ -408,13 +408,8 @@ fn a_client_with_a_test_set_is_evaluated_on_all_of_it() {
     let test_arg = test.display().to_string();
     let args = client_args(port, &train, "site", &["--test-data", &test_arg]);
     let mut client = Proc::spawn("client", client_bin(), &args, dir.path());
-    let status = coordinator.wait(Duration::from_secs(120));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?}\n{}",
-        coordinator.output()
-    );
-    client.wait(Duration::from_secs(30));
+    coordinator.expect_success(Duration::from_secs(120));
+    client.expect_success(Duration::from_secs(30));
     let log = client.output();
     assert!(log.contains("| 300 test examples |"), "{log}");
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();

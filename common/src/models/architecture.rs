@@ -27,11 +27,14 @@ pub enum Input {
 }
 
 impl Input {
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Images { height, width } => format!("{height}x{width} images"),
-            Self::Table { features } => format!("CSV rows of {features} feature columns"),
-            Self::Text { .. } => "text".into(),
+    /// 28x28 grey images, and no options after the name: the built-in image models.
+    pub(super) fn fashion_images(name: &str, options: Option<&str>) -> Result<Self, String> {
+        match options {
+            None => Ok(Self::Images {
+                height: super::IMAGE_SIZE,
+                width: super::IMAGE_SIZE,
+            }),
+            Some(o) => Err(format!("`{name}:{o}`: {name} takes no options")),
         }
     }
 }

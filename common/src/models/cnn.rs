@@ -67,13 +67,7 @@ impl Architecture for Cnn {
     const HEAD: Option<&'static str> = Some("fc2.");
 
     fn input(options: Option<&str>) -> Result<Input, String> {
-        match options {
-            None => Ok(Input::Images {
-                height: IMAGE_SIZE,
-                width: IMAGE_SIZE,
-            }),
-            Some(o) => Err(format!("`cnn:{o}`: cnn takes no options")),
-        }
+        Input::fashion_images(Self::NAME, options)
     }
 
     fn build(spec: &ModelSpec, device: &Device, dropout: f64) -> Result<Self, ModelError> {

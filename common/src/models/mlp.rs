@@ -42,15 +42,8 @@ impl Architecture for Mlp {
     const HEAD: Option<&'static str> = Some("fc2.");
 
     fn input(options: Option<&str>) -> Result<Input, String> {
-        match options {
-            None => Ok(Input::Images {
-                height: IMAGE_SIZE,
-                width: IMAGE_SIZE,
-            }),
-            Some(o) => Err(format!(
-                "`mlp:{o}`: mlp takes no options; for CSV rows use tabular-mlp:<features>"
-            )),
-        }
+        Input::fashion_images(Self::NAME, options)
+            .map_err(|e| format!("{e}; for CSV rows use tabular-mlp:<features>"))
     }
 
     fn build(spec: &ModelSpec, device: &Device, dropout: f64) -> Result<Self, ModelError> {

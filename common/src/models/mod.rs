@@ -133,14 +133,6 @@ impl ModelKind {
         }
     }
 
-    /// The architecture's registered name (`bert`); `synthetic` for a bare parameter set.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Net { arch, .. } => arch.name(),
-            Self::Synthetic { .. } => "synthetic",
-        }
-    }
-
     /// What the network reads (`None`: a parameter set with no architecture).
     pub fn input(&self) -> Option<Input> {
         match self {

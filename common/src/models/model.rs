@@ -5,7 +5,6 @@
 //! the object-safe set of operations fedtune performs on a network, implemented once for
 //! every [`Architecture`]; each runs burn's generic code on the concrete type.
 
-use std::any::Any;
 use std::fmt;
 
 use burn::module::Module;
@@ -35,7 +34,6 @@ trait Trainable: Send + fmt::Debug {
     ) -> Box<dyn Trainable>;
     fn proximal(&self, mu: f64) -> Proximal;
     fn penalty(&self, proximal: &Proximal) -> Option<Tensor<1>>;
-    fn into_any(self: Box<Self>) -> Box<dyn Any>;
 }
 
 impl<A: Architecture> Trainable for A {
@@ -87,10 +85,6 @@ impl<A: Architecture> Trainable for A {
 
     fn penalty(&self, proximal: &Proximal) -> Option<Tensor<1>> {
         proximal.penalty(self)
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
     }
 }
 
@@ -189,10 +183,5 @@ impl Model {
     /// FedProx: μ/2·‖w − w₀‖², tracked by autodiff.
     pub fn penalty(&self, proximal: &Proximal) -> Option<Tensor<1>> {
         self.net.penalty(proximal)
-    }
-
-    /// The concrete network, when it is an `A`.
-    pub fn downcast<A: Architecture>(self) -> Option<A> {
-        self.net.into_any().downcast::<A>().ok().map(|b| *b)
     }
 }
