@@ -18,6 +18,7 @@ pub fn to_pb(spec: &ModelSpec) -> pb::ModelSpec {
             alpha: l.alpha,
             targets: l.targets.clone(),
             mode: l.mode.to_string(),
+            dropout: l.dropout,
         }),
         text: spec.text.as_ref().map(|t| pb::TextInput {
             labels: t.labels.clone(),
@@ -36,6 +37,7 @@ pub fn from_pb(spec: &pb::ModelSpec) -> Result<ModelSpec, ModelError> {
                 l.targets.clone(),
                 l.mode.parse().map_err(ModelError::BadLora)?,
             )
+            .and_then(|s| s.with_dropout(l.dropout))
             .map_err(ModelError::BadLora)?,
         ),
         None => None,
@@ -81,7 +83,9 @@ mod tests {
         let spec = ModelSpec::parse("bert:v100,h32,l2,a4,i64,p64,t2,eps1e-12", 2)
             .unwrap()
             .with_lora(Some(
-                LoraSpec::new(4, 8.0, vec!["query".into(), "value".into()], LoraMode::Ffa).unwrap(),
+                LoraSpec::new(4, 8.0, vec!["query".into(), "value".into()], LoraMode::Ffa)
+                    .and_then(|l| l.with_dropout(0.1))
+                    .unwrap(),
             ))
             .unwrap();
         let spec = ModelSpec {
@@ -96,6 +100,14 @@ mod tests {
         let mut bad = to_pb(&spec);
         bad.lora.as_mut().unwrap().rank = 0;
         assert!(from_pb(&bad).unwrap_err().to_string().contains("rank 0"));
+        let mut bad = to_pb(&spec);
+        bad.lora.as_mut().unwrap().dropout = 1.5;
+        assert!(
+            from_pb(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("LoRA dropout 1.5")
+        );
         let mut bad = to_pb(&spec);
         bad.text.as_mut().unwrap().max_seq_len = 65;
         assert!(

@@ -216,6 +216,22 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         cfg.policy.min_available_clients,
         cfg.out.display()
     );
+    if let Some(lora) = &cfg.model.lora {
+        info!("LoRA adapters: {lora}");
+    }
+    if !cfg.frozen.is_empty() {
+        let trains: Vec<_> = specs
+            .iter()
+            .filter(|s| !cfg.frozen.contains(&s.name))
+            .collect();
+        info!(
+            "{} of {} tensors ({} parameters) train and travel; the other {} are frozen: sent to each client once and kept by content hash",
+            trains.len(),
+            specs.len(),
+            trains.iter().map(|s| s.num_elements()).sum::<usize>(),
+            specs.len() - trains.len()
+        );
+    }
 
     let engine = Arc::new(Federation::new(cfg.clone(), specs));
     let service = FederationServer::new(FederationService::new(engine.clone()));

@@ -150,6 +150,8 @@ fn lora_federation_learns_and_later_rounds_move_only_adapters_and_head() {
             "2",
             "--lora-rank",
             "8",
+            "--lora-dropout",
+            "0.05",
             "--lr",
             "0.002",
             "--export-pytorch",
@@ -188,6 +190,11 @@ fn lora_federation_learns_and_later_rounds_move_only_adapters_and_head() {
     ] {
         assert!(d.join("out").join(f).is_file(), "{f}");
     }
+    let adapter_config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.join("out/hf-adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(adapter_config["lora_dropout"], 0.05, "{adapter_config}");
     for c in &run.clients {
         // Once per run: the 216 training and 24 validation sentences, before round 1.
         assert_eq!(c.matches("tokenised 240 texts").count(), 1, "{c}");
@@ -260,12 +267,14 @@ fn exported_folders_load_in_transformers_and_peft_with_the_same_embeddings() {
     };
     // MiniLM with LoRA adapters that moved (b ≠ 0), as after some rounds.
     let arch = BertArch::from_hf_dir(&minilm).unwrap();
+    // Dropout is a training setting: PEFT records it and computes without it at inference.
     let lora = LoraSpec::new(
         8,
         16.0,
         vec!["query".into(), "value".into()],
         LoraMode::FedIt,
-    );
+    )
+    .and_then(|l| l.with_dropout(0.1));
     let spec = ModelSpec::parse(&arch.to_string(), 2)
         .unwrap()
         .with_lora(Some(lora.unwrap()))

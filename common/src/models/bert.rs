@@ -1,26 +1,26 @@
 //! BERT (as in Hugging Face's `BertModel`) for sentence classification: word + position +
-//! token-type embeddings, a post-norm transformer encoder with exact (erf) GELU, masked mean
-//! pooling (what sentence-transformers does), dropout and a linear head.
+//! token-type embeddings, a post-norm transformer encoder with exact (erf) GELU
+//! ([`super::bert_encoder`]), masked mean pooling (what sentence-transformers does), dropout and
+//! a linear head.
 //!
 //! The architecture is a [`BertArch`], read from a Hugging Face `config.json` on the
 //! coordinator and carried in the model name (`bert:v30522,h384,l6,a12,i1536,p512,t2,eps1e-12`)
 //! so that every client builds exactly the same network. Tensor names are burn's
-//! (`bert.encoder.layers.0.mha.query.weight`); `hf_bert` maps them to and from Hugging Face's.
+//! (`bert.encoder.layers.0.attention.query.weight`); `hf_bert` maps them to and from Hugging Face's.
 
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
 use burn::module::Module;
-use burn::nn::transformer::{
-    TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput,
-};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
     LinearConfig,
 };
 use burn::tensor::{Bool, Device, Int, Tensor};
 
+use super::bert_encoder::BertEncoder;
+use super::lora::LoraSpec;
 use super::{Architecture, Input, InputMismatch, ModelError, ModelInput, ModelSpec};
 
 /// The shape of a BERT network: what a Hugging Face `config.json` says about it.
@@ -259,25 +259,13 @@ impl BertEmbeddings {
 #[derive(Module, Debug)]
 pub struct Bert {
     pub embeddings: BertEmbeddings,
-    pub encoder: TransformerEncoder,
+    pub encoder: BertEncoder,
 }
 
 impl Bert {
-    pub fn new(arch: &BertArch, dropout: f64, device: &Device) -> Self {
+    /// Fresh weights; LoRA adapters on the projections `lora` targets.
+    pub fn new(arch: &BertArch, dropout: f64, lora: Option<&LoraSpec>, device: &Device) -> Self {
         let embedding = |n, d| EmbeddingConfig::new(n, d).init(device);
-        let mut encoder =
-            TransformerEncoderConfig::new(arch.hidden, arch.intermediate, arch.heads, arch.layers)
-                .with_dropout(dropout)
-                .with_norm_first(false)
-                .with_layer_norm_eps(arch.layer_norm_eps)
-                .init(device);
-        // burn's feed-forward block drops out its GELU output too; BERT does not (its dropouts
-        // are on the attention probabilities and on each sub-layer's output). Without this, every
-        // training step would draw and apply a mask over [batch, seq, intermediate] per layer
-        // that BERT never had.
-        for layer in &mut encoder.layers {
-            layer.pwff.dropout = DropoutConfig::new(0.0).init();
-        }
         Self {
             embeddings: BertEmbeddings {
                 word_embeddings: embedding(arch.vocab_size, arch.hidden),
@@ -288,15 +276,14 @@ impl Bert {
                     .init(device),
                 dropout: DropoutConfig::new(dropout).init(),
             },
-            encoder,
+            encoder: BertEncoder::new(arch, dropout, lora, device),
         }
     }
 
     /// Token states `[batch, seq, hidden]`. `padding`: `[batch, seq]`, true at padding.
     pub fn forward(&self, ids: Tensor<2, Int>, padding: Tensor<2, Bool>) -> Tensor<3> {
         let x = self.embeddings.forward(ids);
-        self.encoder
-            .forward(TransformerEncoderInput::new(x).mask_pad(padding))
+        self.encoder.forward(x, padding)
     }
 
     /// The sentence embedding of sentence-transformers: the mean of the token states over the
@@ -331,9 +318,15 @@ pub struct TextClassifier {
 }
 
 impl TextClassifier {
-    pub fn new(arch: &BertArch, num_classes: usize, dropout: f64, device: &Device) -> Self {
+    pub fn new(
+        arch: &BertArch,
+        num_classes: usize,
+        dropout: f64,
+        lora: Option<&LoraSpec>,
+        device: &Device,
+    ) -> Self {
         Self {
-            bert: Bert::new(arch, dropout, device),
+            bert: Bert::new(arch, dropout, lora, device),
             dropout: DropoutConfig::new(dropout).init(),
             head: LinearConfig::new(arch.hidden, num_classes).init(device),
         }
@@ -367,11 +360,13 @@ impl Architecture for TextClassifier {
     fn build(spec: &ModelSpec, device: &Device, dropout: f64) -> Result<Self, ModelError> {
         let arch = spec.kind.options().unwrap_or_default();
         let arch: BertArch = arch.parse().map_err(ModelError::BadBert)?;
-        let net = Self::new(&arch, spec.num_classes as usize, dropout, device);
-        match &spec.lora {
-            Some(lora) => lora.apply(net, arch.hidden).map_err(ModelError::BadLora),
-            None => Ok(net),
-        }
+        Ok(Self::new(
+            &arch,
+            spec.num_classes as usize,
+            dropout,
+            spec.lora.as_ref(),
+            device,
+        ))
     }
 
     fn forward(&self, input: ModelInput) -> Result<Tensor<2>, InputMismatch> {

@@ -133,7 +133,7 @@ fn adding_lora_leaves_the_logits_bit_identical() {
     )
     .unwrap();
     assert!(
-        set.get("bert.encoder.layers.0.mha.query.weight.lora.a")
+        set.get("bert.encoder.layers.0.attention.query.lora.a")
             .is_some()
     );
     let after = logits(&with_weights(&adapted, &set), &device);
@@ -236,7 +236,7 @@ fn ffa_averaging_is_exact_and_fedit_is_not() {
         m.add_scaled(&y.delta_from(x).unwrap(), 0.5).unwrap();
         m
     };
-    let name = "bert.encoder.layers.0.mha.query.weight";
+    let name = "bert.encoder.layers.0.attention.query.weight";
     for (move_a, exact) in [(false, true), (true, false)] {
         let (c1, c2) = (client(1.0, move_a), client(-2.0, move_a));
         let averaged_then_merged = lora::merge(&mean(&c1, &c2), scale).unwrap();
@@ -311,15 +311,20 @@ fn text_batches_pad_to_the_longest_and_mask_it() {
     assert_eq!(labels.into_data().iter::<i64>().collect::<Vec<_>>(), [0, 1]);
 }
 
-/// BERT drops out the attention probabilities and each sub-layer's output, never the GELU
-/// output inside the feed-forward block (which burn's encoder layer would by default).
+/// BERT drops out the embeddings, the attention probabilities and each sub-layer's output;
+/// LoRA dropout drops only the adapters' inputs, at its own probability.
 #[test]
-fn training_dropouts_are_berts() {
-    let net = TextClassifier::build(&spec(None), &Device::flex(), 0.1).unwrap();
+fn training_dropouts_are_berts_and_peft_s() {
+    let adapted = spec(Some(lora(LoraMode::FedIt).with_dropout(0.05).unwrap()));
+    let net = TextClassifier::build(&adapted, &Device::flex(), 0.1).unwrap();
     assert_eq!(net.bert.embeddings.dropout.prob, 0.1);
     for layer in &net.bert.encoder.layers {
-        assert_eq!(layer.mha.dropout.prob, 0.1);
+        assert_eq!(layer.attention.dropout.prob, 0.1);
         assert_eq!(layer.dropout.prob, 0.1);
-        assert_eq!(layer.pwff.dropout.prob, 0.0);
+        let adapter = |p: &LoraLinear| p.lora.as_ref().map(|l| l.dropout.prob);
+        assert_eq!(adapter(&layer.attention.query), Some(0.05));
+        assert_eq!(adapter(&layer.attention.value), Some(0.05));
+        assert_eq!(adapter(&layer.attention.key), None, "not a target");
+        assert_eq!(adapter(&layer.intermediate), None, "not a target");
     }
 }

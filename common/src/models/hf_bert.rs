@@ -1,5 +1,5 @@
 //! Hugging Face BERT checkpoints in and out: the one table between burn's tensor names
-//! (`bert.encoder.layers.0.mha.query.weight`, Linear weights `[in, out]`) and Hugging Face's
+//! (`bert.encoder.layers.0.attention.query.weight`, Linear weights `[in, out]`) and Hugging Face's
 //! (`encoder.layer.0.attention.self.query.weight`, `[out, in]`).
 //!
 //! [`hf_name`] is the only mapping; loading looks each model tensor up under its Hugging Face
@@ -59,32 +59,28 @@ pub fn hf_name(name: &str) -> Option<String> {
     }
     let layer = rest.strip_prefix("encoder.layers.")?;
     let (index, tail) = layer.split_once('.')?;
-    let mapped = if let Some(t) = tail.strip_prefix("mha.") {
-        let (proj, p) = t.split_once('.')?;
-        match proj {
-            "query" | "key" | "value" => format!("attention.self.{proj}.{p}"),
-            "output" => format!("attention.output.dense.{p}"),
-            _ => return None,
+    let (module, p) = tail.rsplit_once('.')?;
+    let mapped = match module {
+        "attention.query" | "attention.key" | "attention.value" => {
+            format!("attention.self.{}.{p}", &module["attention.".len()..])
         }
-    } else if let Some(p) = tail.strip_prefix("norm_1.") {
-        format!("attention.output.LayerNorm.{}", norm(p)?)
-    } else if let Some(p) = tail.strip_prefix("pwff.linear_inner.") {
-        format!("intermediate.dense.{p}")
-    } else if let Some(p) = tail.strip_prefix("pwff.linear_outer.") {
-        format!("output.dense.{p}")
-    } else if let Some(p) = tail.strip_prefix("norm_2.") {
-        format!("output.LayerNorm.{}", norm(p)?)
-    } else {
-        return None;
+        "attention.output" => format!("attention.output.dense.{p}"),
+        "attention_norm" => format!("attention.output.LayerNorm.{}", norm(p)?),
+        "intermediate" => format!("intermediate.dense.{p}"),
+        "output" => format!("output.dense.{p}"),
+        "output_norm" => format!("output.LayerNorm.{}", norm(p)?),
+        _ => return None,
     };
+    if !matches!(p, "weight" | "bias" | "gamma" | "beta") {
+        return None;
+    }
     Some(format!("encoder.layer.{index}.{mapped}"))
 }
 
 /// Whether a burn tensor is a Linear weight: `[in, out]` in burn, `[out, in]` in PyTorch.
+/// (Embedding tables are `weight` too but stored alike; LayerNorms are `gamma`/`beta`.)
 pub fn is_linear_weight(name: &str) -> bool {
-    name.ends_with(".weight")
-        && !name.contains(".lora.")
-        && (name.contains(".mha.") || name.contains(".pwff.") || name.starts_with("head."))
+    name.ends_with(".weight") && !name.contains(".lora.") && !name.contains(".embeddings.")
 }
 
 /// The float tensors of a safetensors file as f32, by name; the names of the others.
@@ -286,37 +282,42 @@ mod tests {
                 Some("embeddings.LayerNorm.weight"),
             ),
             (
-                "bert.encoder.layers.3.mha.query.bias",
+                "bert.encoder.layers.3.attention.query.bias",
                 Some("encoder.layer.3.attention.self.query.bias"),
             ),
             (
-                "bert.encoder.layers.0.mha.output.weight",
+                "bert.encoder.layers.0.attention.output.weight",
                 Some("encoder.layer.0.attention.output.dense.weight"),
             ),
             (
-                "bert.encoder.layers.5.norm_1.beta",
+                "bert.encoder.layers.5.attention_norm.beta",
                 Some("encoder.layer.5.attention.output.LayerNorm.bias"),
             ),
             (
-                "bert.encoder.layers.1.pwff.linear_inner.weight",
+                "bert.encoder.layers.1.intermediate.weight",
                 Some("encoder.layer.1.intermediate.dense.weight"),
             ),
             (
-                "bert.encoder.layers.1.pwff.linear_outer.bias",
+                "bert.encoder.layers.1.output.bias",
                 Some("encoder.layer.1.output.dense.bias"),
             ),
             (
-                "bert.encoder.layers.2.norm_2.gamma",
+                "bert.encoder.layers.2.output_norm.gamma",
                 Some("encoder.layer.2.output.LayerNorm.weight"),
             ),
             ("head.weight", Some("classifier.weight")),
-            ("bert.encoder.layers.0.mha.query.weight.lora.a", None),
+            ("bert.encoder.layers.0.attention.query.lora.a", None),
+            ("bert.encoder.layers.0.attention.query.lora.b", None),
+            ("bert.encoder.layers.0.attention.output_norm.gamma", None),
             ("fc1.weight", None),
         ];
         for (burn, hf) in cases {
             assert_eq!(hf_name(burn).as_deref(), hf, "{burn}");
         }
-        assert!(is_linear_weight("bert.encoder.layers.0.mha.value.weight"));
+        assert!(is_linear_weight(
+            "bert.encoder.layers.0.attention.value.weight"
+        ));
+        assert!(is_linear_weight("head.weight"));
         assert!(!is_linear_weight("bert.embeddings.word_embeddings.weight"));
     }
 }

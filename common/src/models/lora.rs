@@ -1,9 +1,10 @@
-//! LoRA adapters on a transformer's projections (burn's built-in `Module::apply_lora`), and
-//! which tensors then train and travel.
+//! LoRA adapters on a transformer's projections: which projections get one, how they start,
+//! which tensors then train and travel, and the adapters out as PEFT's files or merged.
 //!
-//! With LoRA the frozen base is `W` (burn layout `[in, out]`), the adapter `W.lora.a` `[in, r]`
-//! and `W.lora.b` `[r, out]`, and the layer computes with `W + (alpha / r)·a·b`. `b` starts at
-//! zero, so adding adapters leaves the model's outputs unchanged.
+//! With LoRA the frozen base of a projection `P` is `P.weight` (burn layout `[in, out]`), the
+//! adapter `P.lora.a` `[in, r]` and `P.lora.b` `[r, out]`, and the layer computes
+//! `x·W + (alpha / r)·(drop(x)·a)·b` ([`super::lora_linear`]). `b` starts at zero, so adding
+//! adapters leaves the model's outputs unchanged.
 //!
 //! Two federated modes:
 //! - **FedIT** (`fedit`, Zhang et al. 2024): `a` and `b` both train and are averaged
@@ -15,18 +16,20 @@
 use std::fmt;
 use std::str::FromStr;
 
-use burn::module::{Lora, Module, ParamGroup};
+use burn::tensor::Device;
 
+use super::lora_linear::LoraAdapter;
 use crate::tensors::{NamedTensor, TensorSet};
 
-/// Projections of a BERT layer that can carry adapters, by their Hugging Face / PEFT names.
-pub const TARGETS: &[(&str, &str)] = &[
-    ("query", "mha.query"),
-    ("key", "mha.key"),
-    ("value", "mha.value"),
-    ("attention_output", "mha.output"),
-    ("intermediate", "pwff.linear_inner"),
-    ("output", "pwff.linear_outer"),
+/// Projections of a BERT layer that can carry adapters (Hugging Face's names for them, which
+/// [`super::bert_encoder`] builds them under).
+pub const TARGETS: &[&str] = &[
+    "query",
+    "key",
+    "value",
+    "attention_output",
+    "intermediate",
+    "output",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +69,9 @@ pub struct LoraSpec {
     /// Names from [`TARGETS`].
     pub targets: Vec<String>,
     pub mode: LoraMode,
+    /// Probability of dropping each element of an adapter's input while training (PEFT's
+    /// `lora_dropout`); the frozen path is never dropped.
+    pub dropout: f64,
 }
 
 impl LoraSpec {
@@ -86,14 +92,10 @@ impl LoraSpec {
             return Err("LoRA needs at least one target (e.g. query,value)".into());
         }
         for t in &targets {
-            if !TARGETS.iter().any(|(name, _)| name == t) {
+            if !TARGETS.contains(&t.as_str()) {
                 return Err(format!(
                     "unknown LoRA target `{t}`: choose from {}",
-                    TARGETS
-                        .iter()
-                        .map(|(n, _)| *n)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    TARGETS.join(", ")
                 ));
             }
         }
@@ -102,39 +104,38 @@ impl LoraSpec {
             alpha,
             targets,
             mode,
+            dropout: 0.0,
         })
+    }
+
+    /// With LoRA dropout `p`, in `[0, 1)`.
+    pub fn with_dropout(mut self, p: f64) -> Result<Self, String> {
+        if !(p.is_finite() && (0.0..1.0).contains(&p)) {
+            return Err(format!(
+                "LoRA dropout {p} must be in [0, 1) (a probability; 0 = off)"
+            ));
+        }
+        self.dropout = p;
+        Ok(self)
     }
 
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
     }
 
-    /// The regex over burn's parameter paths that selects the adapted weights (paths include
-    /// enum variant names, so it is not anchored at the start).
-    fn param_regex(&self) -> String {
-        let modules: Vec<&str> = TARGETS
-            .iter()
-            .filter(|(name, _)| self.targets.iter().any(|t| t == name))
-            .map(|(_, path)| *path)
-            .collect();
-        format!(
-            r"\.encoder\.layers\.[0-9]+\.({})\.weight$",
-            modules.join("|").replace('.', r"\.")
-        )
-    }
-
-    /// Attaches the adapters to `model`. `a` is drawn like PEFT's (std 1/√(3·d_in)), `b` is
-    /// zero. Every parameter comes out frozen; the training code sets what trains from the
-    /// task's frozen list.
-    pub fn apply<M: Module>(&self, model: M, d_in: usize) -> Result<M, String> {
-        let group = ParamGroup::from_regex(self.param_regex())
-            .map_err(|e| format!("LoRA targets: {e:?}"))?;
-        let lora = Lora {
-            init_std: Some(1.0 / (3.0 * d_in as f64).sqrt()),
-            ..Lora::new(self.rank, self.alpha)
-        }
-        .set_param_group(group);
-        Ok(model.apply_lora(lora))
+    /// A fresh adapter for the projection `target` (`[in, out]`) when this spec targets it:
+    /// `a` drawn like PEFT's (std 1/√(3·in), the std of its Kaiming-uniform draw), `b` zero.
+    pub fn adapter(&self, target: &str, dims: [usize; 2], device: &Device) -> Option<LoraAdapter> {
+        self.targets.iter().any(|t| t == target).then(|| {
+            LoraAdapter::new(
+                dims,
+                self.rank,
+                self.scale(),
+                1.0 / (3.0 * dims[0] as f64).sqrt(),
+                self.dropout,
+                device,
+            )
+        })
     }
 
     /// Whether the tensor `name` trains (and travels) under this spec: the adapters (FFA: `b`
@@ -152,12 +153,12 @@ impl LoraSpec {
 pub fn to_peft(set: &TensorSet) -> Result<TensorSet, String> {
     let mut out = Vec::new();
     for t in set.tensors() {
-        let (base, factor) = match t.name.rsplit_once(".lora.") {
-            Some((base, f @ ("a" | "b"))) => (base, f),
+        let (module, factor) = match t.name.rsplit_once(".lora.") {
+            Some((module, f @ ("a" | "b"))) => (module, f),
             _ => continue,
         };
-        let hf = super::hf_bert::hf_name(base)
-            .ok_or_else(|| format!("`{base}` has no Hugging Face name"))?;
+        let hf = super::hf_bert::hf_name(&format!("{module}.weight"))
+            .ok_or_else(|| format!("`{module}` has no Hugging Face name"))?;
         let module = hf.strip_suffix(".weight").unwrap_or(&hf);
         let which = if factor == "a" { "lora_A" } else { "lora_B" };
         let mut transposed = t.transposed();
@@ -168,6 +169,24 @@ pub fn to_peft(set: &TensorSet) -> Result<TensorSet, String> {
         return Err("the model has no LoRA adapters".into());
     }
     TensorSet::new(out).map_err(|e| e.to_string())
+}
+
+/// `rank 8, alpha 16, on query,value, fedit, dropout 0.05`, for the logs.
+impl fmt::Display for LoraSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rank {}, alpha {}, on {}, {}, dropout {}",
+            self.rank,
+            self.alpha,
+            self.targets.join(","),
+            match self.mode {
+                LoraMode::FedIt => "fedit (A and B averaged)",
+                LoraMode::Ffa => "ffa (A fixed, B averaged)",
+            },
+            self.dropout
+        )
+    }
 }
 
 impl LoraSpec {
@@ -198,7 +217,7 @@ impl LoraSpec {
             "base_model_name_or_path": base_model,
             "r": self.rank,
             "lora_alpha": self.alpha,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.dropout,
             "target_modules": target_modules,
             "bias": "none",
             "fan_in_fan_out": false,
@@ -218,10 +237,9 @@ pub fn merge(set: &TensorSet, scale: f64) -> Result<TensorSet, String> {
         if t.name.ends_with(".lora.a") || t.name.ends_with(".lora.b") {
             continue;
         }
-        let (a, b) = (
-            set.get(&format!("{}.lora.a", t.name)),
-            set.get(&format!("{}.lora.b", t.name)),
-        );
+        let module = t.name.strip_suffix(".weight");
+        let factor = |f: &str| module.and_then(|m| set.get(&format!("{m}.lora.{f}")));
+        let (a, b) = (factor("a"), factor("b"));
         let merged = match (a, b) {
             (Some(a), Some(b)) => add_low_rank(t, a, b, scale as f32)?,
             (None, None) => t.clone(),
@@ -289,13 +307,19 @@ mod tests {
             assert!(e.contains(want), "{e}");
         }
         assert!("lora".parse::<LoraMode>().is_err());
+        let spec = LoraSpec::new(8, 16.0, t(&["query"]), LoraMode::FedIt).unwrap();
+        assert_eq!(spec.clone().with_dropout(0.05).unwrap().dropout, 0.05);
+        for p in [-0.1, 1.0, f64::NAN] {
+            let e = spec.clone().with_dropout(p).unwrap_err();
+            assert!(e.contains("LoRA dropout") && e.contains("[0, 1)"), "{e}");
+        }
     }
 
     #[test]
     fn merge_adds_the_scaled_low_rank_product() {
         let w = NamedTensor::new("x.weight", vec![2, 3], vec![0.0; 6]).unwrap();
-        let a = NamedTensor::new("x.weight.lora.a", vec![2, 1], vec![1.0, 2.0]).unwrap();
-        let b = NamedTensor::new("x.weight.lora.b", vec![1, 3], vec![1.0, 0.0, -1.0]).unwrap();
+        let a = NamedTensor::new("x.lora.a", vec![2, 1], vec![1.0, 2.0]).unwrap();
+        let b = NamedTensor::new("x.lora.b", vec![1, 3], vec![1.0, 0.0, -1.0]).unwrap();
         let set = TensorSet::new(vec![w, a, b]).unwrap();
         let merged = merge(&set, 0.5).unwrap();
         assert_eq!(merged.len(), 1);

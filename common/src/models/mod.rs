@@ -3,11 +3,13 @@
 
 mod architecture;
 pub mod bert;
+pub mod bert_encoder;
 #[cfg(test)]
 mod bert_tests;
 mod cnn;
 pub mod hf_bert;
 pub mod lora;
+pub mod lora_linear;
 mod mlp;
 mod model;
 mod registry;
@@ -22,6 +24,7 @@ pub use architecture::{Architecture, Input, InputMismatch, ModelInput};
 pub use bert::{BertArch, TextClassifier};
 pub use cnn::Cnn;
 pub use lora::{LoraMode, LoraSpec};
+pub use lora_linear::{LoraAdapter, LoraLinear};
 pub use mlp::{Mlp, TabularMlp};
 pub use model::Model;
 pub use registry::{Registered, lookup, register, registered};

@@ -310,6 +310,7 @@ impl ServeArgs {
                 lora_alpha: file.lora_alpha,
                 lora_targets: file.lora_targets.clone(),
                 lora_mode: file.lora_mode.clone(),
+                lora_dropout: file.lora_dropout,
             },
         )?;
         let model = resolved.spec;

@@ -42,6 +42,10 @@ pub struct TextModelArgs {
     /// only B trains and travels (exact averaging) [default: fedit].
     #[arg(long)]
     pub lora_mode: Option<String>,
+    /// Probability of dropping each element of an adapter's input while training, as PEFT's
+    /// lora_dropout; the frozen path is never dropped [default: 0].
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
 }
 
 /// The same keys from the TOML file.
@@ -54,6 +58,7 @@ pub struct TextModelFile {
     pub lora_alpha: Option<f64>,
     pub lora_targets: Vec<String>,
     pub lora_mode: Option<String>,
+    pub lora_dropout: Option<f64>,
 }
 
 /// What the model settings resolve to.
@@ -137,8 +142,10 @@ pub fn resolve(
             .lora_alpha
             .or(file.lora_alpha)
             .unwrap_or(2.0 * rank as f64);
+        let dropout = args.lora_dropout.or(file.lora_dropout).unwrap_or(0.0);
         Some(
             LoraSpec::new(rank, alpha, targets, mode)
+                .and_then(|l| l.with_dropout(dropout))
                 .map_err(anyhow::Error::msg)
                 .context("invalid LoRA settings")?,
         )
