@@ -8,6 +8,8 @@
 #
 # Extra coordinator flags go in COORDINATOR_ARGS, e.g.
 #   COORDINATOR_ARGS="--strategy median --buffer-memory-mb 128" deploy/bench-transport.sh 25M 5
+# It runs over mutual TLS with a throwaway kit, as a federation does; INSECURE=1 runs plaintext
+# (to measure what TLS costs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 params="${1:-100M}"; clients="${2:-2}"; rounds="${3:-3}"
@@ -16,16 +18,27 @@ bin="$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory"
 work="$(mktemp -d)"; trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
-/usr/bin/time -f "%M" -o "$work/coordinator.rss" "$bin/fedtune-coordinator" serve --listen "127.0.0.1:$port" \
+names=$(seq -s, -f "bench-%g" 1 "$clients")
+if [ -n "${INSECURE:-}" ]; then
+  mode="plaintext (--insecure)"; serve_tls=(--insecure); url="http://127.0.0.1:$port"
+else
+  mode="mutual TLS"
+  "$bin/fedtune-coordinator" provision --out "$work/kits" --san 127.0.0.1 --clients "$names" >/dev/null
+  serve_tls=(--config "$work/kits/coordinator/coordinator.toml"); url="https://127.0.0.1:$port"
+fi
+client_tls() { if [ -n "${INSECURE:-}" ]; then echo --insecure; else echo --config "$work/kits/clients/bench-$1/client.toml"; fi; }
+
+/usr/bin/time -f "%M" -o "$work/coordinator.rss" "$bin/fedtune-coordinator" serve "${serve_tls[@]}" --listen "127.0.0.1:$port" \
   --model "synthetic:$params" --rounds "$rounds" --min-clients "$clients" --out "$work/out" ${COORDINATOR_ARGS:-} 2> "$work/coordinator.log" &
 coord=$!
 for i in $(seq 1 "$clients"); do
-  /usr/bin/time -f "%M" -o "$work/client$i.rss" "$bin/fedtune-client" run --coordinator "http://127.0.0.1:$port" \
+  # shellcheck disable=SC2046
+  /usr/bin/time -f "%M" -o "$work/client$i.rss" "$bin/fedtune-client" run $(client_tls "$i") --coordinator "$url" \
     --train none --name "bench-$i" --no-progress 2> "$work/client$i.log" &
 done
 wait $coord || { echo "coordinator failed:"; tail -20 "$work/coordinator.log"; exit 1; }
 wait
-echo "transport benchmark: synthetic:$params, $clients clients (--train none), $rounds rounds, 127.0.0.1 ${COORDINATOR_ARGS:-}"
+echo "transport benchmark: synthetic:$params, $clients clients (--train none), $rounds rounds, 127.0.0.1, $mode ${COORDINATOR_ARGS:-}"
 python3 - "$work" "$clients" <<'PY'
 import json, sys
 work, clients = sys.argv[1], int(sys.argv[2])

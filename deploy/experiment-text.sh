@@ -94,14 +94,17 @@ if [[ " $parts " == *" vader "* ]]; then
   mkdir -p "$dir"
   head -n $((eval + 1)) "$text/vader/all-test.csv" > "$dir/test.csv"
   port=$((20000 + RANDOM % 20000))
-  "$coordinator" serve --listen "127.0.0.1:$port" --model bert --init "$minilm" --labels neg,pos \
+  rm -rf "$dir/kits"
+  "$coordinator" provision --out "$dir/kits" --san 127.0.0.1 --clients movies,tweets,amazon,nyt >/dev/null
+  "$coordinator" serve --config "$dir/kits/coordinator/coordinator.toml" --listen "127.0.0.1:$port" --model bert --init "$minilm" --labels neg,pos \
     --max-seq-len 64 --lora-rank 8 --rounds "$rounds" --lr "$lr" --batch-size "$batch" \
     --min-available-clients 4 --fraction-evaluate 1 --eval-data "$dir/test.csv" --out "$dir/out" \
     > "$dir/coordinator.log" 2>&1 &
   pid=$!
   for domain in movies tweets amazon nyt; do
     head -n $((examples + 1)) "$text/vader/$domain/train.csv" > "$dir/$domain.csv"
-    "$client" run --coordinator "http://127.0.0.1:$port" --data "$dir/$domain.csv" --name "$domain" \
+    "$client" run --config "$dir/kits/clients/$domain/client.toml" --coordinator "https://127.0.0.1:$port" \
+      --data "$dir/$domain.csv" \
       --test-data "$text/vader/$domain/test.csv" \
       --tokenizer "$minilm/tokenizer.json" --device "$device" --no-progress > "$dir/$domain.log" 2>&1 &
   done

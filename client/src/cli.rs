@@ -3,9 +3,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use crate::attack::Attack;
+use crate::kit::KitFile;
 use crate::session::{self, ClientOptions, TrainMode};
 use crate::task_config::Caps;
+use crate::tls::ClientSecurity;
 use clap::{Parser, Subcommand, ValueEnum};
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::logging::{self, LogFormat};
@@ -22,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Join a coordinator and work until it says the federation is finished.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the compute devices this binary can use.
     Devices,
     /// Time the local training step of a built-in model (forward, backward, Adam step).
@@ -68,9 +72,30 @@ enum Train {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Coordinator URL, e.g. http://10.0.0.5:50051.
+    /// A provisioned kit's client.toml: coordinator URL, name, CA, certificate and key
+    /// (`fedtune-coordinator provision`); flags given here win.
     #[arg(long)]
-    coordinator: String,
+    config: Option<PathBuf>,
+    /// Coordinator URL, e.g. https://coordinator.example.org:50051 (http:// only with
+    /// --insecure) [default: the --config file's].
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// The CA that issued the coordinator's certificate (PEM) [default: the --config file's].
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// This client's certificate (PEM), for a coordinator that requires mutual TLS.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Check the coordinator's certificate for this name instead of the URL's host.
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// Connect with plaintext http:// (the coordinator serves --insecure): trusted local tests
+    /// only.
+    #[arg(long)]
+    insecure: bool,
     /// Local data: a folder of IDX files (images-idx3-ubyte + labels-idx1-ubyte, gzipped or
     /// not), an image folder (<class>/<file>.png|jpg), a CSV table, or text: a TSV or JSONL
     /// file, or a CSV file with a --text-column.
@@ -95,7 +120,8 @@ struct RunArgs {
     /// with --features tch).
     #[arg(long, default_value = "flex")]
     device: DeviceChoice,
-    /// Name shown in the coordinator's logs [default: the host name].
+    /// Name shown in the coordinator's logs; under mutual TLS the certificate's name is used
+    /// [default: the --config file's, else the host name].
     #[arg(long)]
     name: Option<String>,
     /// Local training mode.
@@ -133,7 +159,7 @@ struct RunArgs {
 /// ([`fedtune_common::models::register`]).
 pub fn main() -> anyhow::Result<()> {
     let args = match Cli::parse().command {
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
         Command::Devices => {
             println!("{}", fedtune_common::device::describe());
             return Ok(());
@@ -141,11 +167,27 @@ pub fn main() -> anyhow::Result<()> {
         Command::BenchStep(args) => return bench_step(args),
     };
     logging::init(args.log_format);
+    let kit = match &args.config {
+        Some(path) => KitFile::read(path)?,
+        None => KitFile::default(),
+    };
     let name = args
         .name
+        .or(kit.name)
         .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "client".into()));
+    let coordinator = args.coordinator.or(kit.coordinator).context(
+        "give --coordinator URL (e.g. https://10.0.0.5:50051) or --config with a kit's client.toml",
+    )?;
+    let security = ClientSecurity {
+        insecure: args.insecure || kit.insecure,
+        ca_cert: args.ca_cert.or(kit.ca_cert),
+        cert: args.cert.or(kit.cert),
+        key: args.key.or(kit.key),
+        server_name: args.tls_server_name.or(kit.tls_server_name),
+    };
     let opts = ClientOptions {
-        coordinator: args.coordinator,
+        coordinator,
+        security,
         data: args.data,
         device: args.device,
         name,

@@ -13,21 +13,16 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 pub(crate) fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
     let uri: tonic::transport::Uri = url.parse().with_context(|| {
-        format!("invalid coordinator URL `{url}` (expected e.g. http://10.0.0.5:50051)")
+        format!("invalid coordinator URL `{url}` (expected e.g. https://10.0.0.5:50051)")
     })?;
-    if uri.scheme_str() == Some("https") {
+    if !matches!(uri.scheme_str(), Some("https" | "http")) || uri.host().is_none() {
         bail!(
-            "coordinator URL `{url}`: TLS (https://) is not supported in this release; use http:// on a trusted network or VPN"
-        );
-    }
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
-        bail!(
-            "invalid coordinator URL `{url}`: it must start with http:// and name a host, e.g. http://10.0.0.5:50051"
+            "invalid coordinator URL `{url}`: it must start with https:// (or http:// with --insecure) and name a host, e.g. https://10.0.0.5:50051"
         );
     }
     Ok(Endpoint::from_shared(url.to_string())
         .with_context(|| {
-            format!("invalid coordinator URL `{url}` (expected e.g. http://10.0.0.5:50051)")
+            format!("invalid coordinator URL `{url}` (expected e.g. https://10.0.0.5:50051)")
         })?
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(30))

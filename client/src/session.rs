@@ -1,6 +1,7 @@
 //! The client's side of the protocol: connect, join, pull tasks, download the model, upload the
 //! update. Reconnects by itself with backoff; re-joins when the coordinator restarted.
 
+use crate::tls::ClientSecurity;
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ pub enum TrainMode {
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     pub coordinator: String,
+    /// TLS settings (or plaintext with `insecure`).
+    pub security: ClientSecurity,
     pub data: Option<PathBuf>,
     pub device: DeviceChoice,
     pub name: String,
@@ -122,7 +125,11 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
         );
     }
 
-    let endpoint = endpoint(&opts.coordinator)?;
+    let endpoint = crate::tls::secure(
+        endpoint(&opts.coordinator)?,
+        &opts.coordinator,
+        &opts.security,
+    )?;
     let mut backoff = Backoff::new(opts.give_up_after);
     let mut report = RunReport::default();
     let mut session: Option<Session> = None;
@@ -241,7 +248,14 @@ async fn join(
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| JoinError::Retry(anyhow::anyhow!("cannot connect: {e}")))?;
+        .map_err(|e| match crate::tls::explain(&e) {
+            // A certificate problem does not mend by retrying.
+            Some(why) => JoinError::Fatal(anyhow::anyhow!(
+                "cannot connect to {}: {why}",
+                opts.coordinator
+            )),
+            None => JoinError::Retry(anyhow::anyhow!("cannot connect: {e}")),
+        })?;
     let mut rpc = FederationClient::new(channel);
     let req = pb::JoinRequest {
         protocol_version: PROTOCOL_VERSION,
@@ -251,7 +265,22 @@ async fn join(
     };
     let reply = match rpc.join(req).await {
         Ok(r) => r.into_inner(),
-        Err(st) if transient(&st) => return Err(JoinError::Retry(st.into())),
+        // Under TLS 1.3 a refused client certificate shows only at the first call.
+        Err(st) if let Some(why) = crate::tls::explain(&st) => {
+            return Err(JoinError::Fatal(anyhow::anyhow!(
+                "{} cannot join {}: {why}",
+                opts.name,
+                opts.coordinator
+            )));
+        }
+        Err(st) if transient(&st) => {
+            let hint = if opts.coordinator.starts_with("http://") {
+                " (this client dials plaintext http://: if the coordinator serves TLS, use https:// with the client's kit)"
+            } else {
+                ""
+            };
+            return Err(JoinError::Retry(anyhow::anyhow!("{st}{hint}")));
+        }
         Err(st) => {
             return Err(JoinError::Fatal(anyhow::anyhow!(
                 "coordinator refused to let {} join: {}",

@@ -4,7 +4,9 @@ use crate::config::ServeArgs;
 use crate::demo::{self, DemoArgs};
 use crate::embed_cmd::{self, EmbedArgs};
 use crate::pretrain::PretrainArgs;
+use crate::provision::{self, ProvisionPlan};
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
 /// fedtune coordinator: runs federated fine-tuning rounds and merges client updates.
 #[derive(Parser)]
@@ -27,6 +29,32 @@ enum Command {
     /// Print sentence embeddings and their cosine similarities with a Hugging Face BERT
     /// folder: check by hand that fedtune computes the published model.
     Embed(EmbedArgs),
+    /// Create a certificate authority, the coordinator's TLS certificate and one kit per client
+    /// (certificate, key, CA, client.toml) for a federation over mutual TLS; re-run to add
+    /// clients.
+    Provision(ProvisionArgs),
+}
+
+#[derive(clap::Args)]
+struct ProvisionArgs {
+    /// Folder of the kits: ca/ (keep it with you), coordinator/, clients/NAME/.
+    #[arg(long)]
+    out: PathBuf,
+    /// DNS name or IP address clients dial the coordinator by (repeatable or comma-separated);
+    /// the certificate is valid for these only.
+    #[arg(long, value_delimiter = ',')]
+    san: Vec<String>,
+    /// Client names, e.g. site-a,site-b: each becomes a certificate's common name, the
+    /// client's identity in logs and allow-lists.
+    #[arg(long, value_delimiter = ',')]
+    clients: Vec<String>,
+    /// The coordinator URL written into the clients' client.toml [default: https://<first
+    /// --san>:50051].
+    #[arg(long)]
+    url: Option<String>,
+    /// Validity of the server and client certificates, in days.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
 }
 
 /// Parses the command line and runs the command: the whole `fedtune-coordinator` binary. A program
@@ -59,5 +87,41 @@ pub fn main() -> anyhow::Result<()> {
             crate::pretrain::run(args)
         }
         Command::Embed(args) => embed_cmd::run(args),
+        Command::Provision(args) => {
+            let url = args.url.clone().unwrap_or_else(|| {
+                let host = args.san.first().map(String::as_str).unwrap_or("localhost");
+                match host.parse::<std::net::Ipv6Addr>() {
+                    Ok(_) => format!("https://[{host}]:50051"),
+                    Err(_) => format!("https://{host}:50051"),
+                }
+            });
+            let done = provision::provision(&ProvisionPlan {
+                out: args.out.clone(),
+                sans: args.san.clone(),
+                clients: args.clients.clone(),
+                url,
+                days: args.days,
+            })?;
+            let out = args.out.display();
+            if done.created_ca {
+                println!(
+                    "created the certificate authority in {out}/ca (keep ca.key private; it issues every certificate)"
+                );
+            }
+            if done.created_server {
+                println!(
+                    "created the coordinator's kit {out}/coordinator: serve --config {out}/coordinator/coordinator.toml"
+                );
+            }
+            for c in &done.new_clients {
+                println!(
+                    "created client kit {out}/clients/{c}: copy it to the device, then fedtune-client run --config clients/{c}/client.toml --data DIR"
+                );
+            }
+            for c in &done.kept_clients {
+                println!("kept the existing kit of client {c}");
+            }
+            Ok(())
+        }
     }
 }

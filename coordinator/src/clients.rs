@@ -23,6 +23,8 @@ pub struct ClientInfo {
 pub struct Clients {
     by_id: HashMap<String, ClientInfo>,
     id_by_token: HashMap<String, String>,
+    /// Ids whose sessions were revoked (never live again; they may join anew if allowed).
+    revoked: std::collections::HashSet<String>,
     joined: u64,
 }
 
@@ -72,6 +74,14 @@ impl Clients {
         self.by_id.get_mut(id)
     }
 
+    /// Ends the session `token` (the operator removed the client): its token stops working
+    /// and it no longer counts as live. Returns the client's id.
+    pub fn revoke(&mut self, token: &str) -> Option<String> {
+        let id = self.id_by_token.remove(token)?;
+        self.revoked.insert(id.clone());
+        Some(id)
+    }
+
     /// Clients heard from within `timeout`, ordered by join order.
     pub fn live(&self, timeout: Duration) -> Vec<&ClientInfo> {
         let now = Instant::now();
@@ -79,6 +89,7 @@ impl Clients {
             .by_id
             .values()
             .filter(|c| now.duration_since(c.last_seen) <= timeout)
+            .filter(|c| !self.revoked.contains(&c.id))
             .collect();
         v.sort_by_key(|c| c.id[1..].parse::<u64>().unwrap_or(u64::MAX));
         v

@@ -14,7 +14,7 @@ use fedtune_common::logging::{self, LogFormat};
 use fedtune_common::models::ModelSpec;
 use tokio::process::Command;
 
-use crate::config::ServeArgs;
+use crate::config::{SecurityArgs, ServeArgs};
 use crate::round_record::human_bytes;
 
 /// Where Debian's `dataset-fashion-mnist` package puts the full data set.
@@ -279,18 +279,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("--clients must be at least 1");
     }
     let client_bin = client_binary()?;
-    let plan = match args.task {
+    let mut plan = match args.task {
         Task::Image => image_plan(&args)?,
         Task::Text => crate::demo_text::plan(&args)?,
     };
+    let kits = throwaway_kits(&args.out, plan.client_data.len())?;
+    plan.serve.security = SecurityArgs {
+        tls_cert: Some(kits.join("coordinator/server.pem")),
+        tls_key: Some(kits.join("coordinator/server.key")),
+        client_ca: Some(kits.join("coordinator/ca.pem")),
+        ..Default::default()
+    };
     let cfg = plan.serve.resolve()?;
     let listener = crate::bind(&cfg).await?;
-    let url = format!("http://{}", listener.local_addr()?);
+    let url = format!("https://{}", listener.local_addr()?);
 
     let mut children = Vec::new();
     for (i, data) in plan.client_data.iter().enumerate() {
+        let kit = kits.join(format!("clients/client-{}/client.toml", i + 1));
         let child = Command::new(&client_bin)
-            .args(["run", "--coordinator", &url, "--data"])
+            .args(["run", "--coordinator", &url, "--config"])
+            .arg(kit)
+            .arg("--data")
             .arg(data)
             .args([
                 "--name",
@@ -361,6 +371,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("some clients did not finish cleanly: {}", failed.join("; "));
     }
     Ok(())
+}
+
+/// A fresh certificate authority and kits for this run's coordinator and clients in
+/// `<out>/kits`, so that even the demo runs over mutual TLS.
+fn throwaway_kits(out: &Path, clients: usize) -> anyhow::Result<PathBuf> {
+    let kits = out.join("kits");
+    if kits.exists() {
+        std::fs::remove_dir_all(&kits)
+            .with_context(|| format!("cannot remove the previous run's {}", kits.display()))?;
+    }
+    crate::provision::provision(&crate::provision::ProvisionPlan {
+        out: kits.clone(),
+        sans: vec!["127.0.0.1".into(), "localhost".into()],
+        clients: (1..=clients).map(|i| format!("client-{i}")).collect(),
+        url: "https://127.0.0.1:50051".into(),
+        days: 7,
+    })?;
+    Ok(kits)
 }
 
 /// Resolves when a child exits unsuccessfully (index and status); pends while all run or

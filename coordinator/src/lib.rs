@@ -9,6 +9,7 @@
 //! - [`evaluation`]: server-side evaluation; [`demo`]: the one-command local federation;
 //!   [`pretrain`]: central pre-training, the starting point of a fine-tuning run.
 
+pub mod auth;
 pub mod broadcast;
 pub mod cli;
 pub mod clients;
@@ -18,12 +19,15 @@ mod demo_text;
 pub mod embed_cmd;
 pub mod evaluation;
 pub mod hf_export;
+pub mod limits;
 pub mod pretrain;
+pub mod provision;
 pub mod round;
 pub mod round_record;
 pub mod run_dir;
 pub mod service;
 pub mod strategy;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,9 +39,10 @@ use fedtune_common::tensors::TensorSet;
 use fedtune_proto::federation_server::FederationServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::config::ServeConfig;
+use crate::auth::{AllowList, Gate};
+use crate::config::{Security, ServeConfig};
 use crate::evaluation::{ServerEval, TextColumns};
 use crate::hf_export::HfSources;
 use crate::round::{Federation, RunSummary, Start};
@@ -233,10 +238,49 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         );
     }
 
+    let mut builder = tonic::transport::Server::builder();
+    let gate = match &cfg.security {
+        Security::Insecure => {
+            warn!(
+                "serving plaintext (--insecure): anyone who reaches {addr} can read the model and submit updates"
+            );
+            Gate::new(false, None)
+        }
+        Security::Tls(files) => {
+            builder = builder.tls_config(tls::server_config(files)?)?;
+            let allow = files
+                .allowed_clients
+                .as_deref()
+                .map(AllowList::open)
+                .transpose()?;
+            info!(
+                "TLS with {}{}",
+                files.cert.display(),
+                match (&files.client_ca, &files.allowed_clients) {
+                    (Some(ca), Some(list)) => format!(
+                        "; mutual TLS: clients need a certificate of {} and a line in {}",
+                        ca.display(),
+                        list.display()
+                    ),
+                    (Some(ca), None) => format!(
+                        "; mutual TLS: clients need a certificate of {}",
+                        ca.display()
+                    ),
+                    _ => "; clients are not authenticated by certificate".into(),
+                }
+            );
+            Gate::new(files.client_ca.is_some(), allow)
+        }
+    };
     let engine = Arc::new(Federation::new(cfg.clone(), specs));
-    let service = FederationServer::new(FederationService::new(engine.clone()));
+    let admission = Arc::new(limits::Admission::new(cfg.limits));
+    let service = FederationServer::new(FederationService::new(
+        engine.clone(),
+        Arc::new(gate),
+        admission,
+    ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)

@@ -77,11 +77,17 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 impl RoundRecord {
-    /// Logs the round at INFO: one aligned line in text logs, fields in JSON logs.
-    pub fn log(&self, format: LogFormat) {
+    /// Logs the round at INFO: one aligned line in text logs, fields in JSON logs. A run
+    /// without TLS says so in every round.
+    pub fn log(&self, format: LogFormat, plaintext: bool) {
         let r = self;
         if format == LogFormat::Text {
-            info!("{}", r.text_line());
+            let warning = if plaintext {
+                " | PLAINTEXT (--insecure)"
+            } else {
+                ""
+            };
+            info!("{}{warning}", r.text_line());
             return;
         }
         info!(
@@ -112,6 +118,7 @@ impl RoundRecord {
             aggregate_ms = r.aggregate_ms,
             eval_ms = r.eval_ms,
             round_ms = r.round_ms,
+            plaintext,
             "round {}/{} complete",
             r.round,
             r.rounds

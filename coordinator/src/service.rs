@@ -1,5 +1,6 @@
-//! The gRPC service: thin. It turns RPCs into calls on the round engine ([`Federation`]) and
-//! the engine's refusals into gRPC statuses; it never does arithmetic on tensors.
+//! The gRPC service: thin. It asks the [`Gate`] who is calling, turns RPCs into calls on the
+//! round engine ([`Federation`]) and the engine's refusals into gRPC statuses; it never does
+//! arithmetic on tensors.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,15 +12,23 @@ use fedtune_proto::{self as pb, model_frame, submit_reply::Outcome, update_frame
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Denial, Gate, Identity, peer_identity};
+use crate::limits::Admission;
 use crate::round::{Federation, Refusal, SubmitOutcome, UpdateClaim};
 
 pub struct FederationService {
     engine: Arc<Federation>,
+    gate: Arc<Gate>,
+    admission: Arc<Admission>,
 }
 
 impl FederationService {
-    pub fn new(engine: Arc<Federation>) -> Self {
-        Self { engine }
+    pub fn new(engine: Arc<Federation>, gate: Arc<Gate>, admission: Arc<Admission>) -> Self {
+        Self {
+            engine,
+            gate,
+            admission,
+        }
     }
 }
 
@@ -33,6 +42,7 @@ impl From<Refusal> for Status {
             | Refusal::WrongKind { .. }
             | Refusal::TaskFailed { .. } => Status::failed_precondition(msg),
             Refusal::Internal { .. } => Status::internal(msg),
+            Refusal::Full { .. } => Status::resource_exhausted(msg),
             Refusal::UnknownSession => Status::unauthenticated(msg),
             Refusal::UnknownTask(_) => Status::not_found(msg),
             Refusal::NotYourTask { .. } => Status::permission_denied(msg),
@@ -65,13 +75,23 @@ impl FederationRpc for FederationService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinReply>, Status> {
-        Ok(Response::new(self.engine.join(request.get_ref())?))
+        self.admission.join_attempt(request.remote_addr())?;
+        let who = self.gate.admit(&request)?;
+        let mut join = request.into_inner();
+        if let Some(who) = &who {
+            // Under mutual TLS the certificate names the client, whatever it calls itself.
+            join.name = who.name.clone();
+        }
+        let reply = self.engine.join(&join)?;
+        self.gate.bind(&reply.session_token, who);
+        Ok(Response::new(reply))
     }
 
     async fn next_task(
         &self,
         request: Request<pb::NextTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
+        self.check(&request, &request.get_ref().session_token)?;
         Ok(Response::new(
             self.engine
                 .next_task(&request.get_ref().session_token)
@@ -85,7 +105,13 @@ impl FederationRpc for FederationService {
         &self,
         request: Request<pb::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
+        self.check(&request, &request.get_ref().session_token)?;
+        let peer = peer_name(&request);
         let req = request.into_inner();
+        let slot = self.admission.stream(
+            &req.session_token,
+            &format!("{peer}, task `{}`", req.task_id),
+        )?;
         let (broadcast, stats) =
             self.engine
                 .model_for(&req.session_token, &req.task_id, req.frozen_hash)?;
@@ -94,6 +120,8 @@ impl FederationRpc for FederationService {
         };
         // Chunks are `Bytes` slices of the one encoded broadcast: cloning them copies nothing.
         let chunks = (0..broadcast.chunks.len()).map(move |i| {
+            // The stream holds its slot until it is dropped (sent, or the client went away).
+            let _slot = &slot;
             let chunk = broadcast.chunks[i].clone();
             stats.count_bytes_down(chunk.data.len() as u64);
             Ok(pb::ModelFrame {
@@ -109,6 +137,8 @@ impl FederationRpc for FederationService {
         request: Request<Streaming<pb::UpdateFrame>>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
         let started = std::time::Instant::now();
+        let caller = peer_identity(&request)?;
+        let peer = peer_name(&request);
         let mut frames = request.into_inner();
         let header = match frames.next().await {
             Some(Ok(pb::UpdateFrame {
@@ -122,6 +152,11 @@ impl FederationRpc for FederationService {
             Some(Err(e)) => return Err(e),
             None => return Err(Status::invalid_argument("empty update stream")),
         };
+        self.admit_caller(caller, &header.session_token)?;
+        let _slot = self.admission.stream(
+            &header.session_token,
+            &format!("{peer}, task `{}`", header.task_id),
+        )?;
         let task_id = header.task_id.clone();
         let manifest = header.manifest.ok_or_else(|| {
             Status::invalid_argument(format!("update for task `{task_id}` has no manifest"))
@@ -217,6 +252,7 @@ impl FederationRpc for FederationService {
         request: Request<pb::EvaluationReport>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
         let r = request.get_ref();
+        self.check(&request, &r.session_token)?;
         let outcome = self.engine.evaluation_report(&r.session_token, r)?;
         Ok(Response::new(reply(outcome, &r.task_id)))
     }
@@ -225,12 +261,42 @@ impl FederationRpc for FederationService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        self.check(&request, &request.get_ref().session_token)?;
         self.engine.heartbeat(&request.get_ref().session_token)?;
         Ok(Response::new(pb::HeartbeatReply {}))
     }
 }
 
+/// The caller as logs name it: its certificate's name and its address.
+fn peer_name<T>(request: &Request<T>) -> String {
+    let addr = request
+        .remote_addr()
+        .map_or("an unknown address".to_string(), |a| a.to_string());
+    match peer_identity(request) {
+        Ok(Some(id)) => format!("client `{}` at {addr}", id.name),
+        _ => addr,
+    }
+}
+
 impl FederationService {
+    /// The gate's check of a call made with `token`; a client taken off the allow-list also
+    /// loses its session, so the open round stops waiting for it.
+    fn check<T>(&self, request: &Request<T>, token: &str) -> Result<(), Status> {
+        let caller = peer_identity(request)?;
+        self.admit_caller(caller, token)
+    }
+
+    fn admit_caller(&self, caller: Option<Identity>, token: &str) -> Result<(), Status> {
+        match self.gate.check_caller(caller, token) {
+            Ok(()) => Ok(()),
+            Err(Denial::NoLongerAllowed(status)) => {
+                self.engine.revoke(token, status.message());
+                Err(status)
+            }
+            Err(Denial::Refused(status)) => Err(status),
+        }
+    }
+
     /// Corruption in transit (checksums, order, truncation) lets the client retry; a payload
     /// that does not describe this model fails the task.
     fn wire_failure(

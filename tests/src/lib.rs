@@ -33,12 +33,58 @@ macro_rules! test_binaries {
     };
 }
 
-/// `fedtune-client run` against the coordinator on 127.0.0.1:`port`, then `extra`.
+/// The tests' certificate authority: one per test process, a kit per client name on demand,
+/// so that every federation in the tests runs over mutual TLS as a real one does.
+fn kits() -> &'static std::sync::Mutex<PathBuf> {
+    static KITS: std::sync::OnceLock<std::sync::Mutex<PathBuf>> = std::sync::OnceLock::new();
+    KITS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("fedtune-test-kits-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::sync::Mutex::new(dir)
+    })
+}
+
+/// The kit folder with a client kit for each of `clients` (issued once per name).
+pub fn kit_dir(clients: &[&str]) -> PathBuf {
+    let dir = kits().lock().unwrap_or_else(|p| p.into_inner());
+    fedtune_coordinator::provision::provision(&fedtune_coordinator::provision::ProvisionPlan {
+        out: dir.clone(),
+        sans: vec!["127.0.0.1".into(), "localhost".into()],
+        clients: clients.iter().map(|s| s.to_string()).collect(),
+        url: "https://127.0.0.1:50051".into(),
+        days: 2,
+    })
+    .expect("provision the test kits");
+    dir.clone()
+}
+
+/// `serve` flags for mutual TLS with the tests' authority.
+pub fn tls_serve_args() -> Vec<String> {
+    let dir = kit_dir(&[]);
+    let f = |p: &str| dir.join(p).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        f("coordinator/server.pem"),
+        "--tls-key".into(),
+        f("coordinator/server.key"),
+        "--client-ca".into(),
+        f("coordinator/ca.pem"),
+    ]
+}
+
+/// `fedtune-client run` with `name`'s kit against the coordinator on 127.0.0.1:`port`, over
+/// mutual TLS, then `extra`.
 pub fn client_args(port: u16, data: &Path, name: &str, extra: &[&str]) -> Vec<String> {
+    let kit = kit_dir(&[name])
+        .join("clients")
+        .join(name)
+        .join("client.toml");
     let mut args: Vec<String> = [
         "run",
+        "--config",
+        &kit.display().to_string(),
         "--coordinator",
-        &format!("http://127.0.0.1:{port}"),
+        &format!("https://127.0.0.1:{port}"),
         "--data",
         &data.display().to_string(),
         "--name",
@@ -71,8 +117,19 @@ impl Proc {
         let log = log_dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("create log");
         let err = out.try_clone().expect("clone log handle");
+        // A coordinator serves mutual TLS with the tests' authority unless the test chose
+        // its transport itself (`--insecure`, its own `--tls-cert` or `--config`).
+        let chose = |flag: &str| args.iter().any(|a| a == flag);
+        let mut args = args.to_vec();
+        if args.first().map(String::as_str) == Some("serve")
+            && !chose("--insecure")
+            && !chose("--tls-cert")
+            && !chose("--config")
+        {
+            args.extend(tls_serve_args());
+        }
         let child = Command::new(program)
-            .args(args)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -9,7 +9,7 @@ use fedtune_common::logging::LogFormat;
 use fedtune_common::models::ModelSpec;
 use fedtune_common::tensors::TensorSet;
 use fedtune_common::wire::MAX_CHUNK_BYTES;
-use fedtune_coordinator::config::{ServeArgs, ServeConfig};
+use fedtune_coordinator::config::{SecurityArgs, ServeArgs, ServeConfig};
 use fedtune_proto::federation_client::FederationClient;
 use fedtune_proto::{self as pb, PROTOCOL_VERSION, submit_reply::Outcome, task::Kind};
 use fedtune_tests::raw::{RawClient, pattern};
@@ -31,6 +31,11 @@ fn config(out: &std::path::Path, rounds: u64, min_clients: usize) -> ServeConfig
         round_timeout: Some(Duration::from_secs(120)),
         log_format: Some(LogFormat::Text),
         seed: Some(SEED),
+        // Raw protocol clients: plaintext keeps the test about the protocol.
+        security: SecurityArgs {
+            insecure: true,
+            ..Default::default()
+        },
         ..Default::default()
     }
     .resolve()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fedtune_common::checkpoint;
 use fedtune_common::logging::LogFormat;
-use fedtune_coordinator::config::{OnRoundFailure, ServeArgs};
+use fedtune_coordinator::config::{OnRoundFailure, SecurityArgs, ServeArgs};
 use fedtune_proto::task::Kind;
 use fedtune_tests::raw::{RawClient, pattern};
 use tonic::Code;
@@ -24,6 +24,11 @@ fn args(out: &Path, rounds: u64, min_available: usize) -> ServeArgs {
         out: Some(out.to_path_buf()),
         log_format: Some(LogFormat::Text),
         seed: Some(11),
+        // Raw protocol clients: plaintext keeps the test about the round policy.
+        security: SecurityArgs {
+            insecure: true,
+            ..Default::default()
+        },
         ..Default::default()
     }
 }

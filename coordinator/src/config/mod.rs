@@ -17,12 +17,14 @@ use fedtune_common::pretrained::{InitOptions, Remap};
 use crate::strategy::{StrategyKind, StrategySettings};
 
 mod file;
+mod security;
 mod text_model;
 mod validate;
 
 use file::read_file;
 pub use file::{FileConfig, InitFile, InitTable, OnRoundFailure};
 
+pub use security::{Security, SecurityArgs, SecurityFile, TlsFiles};
 pub use text_model::{TextModelArgs, TextModelFile};
 
 /// Flags of `fedtune-coordinator serve`. Each overrides the same key of `--config`.
@@ -57,6 +59,8 @@ pub struct ServeArgs {
     pub init: Option<PathBuf>,
     #[command(flatten)]
     pub text: TextModelArgs,
+    #[command(flatten)]
+    pub security: SecurityArgs,
     /// Rename the file's keys: REGEX=REPLACEMENT (repeatable, applied in order; after the
     /// `[init.remap]` rules of the config file).
     #[arg(long = "init-remap", value_name = "REGEX=REPLACEMENT")]
@@ -248,6 +252,10 @@ pub struct ServeConfig {
     pub dropout: f64,
     /// Exact names of the frozen tensors, resolved from `freeze`.
     pub frozen: Vec<String>,
+    /// TLS, mutual TLS or plaintext.
+    pub security: Security,
+    /// Limits against abuse.
+    pub limits: crate::limits::Limits,
     pub augment: Augment,
     pub early_stopping_patience: u32,
     pub log_format: LogFormat,
@@ -314,6 +322,22 @@ impl ServeArgs {
             },
         )?;
         let model = resolved.spec;
+        let security_file = SecurityFile {
+            tls_cert: file.tls_cert.clone(),
+            tls_key: file.tls_key.clone(),
+            client_ca: file.client_ca.clone(),
+            allowed_clients: file.allowed_clients.clone(),
+            insecure: file.insecure,
+            max_clients: file.max_clients,
+            max_streams_per_client: file.max_streams_per_client,
+            max_joins_per_minute: file.max_joins_per_minute,
+        };
+        let limits = security::limits(&self.security, &security_file)?;
+        let security = security::resolve(
+            &self.security,
+            &security_file,
+            self.config.as_deref().and_then(std::path::Path::parent),
+        )?;
         if resolved.hf_dir.is_some() && (!remap.is_empty() || init_layout.is_some()) {
             bail!(
                 "`init.remap` / --init-remap and `init_layout` do not apply to a Hugging Face folder: its names and layout are known"
@@ -441,6 +465,8 @@ impl ServeArgs {
             lr_round_decay: self.lr_round_decay.unwrap_or(file.lr_round_decay),
             clip_norm: self.clip_norm.unwrap_or(file.clip_norm),
             dropout: self.dropout.unwrap_or(file.dropout),
+            security,
+            limits,
             frozen: frozen_tensors(&self.freeze.clone().unwrap_or(file.freeze), &model)?,
             model,
             augment: Augment {

@@ -2,13 +2,24 @@ use fedtune_common::optim::OptimizerKind;
 
 use super::*;
 
+/// Plaintext: these tests are about the other keys.
+fn plain(a: ServeArgs) -> ServeArgs {
+    ServeArgs {
+        security: SecurityArgs {
+            insecure: true,
+            ..Default::default()
+        },
+        ..a
+    }
+}
+
 #[test]
 fn flags_override_file_and_unknown_keys_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.toml");
     std::fs::write(
         &p,
-        "rounds = 7\nmin_clients = 4\nround_timeout = \"90s\"\nmodel = \"cnn\"\n",
+        "rounds = 7\nmin_clients = 4\nround_timeout = \"90s\"\nmodel = \"cnn\"\ninsecure = true\n",
     )
     .unwrap();
     let args = ServeArgs {
@@ -28,7 +39,7 @@ fn flags_override_file_and_unknown_keys_are_refused() {
         lr: Some(-1.0),
         ..Default::default()
     };
-    assert!(format!("{:#}", bad.resolve().unwrap_err()).contains("lr"));
+    assert!(format!("{:#}", plain(bad).resolve().unwrap_err()).contains("lr"));
 }
 
 #[test]
@@ -37,7 +48,7 @@ fn strategy_keys_from_file_and_flags() {
     let p = dir.path().join("c.toml");
     std::fs::write(
         &p,
-        "strategy = \"fedadam\"\nbeta2 = 0.999\nfraction_fit = 0.5\ngrace_period = \"30s\"\non_round_failure = \"stop\"\n",
+        "insecure = true\nstrategy = \"fedadam\"\nbeta2 = 0.999\nfraction_fit = 0.5\ngrace_period = \"30s\"\non_round_failure = \"stop\"\n",
     )
     .unwrap();
     let args = ServeArgs {
@@ -53,7 +64,7 @@ fn strategy_keys_from_file_and_flags() {
     assert_eq!(cfg.policy.grace_period, Some(Duration::from_secs(30)));
     assert_eq!(cfg.policy.on_round_failure, OnRoundFailure::Stop);
 
-    let bad = |a: ServeArgs| format!("{:#}", a.resolve().unwrap_err());
+    let bad = |a: ServeArgs| format!("{:#}", plain(a).resolve().unwrap_err());
     let e = bad(ServeArgs {
         strategy: Some("fedsgd".into()),
         ..Default::default()
@@ -85,7 +96,7 @@ fn recipe_keys_and_init_table() {
     std::fs::write(
         &p,
         format!(
-            "model = \"cnn\"\noptimizer = \"sgd\"\nmomentum = 0.9\nnesterov = true\nlr_schedule = \"cosine:0.1\"\nfreeze = \"conv1.*\"\naugment_flip = true\n[init]\nfile = {:?}\nreset_head = true\n[init.remap]\n\"^b\\\\.\" = \"\"\n\"^head\\\\.\" = \"fc2.\"\n",
+            "insecure = true\nmodel = \"cnn\"\noptimizer = \"sgd\"\nmomentum = 0.9\nnesterov = true\nlr_schedule = \"cosine:0.1\"\nfreeze = \"conv1.*\"\naugment_flip = true\n[init]\nfile = {:?}\nreset_head = true\n[init.remap]\n\"^b\\\\.\" = \"\"\n\"^head\\\\.\" = \"fc2.\"\n",
             weights
         ),
     )
@@ -111,7 +122,7 @@ fn recipe_keys_and_init_table() {
         .collect();
     assert_eq!(rules, [r"^b\.", r"^head\."], "in file order");
 
-    let bad = |a: ServeArgs| format!("{:#}", a.resolve().unwrap_err());
+    let bad = |a: ServeArgs| format!("{:#}", plain(a).resolve().unwrap_err());
     let e = bad(ServeArgs {
         nesterov: Some(true),
         ..Default::default()
@@ -134,4 +145,75 @@ fn recipe_keys_and_init_table() {
         ..Default::default()
     });
     assert!(e.contains("REGEX=REPLACEMENT"), "{e}");
+}
+
+#[test]
+fn tls_is_the_default_and_plaintext_must_be_asked_for() {
+    let p = |s: &str| Some(PathBuf::from(s));
+    let cases: Vec<(SecurityArgs, &str)> = vec![
+        (SecurityArgs::default(), "provision"),
+        (
+            SecurityArgs {
+                tls_cert: p("s.pem"),
+                ..Default::default()
+            },
+            "without --tls-key",
+        ),
+        (
+            SecurityArgs {
+                insecure: true,
+                tls_cert: p("s.pem"),
+                ..Default::default()
+            },
+            "drop one or the other",
+        ),
+        (
+            SecurityArgs {
+                tls_cert: p("s.pem"),
+                tls_key: p("s.key"),
+                allowed_clients: p("allow.txt"),
+                ..Default::default()
+            },
+            "needs `client_ca`",
+        ),
+    ];
+    for (security, want) in cases {
+        let e = format!(
+            "{:#}",
+            ServeArgs {
+                security,
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err()
+        );
+        assert!(e.contains(want), "{e}");
+    }
+}
+
+#[test]
+fn tls_paths_in_the_config_file_are_relative_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &p,
+        "tls_cert = \"server.pem\"\ntls_key = \"/abs/server.key\"\nclient_ca = \"ca.pem\"\n",
+    )
+    .unwrap();
+    let cfg = ServeArgs {
+        config: Some(p),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    assert_eq!(
+        cfg.security,
+        Security::Tls(TlsFiles {
+            cert: dir.path().join("server.pem"),
+            key: PathBuf::from("/abs/server.key"),
+            client_ca: Some(dir.path().join("ca.pem")),
+            allowed_clients: None,
+        })
+    );
+    assert!(cfg.security.is_mutual());
 }

@@ -231,7 +231,10 @@ impl Federation {
                 .state()
                 .context("cannot collect the strategy's server state")?;
             run_dir.checkpoint(&global, &self.cfg.model, &record, state.as_ref())?;
-            record.log(self.cfg.log_format);
+            record.log(
+                self.cfg.log_format,
+                self.cfg.security == crate::config::Security::Insecure,
+            );
             records.push(record);
         }
         Ok(RunSummary {

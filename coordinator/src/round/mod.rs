@@ -64,6 +64,10 @@ pub enum Refusal {
     ProtocolMismatch { client: u32, server: u32 },
     #[error("unknown session token (the coordinator may have restarted): join again")]
     UnknownSession,
+    #[error(
+        "the federation is full: {live} live clients, at most {max} (--max-clients); retry later"
+    )]
+    Full { live: usize, max: usize },
     #[error("unknown task `{0}`")]
     UnknownTask(String),
     #[error("task `{task_id}` belongs to another client")]

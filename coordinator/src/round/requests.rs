@@ -12,9 +12,18 @@ impl Federation {
                 server: PROTOCOL_VERSION,
             });
         }
-        let (id, token) = lock(&self.state)
-            .clients
-            .join(&req.name, &req.device, req.num_examples);
+        let mut st = lock(&self.state);
+        let live = st.clients.live(LIVENESS_TIMEOUT).len();
+        let max = self.cfg.limits.max_clients;
+        if live >= max {
+            warn!(
+                "refused client `{}`: {live} live clients, at most {max} (--max-clients)",
+                req.name
+            );
+            return Err(Refusal::Full { live, max });
+        }
+        let (id, token) = st.clients.join(&req.name, &req.device, req.num_examples);
+        drop(st);
         info!(
             "client joined: {} ({}) on {} with {} examples",
             req.name, id, req.device, req.num_examples
@@ -27,6 +36,23 @@ impl Federation {
             run_id: self.run_id.clone(),
             heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
         })
+    }
+
+    /// The operator removed the client of `token` (allow-list): its session ends, and its
+    /// task in the open round fails now, so the round goes on without waiting for it.
+    pub fn revoke(&self, token: &str, reason: &str) {
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let Some(id) = st.clients.revoke(token) else {
+            return;
+        };
+        if let Phase::Open(open) = &mut st.phase
+            && let Some(task) = open.tasks.get_mut(&id)
+            && task.status == TaskStatus::Assigned
+        {
+            task.status = TaskStatus::Failed(reason.to_string());
+        }
+        self.changed.notify_waiters();
     }
 
     pub fn heartbeat(&self, token: &str) -> Result<(), Refusal> {

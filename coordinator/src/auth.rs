@@ -1,0 +1,236 @@
+//! Who is calling. Under mutual TLS a client is the identity its certificate proves (the
+//! certificate's common name, and its SHA-256 fingerprint); a session token is bound to the
+//! identity that joined with it, so a token is worth nothing under another certificate; and an
+//! allow-list file, re-read when it changes, says which identities may take part.
+//!
+//! The round engine never sees certificates: the service asks [`Gate`] before passing a call on.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+use tonic::{Request, Status};
+use tracing::{info, warn};
+
+/// A client as its certificate names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The certificate's common name (the kit's client name).
+    pub name: String,
+    /// SHA-256 of the certificate (DER), hex.
+    pub fingerprint: String,
+}
+
+/// The identity of the caller's TLS client certificate; `None` without one (plaintext, or TLS
+/// without client certificates).
+pub fn peer_identity<T>(request: &Request<T>) -> Result<Option<Identity>, Status> {
+    let Some(certs) = request.peer_certs() else {
+        return Ok(None);
+    };
+    let Some(leaf) = certs.first() else {
+        return Ok(None);
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| Status::unauthenticated(format!("unreadable client certificate: {e}")))?;
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "the client certificate has no common name: issue client certificates with `fedtune-coordinator provision`",
+            )
+        })?
+        .to_string();
+    let fingerprint = Sha256::digest(leaf.as_ref())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Some(Identity { name, fingerprint }))
+}
+
+/// The allow-list: one client name or certificate fingerprint per line (`#` starts a comment).
+/// Re-read whenever the file's modification time changes, so removing a line refuses that
+/// client's next call without a restart.
+pub struct AllowList {
+    path: PathBuf,
+    state: Mutex<(Option<SystemTime>, HashSet<String>)>,
+}
+
+impl AllowList {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let list = Self {
+            path: path.to_path_buf(),
+            state: Mutex::new((None, HashSet::new())),
+        };
+        list.refresh()
+            .map_err(|e| anyhow::anyhow!("--allowed-clients: {e}"))?;
+        Ok(list)
+    }
+
+    fn read(path: &Path) -> Result<HashSet<String>, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read ({e})", path.display()))?;
+        Ok(text
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
+            .map(|l| l.to_ascii_lowercase())
+            .collect())
+    }
+
+    /// Re-reads the file if it changed. A file that cannot be read keeps the last good list
+    /// (logged): a half-written edit must not let everyone in nor lock everyone out.
+    fn refresh(&self) -> Result<(), String> {
+        let mtime = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .map_err(|e| format!("{}: cannot read ({e})", self.path.display()))?;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.0 == Some(mtime) {
+            return Ok(());
+        }
+        let entries = Self::read(&self.path)?;
+        if state.0.is_some() {
+            info!(
+                "allow-list {} changed: {} entries",
+                self.path.display(),
+                entries.len()
+            );
+        }
+        *state = (Some(mtime), entries);
+        Ok(())
+    }
+
+    pub fn allows(&self, who: &Identity) -> bool {
+        if let Err(e) = self.refresh() {
+            warn!("{e}; keeping the previous allow-list");
+        }
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.1.contains(&who.name.to_ascii_lowercase()) || state.1.contains(&who.fingerprint)
+    }
+}
+
+/// Why a call with a session token was refused.
+pub enum Denial {
+    /// The caller was taken off the allow-list since it joined: its session must end.
+    NoLongerAllowed(Status),
+    Refused(Status),
+}
+
+impl From<Denial> for Status {
+    fn from(d: Denial) -> Self {
+        match d {
+            Denial::NoLongerAllowed(s) | Denial::Refused(s) => s,
+        }
+    }
+}
+
+/// The checks in front of the round engine.
+pub struct Gate {
+    /// Whether clients must present a certificate (mutual TLS).
+    mutual_tls: bool,
+    allow: Option<AllowList>,
+    /// Session token → the identity that joined with it.
+    bound: Mutex<HashMap<String, Identity>>,
+}
+
+impl Gate {
+    pub fn new(mutual_tls: bool, allow: Option<AllowList>) -> Self {
+        Self {
+            mutual_tls,
+            allow,
+            bound: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The identity a Join runs under: the certificate's (allowed) under mutual TLS, none
+    /// otherwise.
+    pub fn admit<T>(&self, request: &Request<T>) -> Result<Option<Identity>, Status> {
+        let who = peer_identity(request)?;
+        match (&who, self.mutual_tls) {
+            (None, true) => Err(Status::unauthenticated(
+                "this coordinator requires a client certificate (mutual TLS): run the client with its provisioned kit (--config DIR/client.toml)",
+            )),
+            (Some(id), _) => {
+                if let Some(allow) = &self.allow
+                    && !allow.allows(id)
+                {
+                    warn!(
+                        "refused client `{}` (certificate {}): not on the allow-list",
+                        id.name,
+                        &id.fingerprint[..16]
+                    );
+                    return Err(Status::permission_denied(format!(
+                        "client `{}` is not on the coordinator's allow-list",
+                        id.name
+                    )));
+                }
+                Ok(who)
+            }
+            (None, false) => Ok(None),
+        }
+    }
+
+    /// Remembers that `token` belongs to `who`.
+    pub fn bind(&self, token: &str, who: Option<Identity>) {
+        if let Some(who) = who {
+            self.bound
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(token.to_string(), who);
+        }
+    }
+
+    /// Checks a call made with `token`: the caller must be the identity that joined with it,
+    /// and still allowed.
+    pub fn check<T>(&self, request: &Request<T>, token: &str) -> Result<(), Denial> {
+        self.check_caller(peer_identity(request).map_err(Denial::Refused)?, token)
+    }
+
+    /// As [`Gate::check`], for a caller identified before its request was taken apart.
+    pub fn check_caller(&self, caller: Option<Identity>, token: &str) -> Result<(), Denial> {
+        let owner = self
+            .bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            .cloned();
+        match (owner, caller) {
+            (None, None) if !self.mutual_tls => Ok(()),
+            (None, _) => Err(Denial::Refused(Status::unauthenticated(
+                "unknown session: join first (the coordinator may have restarted)",
+            ))),
+            (Some(owner), Some(caller)) if owner.fingerprint == caller.fingerprint => {
+                match &self.allow {
+                    Some(allow) if !allow.allows(&caller) => {
+                        warn!(
+                            "refused client `{}`: removed from the allow-list",
+                            caller.name
+                        );
+                        Err(Denial::NoLongerAllowed(Status::permission_denied(format!(
+                            "client `{}` is no longer on the coordinator's allow-list",
+                            caller.name
+                        ))))
+                    }
+                    _ => Ok(()),
+                }
+            }
+            (Some(owner), caller) => {
+                let by = caller.map_or("a caller without a certificate".to_string(), |c| {
+                    format!("client `{}`", c.name)
+                });
+                warn!(
+                    "refused a session token of client `{}` presented by {by}",
+                    owner.name
+                );
+                Err(Denial::Refused(Status::permission_denied(format!(
+                    "this session belongs to client `{}`, not to {by}",
+                    owner.name
+                ))))
+            }
+        }
+    }
+}

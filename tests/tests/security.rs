@@ -1,0 +1,433 @@
+//! Transport security with real handshakes on 127.0.0.1: a federation set up as a user does
+//! (`provision`, then `serve --config` and `run --config`), and each way in that must be
+//! refused, asserted on what the refused side is told.
+
+use std::path::Path;
+use std::time::Duration;
+
+use fedtune_proto::federation_client::FederationClient;
+use fedtune_proto::{self as pb};
+use fedtune_tests::{Proc, fashion_subset, free_port};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+fedtune_tests::test_binaries!();
+
+fn provision(kits: &Path, clients: &str) {
+    let out = std::process::Command::new(coordinator_bin())
+        .args(["provision", "--out"])
+        .arg(kits)
+        .args(["--san", "127.0.0.1,localhost", "--clients", clients])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A coordinator serving `kits`' coordinator.toml on a free port, waiting for `clients`.
+fn serve(dir: &Path, kits: &Path, clients: usize, extra: &[&str]) -> (Proc, u16) {
+    let port = free_port();
+    let mut args: Vec<String> = [
+        "serve",
+        "--config",
+        kits.join("coordinator/coordinator.toml").to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--min-clients",
+        &clients.to_string(),
+        "--model",
+        "mlp",
+        "--out",
+        dir.join("out").to_str().unwrap(),
+        "--available-timeout",
+        "2m",
+    ]
+    .map(String::from)
+    .to_vec();
+    if !extra.contains(&"--rounds") {
+        args.extend(["--rounds".to_string(), "2".to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    (
+        Proc::spawn("coordinator", coordinator_bin(), &args, dir),
+        port,
+    )
+}
+
+/// `fedtune-client run` with `flags` on the bundled data, expecting it to give up quickly.
+fn client(dir: &Path, name: &str, flags: &[String]) -> Proc {
+    let mut args: Vec<String> = ["run", "--data", fashion_subset().to_str().unwrap()]
+        .map(String::from)
+        .to_vec();
+    args.extend(flags.iter().cloned());
+    args.extend(
+        [
+            "--no-progress",
+            "--give-up-after",
+            "20s",
+            "--max-epochs",
+            "1",
+        ]
+        .map(String::from),
+    );
+    Proc::spawn(name, client_bin(), &args, dir)
+}
+
+fn kit_flags(kits: &Path, name: &str, port: u16) -> Vec<String> {
+    vec![
+        "--config".into(),
+        kits.join(format!("clients/{name}/client.toml"))
+            .display()
+            .to_string(),
+        "--coordinator".into(),
+        format!("https://127.0.0.1:{port}"),
+    ]
+}
+
+/// Waits for `p` to fail and returns its log.
+fn fails(p: &mut Proc) -> String {
+    let status = p.wait(Duration::from_secs(90));
+    let log = p.output();
+    assert!(
+        matches!(status, Some(s) if !s.success()),
+        "{} should have failed: {log}",
+        p.name
+    );
+    log
+}
+
+#[test]
+fn a_provisioned_federation_runs_over_mutual_tls_naming_clients_by_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let kits = dir.path().join("kits");
+    provision(&kits, "site-a,site-b");
+    let (mut coordinator, port) = serve(dir.path(), &kits, 2, &[]);
+    let mut clients: Vec<Proc> = ["site-a", "site-b"]
+        .iter()
+        .map(|name| {
+            let mut flags = kit_flags(&kits, name, port);
+            // The name a client calls itself does not matter under mutual TLS.
+            flags.extend(["--name".into(), "impostor".into()]);
+            client(dir.path(), name, &flags)
+        })
+        .collect();
+    coordinator.expect_success(Duration::from_secs(240));
+    for c in &mut clients {
+        c.expect_success(Duration::from_secs(30));
+    }
+    let log = coordinator.output();
+    assert!(log.contains("mutual TLS"), "{log}");
+    assert!(log.contains("round 2/2 | clients 2/2 ok"), "{log}");
+    assert!(
+        log.contains("client `site-a`") || log.contains("site-a"),
+        "clients are named by their certificates: {log}"
+    );
+    assert!(!log.contains("impostor"), "{log}");
+}
+
+#[test]
+fn each_wrong_way_in_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kits, other) = (dir.path().join("kits"), dir.path().join("other"));
+    provision(&kits, "site-a,site-c");
+    provision(&other, "site-b");
+    let allow = dir.path().join("allowed.txt");
+    std::fs::write(&allow, "# who may join\nsite-a\n").unwrap();
+    let (_coordinator, port) = serve(
+        dir.path(),
+        &kits,
+        5,
+        &["--allowed-clients", allow.to_str().unwrap()],
+    );
+    let f = |p: &Path| p.display().to_string();
+    let url = format!("https://127.0.0.1:{port}");
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            // Another federation's kit: it does not trust this coordinator.
+            "trusts-another-ca",
+            kit_flags(&other, "site-b", port),
+            "not issued by the CA in --ca-cert",
+        ),
+        (
+            // This federation's CA, but a certificate another CA issued.
+            "cert-of-another-ca",
+            vec![
+                "--coordinator".into(),
+                url.clone(),
+                "--ca-cert".into(),
+                f(&kits.join("ca/ca.pem")),
+                "--cert".into(),
+                f(&other.join("clients/site-b/client.pem")),
+                "--key".into(),
+                f(&other.join("clients/site-b/client.key")),
+            ],
+            "refused this client's certificate",
+        ),
+        (
+            "no-certificate",
+            vec![
+                "--coordinator".into(),
+                url.clone(),
+                "--ca-cert".into(),
+                f(&kits.join("ca/ca.pem")),
+            ],
+            "requires a client certificate",
+        ),
+        (
+            // A valid certificate of this CA, but not on the allow-list.
+            "not-allowed",
+            kit_flags(&kits, "site-c", port),
+            "client `site-c` is not on the coordinator's allow-list",
+        ),
+        (
+            "dials-an-unnamed-host",
+            {
+                let mut f = kit_flags(&kits, "site-a", port);
+                f.extend(["--tls-server-name".into(), "elsewhere.example".into()]);
+                f
+            },
+            "does not name the host",
+        ),
+        (
+            "plaintext-without-insecure",
+            vec!["--coordinator".into(), format!("http://127.0.0.1:{port}")],
+            "is plaintext: use https://",
+        ),
+        (
+            // Plaintext against TLS cannot be told from a broken network: it retries, then
+            // gives up saying what to check.
+            "plaintext-insecure",
+            vec![
+                "--coordinator".into(),
+                format!("http://127.0.0.1:{port}"),
+                "--insecure".into(),
+            ],
+            "if the coordinator serves TLS, use https://",
+        ),
+    ];
+    let mut procs: Vec<(Proc, &str)> = cases
+        .into_iter()
+        .map(|(name, flags, want)| (client(dir.path(), name, &flags), want))
+        .collect();
+    for (p, want) in &mut procs {
+        let log = fails(p);
+        assert!(log.contains(*want), "{}: wanted `{want}` in {log}", p.name);
+    }
+}
+
+#[test]
+fn a_tls_client_against_a_plaintext_coordinator_is_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let kits = dir.path().join("kits");
+    provision(&kits, "site-a");
+    let port = free_port();
+    let _coordinator = Proc::spawn(
+        "coordinator",
+        coordinator_bin(),
+        &[
+            "serve",
+            "--insecure",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
+        ]
+        .map(String::from),
+        dir.path(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let mut c = client(dir.path(), "site-a", &kit_flags(&kits, "site-a", port));
+    let log = fails(&mut c);
+    assert!(log.contains("may serve plaintext"), "{log}");
+}
+
+async fn channel(kits: &Path, name: &str, port: u16) -> Channel {
+    let read = |p: &str| std::fs::read(kits.join(p)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca/ca.pem")))
+        .identity(Identity::from_pem(
+            read(&format!("clients/{name}/client.pem")),
+            read(&format!("clients/{name}/client.key")),
+        ));
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_session_token_replayed_under_another_certificate_is_refused() {
+    fedtune_proto::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let kits = dir.path().join("kits");
+    provision(&kits, "site-a,site-b");
+    let (_coordinator, port) = serve(dir.path(), &kits, 3, &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut a = FederationClient::new(channel(&kits, "site-a", port).await);
+    let joined = a
+        .join(pb::JoinRequest {
+            protocol_version: fedtune_proto::PROTOCOL_VERSION,
+            name: "whatever".into(),
+            device: "flex".into(),
+            num_examples: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let heartbeat = |token: &str| pb::HeartbeatRequest {
+        session_token: token.to_string(),
+        ..Default::default()
+    };
+    a.heartbeat(heartbeat(&joined.session_token))
+        .await
+        .expect("the owner may use its token");
+    let mut b = FederationClient::new(channel(&kits, "site-b", port).await);
+    let refused = b
+        .heartbeat(heartbeat(&joined.session_token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(
+        refused
+            .message()
+            .contains("belongs to client `site-a`, not to client `site-b`"),
+        "{refused}"
+    );
+}
+
+/// Joins `name` over plaintext; the error when refused.
+async fn try_join(url: &str, name: &str) -> Result<String, tonic::Status> {
+    let mut rpc = FederationClient::connect(url.to_string()).await.unwrap();
+    rpc.join(pb::JoinRequest {
+        protocol_version: fedtune_proto::PROTOCOL_VERSION,
+        name: name.into(),
+        device: "test".into(),
+        num_examples: 10,
+    })
+    .await
+    .map(|r| r.into_inner().session_token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_abuse_limit_trips_and_the_others_are_still_served() {
+    use fedtune_common::logging::LogFormat;
+    use fedtune_coordinator::config::{SecurityArgs, ServeArgs};
+    use fedtune_tests::raw::RawClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ServeArgs {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        rounds: Some(1),
+        min_available_clients: Some(2),
+        // Larger than the HTTP/2 windows: an unread download stays open on the server.
+        model: Some("synthetic:2M".into()),
+        out: Some(dir.path().to_path_buf()),
+        log_format: Some(LogFormat::Text),
+        // Raw protocol clients: the limits, not TLS, are under test.
+        security: SecurityArgs {
+            insecure: true,
+            max_clients: Some(2),
+            max_streams_per_client: Some(1),
+            max_joins_per_minute: Some(3),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    let listener = fedtune_coordinator::bind(&cfg).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let _server = tokio::spawn(fedtune_coordinator::serve(cfg, listener));
+
+    let mut a = RawClient::join(&url, "a", 10).await;
+    let _b = RawClient::join(&url, "b", 10).await;
+    // A third live client: the federation is full.
+    let full = try_join(&url, "c").await.unwrap_err();
+    assert_eq!(full.code(), tonic::Code::ResourceExhausted, "{full}");
+    assert!(full.message().contains("at most 2"), "{full}");
+    // A fourth attempt from 127.0.0.1 within the minute: too many Joins.
+    let rate = try_join(&url, "d").await.unwrap_err();
+    assert_eq!(rate.code(), tonic::Code::ResourceExhausted, "{rate}");
+    assert!(rate.message().contains("too many Join attempts"), "{rate}");
+
+    // The joined clients go on: a's round starts, and its one allowed download stream is
+    // open while a second is refused.
+    let task = a.next_train().await;
+    let fetch = |rpc: &mut FederationClient<Channel>| {
+        let req = pb::FetchModelRequest {
+            session_token: a.token.clone(),
+            task_id: task.task_id.clone(),
+            frozen_hash: 0,
+        };
+        let mut rpc = rpc.clone();
+        async move { rpc.fetch_model(req).await }
+    };
+    let first = fetch(&mut a.rpc).await.expect("the first stream is served");
+    let second = fetch(&mut a.rpc).await.unwrap_err();
+    assert_eq!(second.code(), tonic::Code::ResourceExhausted, "{second}");
+    drop(first);
+    // Once the first stream is gone its slot is free again.
+    let mut served = false;
+    for _ in 0..50 {
+        if fetch(&mut a.rpc).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "a slot frees when its stream ends");
+}
+
+#[test]
+fn a_client_taken_off_the_allow_list_is_refused_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let kits = dir.path().join("kits");
+    provision(&kits, "site-a,site-b,site-c");
+    let allow = dir.path().join("allowed.txt");
+    std::fs::write(&allow, "site-a\nsite-b\nsite-c\n").unwrap();
+    let (mut coordinator, port) = serve(
+        dir.path(),
+        &kits,
+        2,
+        &[
+            "--rounds",
+            "4",
+            "--allowed-clients",
+            allow.to_str().unwrap(),
+        ],
+    );
+    let mut clients: Vec<Proc> = ["site-a", "site-b", "site-c"]
+        .iter()
+        .map(|name| client(dir.path(), name, &kit_flags(&kits, name, port)))
+        .collect();
+    let started = std::time::Instant::now();
+    while !coordinator.output().contains("round 1/4 |") {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{}",
+            coordinator.output()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::write(&allow, "site-a\nsite-c\n").unwrap();
+    coordinator.expect_success(Duration::from_secs(240));
+    let log = coordinator.output();
+    assert!(log.contains("round 4/4"), "{log}");
+    assert!(
+        log.contains("allow-list") && log.contains("changed"),
+        "{log}"
+    );
+    let b = fails(&mut clients[1]);
+    assert!(
+        b.contains("client `site-b` is no longer on the coordinator's allow-list"),
+        "{b}"
+    );
+    for i in [0, 2] {
+        clients[i].expect_success(Duration::from_secs(30));
+    }
+}
