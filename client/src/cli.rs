@@ -92,6 +92,10 @@ struct RunArgs {
     /// Check the coordinator's certificate for this name instead of the URL's host.
     #[arg(long)]
     tls_server_name: Option<String>,
+    /// A file holding this client's token (`fedtune-coordinator token add`), for a coordinator
+    /// with --client-tokens (devices without a client certificate); TLS only.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Connect with plaintext http:// (the coordinator serves --insecure): trusted local tests
     /// only.
     #[arg(long)]
@@ -184,6 +188,7 @@ pub fn main() -> anyhow::Result<()> {
         cert: args.cert.or(kit.cert),
         key: args.key.or(kit.key),
         server_name: args.tls_server_name.or(kit.tls_server_name),
+        token_file: args.token_file.or(kit.token_file),
     };
     let opts = ClientOptions {
         coordinator,

@@ -16,6 +16,7 @@ pub struct KitFile {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub tls_server_name: Option<String>,
+    pub token_file: Option<PathBuf>,
     #[serde(default)]
     pub insecure: bool,
 }
@@ -26,14 +27,19 @@ impl KitFile {
             .with_context(|| format!("--config {}: cannot read", path.display()))?;
         let mut kit: Self = toml::from_str(&text).with_context(|| {
             format!(
-                "--config {}: not a client.toml (keys: coordinator, name, ca_cert, cert, key, tls_server_name, insecure)",
+                "--config {}: not a client.toml (keys: coordinator, name, ca_cert, cert, key, tls_server_name, token_file, insecure)",
                 path.display()
             )
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut kit.ca_cert, &mut kit.cert, &mut kit.key]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut kit.ca_cert,
+            &mut kit.cert,
+            &mut kit.key,
+            &mut kit.token_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             if p.is_relative() {
                 *p = dir.join(&*p);

@@ -1,7 +1,7 @@
 //! The client's side of the protocol: connect, join, pull tasks, download the model, upload the
 //! update. Reconnects by itself with backoff; re-joins when the coordinator restarted.
 
-use crate::tls::ClientSecurity;
+use crate::tls::{ClientAuth, ClientSecurity};
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ use fedtune_common::spec_wire;
 use fedtune_common::wire::{EncodedTensors, MAX_CHUNK_BYTES, Payload};
 use fedtune_proto::federation_client::FederationClient;
 use fedtune_proto::{self as pb, PROTOCOL_VERSION, task::Kind};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{info, warn};
@@ -77,7 +78,7 @@ pub struct RunReport {
 }
 
 pub(crate) struct Session {
-    pub rpc: FederationClient<Channel>,
+    pub rpc: FederationClient<InterceptedService<Channel, ClientAuth>>,
     pub token: String,
     pub heartbeat_every: Duration,
 }
@@ -130,6 +131,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
         &opts.coordinator,
         &opts.security,
     )?;
+    let auth = crate::tls::client_auth(&opts.coordinator, &opts.security)?;
     let mut backoff = Backoff::new(opts.give_up_after);
     let mut report = RunReport::default();
     let mut session: Option<Session> = None;
@@ -137,7 +139,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     loop {
         let s = match session.as_mut() {
             Some(s) => s,
-            None => match join(&endpoint, &opts, num_examples).await {
+            None => match join(&endpoint, &auth, &opts, num_examples).await {
                 Ok(s) => {
                     backoff.reset();
                     session.insert(s)
@@ -242,6 +244,7 @@ enum JoinError {
 
 async fn join(
     endpoint: &Endpoint,
+    auth: &ClientAuth,
     opts: &ClientOptions,
     num_examples: u64,
 ) -> Result<Session, JoinError> {
@@ -256,7 +259,7 @@ async fn join(
             )),
             None => JoinError::Retry(anyhow::anyhow!("cannot connect: {e}")),
         })?;
-    let mut rpc = FederationClient::new(channel);
+    let mut rpc = FederationClient::with_interceptor(channel, auth.clone());
     let req = pb::JoinRequest {
         protocol_version: PROTOCOL_VERSION,
         name: opts.name.clone(),

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rustls::{AlertDescription, CertificateError};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// How the client reaches the coordinator.
@@ -21,6 +23,54 @@ pub struct ClientSecurity {
     pub key: Option<PathBuf>,
     /// Check the coordinator's certificate for this name instead of the URL's host.
     pub server_name: Option<String>,
+    /// A file holding this client's token (`fedtune-coordinator token add`), for coordinators
+    /// with client tokens instead of client certificates.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Adds the client token, if any, to every call as `authorization: Bearer …`.
+#[derive(Clone)]
+pub struct ClientAuth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for ClientAuth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The token of `sec.token_file`, checked; refused over plaintext, where it would travel in
+/// clear.
+pub fn client_auth(url: &str, sec: &ClientSecurity) -> anyhow::Result<ClientAuth> {
+    let Some(path) = &sec.token_file else {
+        return Ok(ClientAuth(None));
+    };
+    if !url.starts_with("https://") {
+        bail!("--token-file: a client token only travels over TLS (https://), never in clear");
+    }
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("--token-file {}: cannot read", path.display()))?;
+    let token = token.trim();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        bail!(
+            "--token-file {}: expected the one token `fedtune-coordinator token add` printed",
+            path.display()
+        );
+    }
+    let value = format!("Bearer {token}").parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--token-file {}: the token holds characters a header cannot carry",
+            path.display()
+        )
+    })?;
+    Ok(ClientAuth(Some(value)))
 }
 
 /// `endpoint` with TLS set up for `url`; refuses plaintext unless insecure.

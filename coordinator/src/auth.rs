@@ -1,18 +1,22 @@
 //! Who is calling. Under mutual TLS a client is the identity its certificate proves (the
-//! certificate's common name, and its SHA-256 fingerprint); a session token is bound to the
-//! identity that joined with it, so a token is worth nothing under another certificate; and an
-//! allow-list file, re-read when it changes, says which identities may take part.
+//! certificate's common name, and its SHA-256 fingerprint); where a device cannot hold a
+//! certificate, the owner of the bearer token it presents ([`ClientTokens`]). A session token
+//! is bound to the identity that joined with it, so it is worth nothing under another
+//! identity; and an allow-list file, re-read when it changes, says which identities may take
+//! part.
 //!
 //! The round engine never sees certificates: the service asks [`Gate`] before passing a call on.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
-use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 use tonic::{Request, Status};
-use tracing::{info, warn};
+use tracing::warn;
+
+use crate::tokens::ClientTokens;
+use crate::watched::Watched;
 
 /// A client as its certificate names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,63 +57,25 @@ pub fn peer_identity<T>(request: &Request<T>) -> Result<Option<Identity>, Status
 }
 
 /// The allow-list: one client name or certificate fingerprint per line (`#` starts a comment).
-/// Re-read whenever the file's modification time changes, so removing a line refuses that
-/// client's next call without a restart.
-pub struct AllowList {
-    path: PathBuf,
-    state: Mutex<(Option<SystemTime>, HashSet<String>)>,
-}
+/// Re-read whenever it changes, so removing a line refuses that client's next call without a
+/// restart.
+pub struct AllowList(Watched<HashSet<String>>);
 
 impl AllowList {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let list = Self {
-            path: path.to_path_buf(),
-            state: Mutex::new((None, HashSet::new())),
-        };
-        list.refresh()
-            .map_err(|e| anyhow::anyhow!("--allowed-clients: {e}"))?;
-        Ok(list)
-    }
-
-    fn read(path: &Path) -> Result<HashSet<String>, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read ({e})", path.display()))?;
-        Ok(text
-            .lines()
-            .map(|l| l.split('#').next().unwrap_or("").trim())
-            .filter(|l| !l.is_empty())
-            .map(|l| l.to_ascii_lowercase())
-            .collect())
-    }
-
-    /// Re-reads the file if it changed. A file that cannot be read keeps the last good list
-    /// (logged): a half-written edit must not let everyone in nor lock everyone out.
-    fn refresh(&self) -> Result<(), String> {
-        let mtime = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .map_err(|e| format!("{}: cannot read ({e})", self.path.display()))?;
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.0 == Some(mtime) {
-            return Ok(());
-        }
-        let entries = Self::read(&self.path)?;
-        if state.0.is_some() {
-            info!(
-                "allow-list {} changed: {} entries",
-                self.path.display(),
-                entries.len()
-            );
-        }
-        *state = (Some(mtime), entries);
-        Ok(())
+        Ok(Self(Watched::open(path, "allow-list", |text| {
+            Ok(text
+                .lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .map(|l| l.to_ascii_lowercase())
+                .collect())
+        })?))
     }
 
     pub fn allows(&self, who: &Identity) -> bool {
-        if let Err(e) = self.refresh() {
-            warn!("{e}; keeping the previous allow-list");
-        }
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.1.contains(&who.name.to_ascii_lowercase()) || state.1.contains(&who.fingerprint)
+        let list = self.0.current();
+        list.contains(&who.name.to_ascii_lowercase()) || list.contains(&who.fingerprint)
     }
 }
 
@@ -130,38 +96,69 @@ impl From<Denial> for Status {
 
 /// The checks in front of the round engine.
 pub struct Gate {
-    /// Whether clients must present a certificate (mutual TLS).
-    mutual_tls: bool,
+    /// Whether clients must prove who they are (a certificate or a client token).
+    authenticated: bool,
     allow: Option<AllowList>,
+    tokens: Option<ClientTokens>,
     /// Session token → the identity that joined with it.
     bound: Mutex<HashMap<String, Identity>>,
 }
 
 impl Gate {
-    pub fn new(mutual_tls: bool, allow: Option<AllowList>) -> Self {
+    pub fn new(mutual_tls: bool, allow: Option<AllowList>, tokens: Option<ClientTokens>) -> Self {
         Self {
-            mutual_tls,
+            authenticated: mutual_tls || tokens.is_some(),
             allow,
+            tokens,
             bound: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Who calls: the client certificate's identity, else the owner of the bearer token in
+    /// `authorization` (when client tokens are configured), else nobody in particular.
+    pub fn identify<T>(&self, request: &Request<T>) -> Result<Option<Identity>, Status> {
+        if let Some(id) = peer_identity(request)? {
+            return Ok(Some(id));
+        }
+        let Some(tokens) = &self.tokens else {
+            return Ok(None);
+        };
+        let Some(header) = request.metadata().get("authorization") else {
+            return Ok(None);
+        };
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization header must be `Bearer <client token>`")
+            })?;
+        let name = tokens.owner(token).ok_or_else(|| {
+            warn!("refused a call with an unknown client token");
+            Status::unauthenticated(
+                "unknown client token: use the token `fedtune-coordinator token add` printed for this client (a deleted line revokes it)",
+            )
+        })?;
+        let fingerprint = format!("token:{name}");
+        Ok(Some(Identity { name, fingerprint }))
     }
 
     /// The identity a Join runs under: the certificate's (allowed) under mutual TLS, none
     /// otherwise.
     pub fn admit<T>(&self, request: &Request<T>) -> Result<Option<Identity>, Status> {
-        let who = peer_identity(request)?;
-        match (&who, self.mutual_tls) {
+        let who = self.identify(request)?;
+        match (&who, self.authenticated) {
             (None, true) => Err(Status::unauthenticated(
-                "this coordinator requires a client certificate (mutual TLS): run the client with its provisioned kit (--config DIR/client.toml)",
+                "this coordinator requires a client certificate (mutual TLS) or a client token: run the client with its provisioned kit (--config DIR/client.toml) or --token-file",
             )),
             (Some(id), _) => {
                 if let Some(allow) = &self.allow
                     && !allow.allows(id)
                 {
                     warn!(
-                        "refused client `{}` (certificate {}): not on the allow-list",
+                        "refused client `{}` ({}): not on the allow-list",
                         id.name,
-                        &id.fingerprint[..16]
+                        id.fingerprint.get(..16).unwrap_or(&id.fingerprint)
                     );
                     return Err(Status::permission_denied(format!(
                         "client `{}` is not on the coordinator's allow-list",
@@ -187,7 +184,7 @@ impl Gate {
     /// Checks a call made with `token`: the caller must be the identity that joined with it,
     /// and still allowed.
     pub fn check<T>(&self, request: &Request<T>, token: &str) -> Result<(), Denial> {
-        self.check_caller(peer_identity(request).map_err(Denial::Refused)?, token)
+        self.check_caller(self.identify(request).map_err(Denial::Refused)?, token)
     }
 
     /// As [`Gate::check`], for a caller identified before its request was taken apart.
@@ -199,7 +196,7 @@ impl Gate {
             .get(token)
             .cloned();
         match (owner, caller) {
-            (None, None) if !self.mutual_tls => Ok(()),
+            (None, None) if !self.authenticated => Ok(()),
             (None, _) => Err(Denial::Refused(Status::unauthenticated(
                 "unknown session: join first (the coordinator may have restarted)",
             ))),

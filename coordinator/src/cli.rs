@@ -33,6 +33,21 @@ enum Command {
     /// (certificate, key, CA, client.toml) for a federation over mutual TLS; re-run to add
     /// clients.
     Provision(ProvisionArgs),
+    /// Client tokens, for devices that cannot hold a client certificate.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Issue a token for client NAME: printed once, only its hash is kept in --file.
+    Add {
+        /// The client's name (its identity in logs and allow-lists).
+        name: String,
+        /// The token file `serve --client-tokens` reads (created 0600 if missing).
+        #[arg(long)]
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -87,6 +102,15 @@ pub fn main() -> anyhow::Result<()> {
             crate::pretrain::run(args)
         }
         Command::Embed(args) => embed_cmd::run(args),
+        Command::Token(TokenCommand::Add { name, file }) => {
+            let token = crate::tokens::add(&file, &name)?;
+            eprintln!(
+                "client `{name}` added to {}; its token (shown only now; give it to the device, e.g. in a file for --token-file):",
+                file.display()
+            );
+            println!("{token}");
+            Ok(())
+        }
         Command::Provision(args) => {
             let url = args.url.clone().unwrap_or_else(|| {
                 let host = args.san.first().map(String::as_str).unwrap_or("localhost");

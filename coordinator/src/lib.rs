@@ -28,6 +28,8 @@ pub mod run_dir;
 pub mod service;
 pub mod strategy;
 pub mod tls;
+pub mod tokens;
+pub mod watched;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -244,7 +246,7 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
             warn!(
                 "serving plaintext (--insecure): anyone who reaches {addr} can read the model and submit updates"
             );
-            Gate::new(false, None)
+            Gate::new(false, None, None)
         }
         Security::Tls(files) => {
             builder = builder.tls_config(tls::server_config(files)?)?;
@@ -267,9 +269,18 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
                         ca.display()
                     ),
                     _ => "; clients are not authenticated by certificate".into(),
-                }
+                } + &files
+                    .client_tokens
+                    .as_ref()
+                    .map(|t| format!("; client tokens from {}", t.display()))
+                    .unwrap_or_default()
             );
-            Gate::new(files.client_ca.is_some(), allow)
+            let tokens = files
+                .client_tokens
+                .as_deref()
+                .map(tokens::ClientTokens::open)
+                .transpose()?;
+            Gate::new(files.client_ca.is_some(), allow, tokens)
         }
     };
     let engine = Arc::new(Federation::new(cfg.clone(), specs));

@@ -137,7 +137,7 @@ impl FederationRpc for FederationService {
         request: Request<Streaming<pb::UpdateFrame>>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
         let started = std::time::Instant::now();
-        let caller = peer_identity(&request)?;
+        let caller = self.gate.identify(&request)?;
         let peer = peer_name(&request);
         let mut frames = request.into_inner();
         let header = match frames.next().await {
@@ -282,7 +282,7 @@ impl FederationService {
     /// The gate's check of a call made with `token`; a client taken off the allow-list also
     /// loses its session, so the open round stops waiting for it.
     fn check<T>(&self, request: &Request<T>, token: &str) -> Result<(), Status> {
-        let caller = peer_identity(request)?;
+        let caller = self.gate.identify(request)?;
         self.admit_caller(caller, token)
     }
 

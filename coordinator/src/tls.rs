@@ -49,6 +49,10 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<ServerTlsConfig> {
             .with_context(|| format!("--client-ca {}: no PEM certificate in it", ca.display()))?;
         check_validity(&certs[0], ca)?;
         config = config.client_ca_root(Certificate::from_pem(pem));
+        if files.client_tokens.is_some() {
+            // Clients may prove who they are with a certificate or with a token.
+            config = config.client_auth_optional(true);
+        }
     }
     Ok(config)
 }
@@ -110,6 +114,7 @@ mod tests {
             key: kits.join("coordinator/server.key"),
             client_ca: Some(kits.join("coordinator/ca.pem")),
             allowed_clients: None,
+            client_tokens: None,
         };
         assert!(server_config(&good).is_ok());
         let missing = PathBuf::from("/nonexistent/server.key");

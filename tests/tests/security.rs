@@ -431,3 +431,98 @@ fn a_client_taken_off_the_allow_list_is_refused_and_the_run_goes_on() {
         clients[i].expect_success(Duration::from_secs(30));
     }
 }
+
+/// `fedtune-coordinator token add NAME`: the printed token, saved to a file for the device.
+fn token_for(tokens: &Path, name: &str, dir: &Path) -> std::path::PathBuf {
+    let out = std::process::Command::new(coordinator_bin())
+        .args(["token", "add", name, "--file"])
+        .arg(tokens)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let stored = std::fs::read_to_string(tokens).unwrap();
+    assert!(!stored.contains(token.trim()), "only the hash is kept");
+    let path = dir.join(format!("{name}.token"));
+    std::fs::write(&path, token).unwrap();
+    path
+}
+
+#[test]
+fn clients_without_certificates_join_with_tokens_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let kits = d.join("kits");
+    provision(&kits, "unused");
+    let tokens = d.join("tokens.txt");
+    let (t1, t2) = (
+        token_for(&tokens, "sensor-1", d),
+        token_for(&tokens, "sensor-2", d),
+    );
+    let port = free_port();
+    let f = |p: &str| kits.join(p).display().to_string();
+    let mut coordinator = Proc::spawn(
+        "coordinator",
+        coordinator_bin(),
+        &[
+            "serve",
+            "--tls-cert",
+            &f("coordinator/server.pem"),
+            "--tls-key",
+            &f("coordinator/server.key"),
+            "--client-tokens",
+            tokens.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--rounds",
+            "2",
+            "--min-clients",
+            "2",
+            "--model",
+            "mlp",
+            "--out",
+            d.join("out").to_str().unwrap(),
+        ]
+        .map(String::from),
+        d,
+    );
+    let flags = |token: Option<&Path>| {
+        let mut v = vec![
+            "--coordinator".to_string(),
+            format!("https://127.0.0.1:{port}"),
+            "--ca-cert".into(),
+            f("ca/ca.pem"),
+        ];
+        if let Some(t) = token {
+            v.extend(["--token-file".into(), t.display().to_string()]);
+        }
+        v
+    };
+    let wrong = d.join("wrong.token");
+    std::fs::write(&wrong, "fedtune_00000000\n").unwrap();
+    let mut refused = [
+        (
+            client(d, "wrong-token", &flags(Some(&wrong))),
+            "unknown client token",
+        ),
+        (client(d, "no-token", &flags(None)), "or a client token"),
+    ];
+    let mut sensors = [
+        client(d, "sensor-1", &flags(Some(&t1))),
+        client(d, "sensor-2", &flags(Some(&t2))),
+    ];
+    for (p, want) in &mut refused {
+        let log = fails(p);
+        assert!(log.contains(*want), "{}: {log}", p.name);
+    }
+    coordinator.expect_success(Duration::from_secs(240));
+    for s in &mut sensors {
+        s.expect_success(Duration::from_secs(30));
+    }
+    let log = coordinator.output();
+    assert!(log.contains("client joined: sensor-1"), "{log}");
+}

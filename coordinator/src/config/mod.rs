@@ -327,6 +327,7 @@ impl ServeArgs {
             tls_key: file.tls_key.clone(),
             client_ca: file.client_ca.clone(),
             allowed_clients: file.allowed_clients.clone(),
+            client_tokens: file.client_tokens.clone(),
             insecure: file.insecure,
             max_clients: file.max_clients,
             max_streams_per_client: file.max_streams_per_client,

@@ -21,10 +21,15 @@ pub struct SecurityArgs {
     /// TLS) and is named by its certificate's common name.
     #[arg(long)]
     pub client_ca: Option<PathBuf>,
-    /// With --client-ca: a file of allowed client names or certificate SHA-256 fingerprints,
-    /// one per line; re-read when it changes [default: every certificate of the CA].
+    /// With --client-ca or --client-tokens: a file of allowed client names or certificate
+    /// SHA-256 fingerprints, one per line; re-read when it changes [default: every client the
+    /// CA or the token file names].
     #[arg(long)]
     pub allowed_clients: Option<PathBuf>,
+    /// Client tokens for devices without a client certificate (`fedtune-coordinator token
+    /// add`): clients present one over TLS and are named by its owner; re-read when it changes.
+    #[arg(long)]
+    pub client_tokens: Option<PathBuf>,
     /// Serve plaintext HTTP/2 without TLS: anyone who reaches the port can read the model and
     /// submit updates. For a trusted network or a local test only.
     #[arg(long)]
@@ -47,6 +52,7 @@ pub struct SecurityFile {
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
     pub allowed_clients: Option<PathBuf>,
+    pub client_tokens: Option<PathBuf>,
     pub insecure: bool,
     pub max_clients: Option<usize>,
     pub max_streams_per_client: Option<usize>,
@@ -97,6 +103,8 @@ pub struct TlsFiles {
     /// Mutual TLS when set.
     pub client_ca: Option<PathBuf>,
     pub allowed_clients: Option<PathBuf>,
+    /// Bearer tokens naming clients without certificates.
+    pub client_tokens: Option<PathBuf>,
 }
 
 impl Security {
@@ -129,8 +137,14 @@ pub fn resolve(
     let key = pick(&args.tls_key, &file.tls_key);
     let client_ca = pick(&args.client_ca, &file.client_ca);
     let allowed_clients = pick(&args.allowed_clients, &file.allowed_clients);
+    let client_tokens = pick(&args.client_tokens, &file.client_tokens);
     let insecure = args.insecure || file.insecure;
     if insecure {
+        if client_tokens.is_some() {
+            bail!(
+                "`client_tokens` with `insecure` would send the tokens in clear: serve TLS (--tls-cert, --tls-key)"
+            );
+        }
         if cert.is_some() || client_ca.is_some() {
             bail!(
                 "`insecure` serves plaintext, but TLS files are also given (`tls_cert` / `client_ca`): drop one or the other"
@@ -148,9 +162,9 @@ pub fn resolve(
         }
         (None, Some(_)) => bail!("--tls-key is given without --tls-cert"),
     };
-    if allowed_clients.is_some() && client_ca.is_none() {
+    if allowed_clients.is_some() && client_ca.is_none() && client_tokens.is_none() {
         bail!(
-            "`allowed_clients` names clients by certificate, so it needs `client_ca` (mutual TLS)"
+            "`allowed_clients` names authenticated clients, so it needs `client_ca` (mutual TLS) or `client_tokens`"
         );
     }
     Ok(Security::Tls(TlsFiles {
@@ -158,5 +172,6 @@ pub fn resolve(
         key,
         client_ca,
         allowed_clients,
+        client_tokens,
     }))
 }

@@ -174,7 +174,7 @@ fn tls_is_the_default_and_plaintext_must_be_asked_for() {
                 allowed_clients: p("allow.txt"),
                 ..Default::default()
             },
-            "needs `client_ca`",
+            "needs `client_ca` (mutual TLS) or `client_tokens`",
         ),
     ];
     for (security, want) in cases {
@@ -213,6 +213,7 @@ fn tls_paths_in_the_config_file_are_relative_to_it() {
             key: PathBuf::from("/abs/server.key"),
             client_ca: Some(dir.path().join("ca.pem")),
             allowed_clients: None,
+            client_tokens: None,
         })
     );
     assert!(cfg.security.is_mutual());
