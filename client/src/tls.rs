@@ -101,10 +101,9 @@ pub fn secure(endpoint: Endpoint, url: &str, sec: &ClientSecurity) -> anyhow::Re
         .timeout(Duration::from_secs(10));
     match (&sec.cert, &sec.key) {
         (Some(cert), Some(key)) => {
-            tls = tls.identity(Identity::from_pem(
-                read(cert, "--cert")?,
-                read(key, "--key")?,
-            ));
+            let pem = read(cert, "--cert")?;
+            check_own_certificate(&pem, cert)?;
+            tls = tls.identity(Identity::from_pem(pem, read(key, "--key")?));
         }
         (None, None) => {}
         (Some(_), None) => bail!("--cert is given without --key (the certificate's private key)"),
@@ -128,6 +127,40 @@ fn read(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
         );
     }
     Ok(bytes)
+}
+
+/// Refuses this client's own certificate when it is outside its validity period: the
+/// coordinator would refuse it at every handshake, so say so before dialing, naming the file.
+fn check_own_certificate(pem: &[u8], path: &Path) -> anyhow::Result<()> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::pem_slice_iter(pem)
+        .next()
+        .and_then(Result::ok)
+        .with_context(|| format!("--cert {}: no PEM certificate in it", path.display()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| {
+        anyhow::anyhow!(
+            "--cert {}: not a readable X.509 certificate ({e})",
+            path.display()
+        )
+    })?;
+    let validity = cert.validity();
+    if validity.time_to_expiration().is_none() {
+        let now = x509_parser::time::ASN1Time::now();
+        if now < validity.not_before {
+            bail!(
+                "--cert {}: this client's certificate is not valid until {}: check this device's clock",
+                path.display(),
+                validity.not_before
+            );
+        }
+        bail!(
+            "--cert {}: this client's certificate expired on {}: ask the coordinator's operator for a new kit",
+            path.display(),
+            validity.not_after
+        );
+    }
+    Ok(())
 }
 
 /// A TLS failure somewhere in `err`'s chain, told as what went wrong and what to do; `None`

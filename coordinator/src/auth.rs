@@ -18,7 +18,10 @@ use tracing::warn;
 use crate::tokens::ClientTokens;
 use crate::watched::Watched;
 
-/// A client as its certificate names it.
+/// What stands for the fingerprint of a client known by its client token.
+const TOKEN_FINGERPRINT: &str = "token:";
+
+/// A client as its certificate (or its client token) names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// The certificate's common name (the kit's client name).
@@ -139,7 +142,7 @@ impl Gate {
                 "unknown client token: use the token `fedtune-coordinator token add` printed for this client (a deleted line revokes it)",
             )
         })?;
-        let fingerprint = format!("token:{name}");
+        let fingerprint = format!("{TOKEN_FINGERPRINT}{name}");
         Ok(Some(Identity { name, fingerprint }))
     }
 
@@ -181,13 +184,25 @@ impl Gate {
         }
     }
 
-    /// Checks a call made with `token`: the caller must be the identity that joined with it,
-    /// and still allowed.
-    pub fn check<T>(&self, request: &Request<T>, token: &str) -> Result<(), Denial> {
-        self.check_caller(self.identify(request).map_err(Denial::Refused)?, token)
+    /// Whether `token`'s session belongs to a client that joined with a client token that
+    /// has since been deleted from the tokens file (revoked): its session must end, like that
+    /// of a client taken off the allow-list.
+    pub fn token_revoked(&self, token: &str) -> bool {
+        let Some(tokens) = &self.tokens else {
+            return false;
+        };
+        let owner = self
+            .bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            .cloned();
+        owner
+            .is_some_and(|o| o.fingerprint.starts_with(TOKEN_FINGERPRINT) && !tokens.names(&o.name))
     }
 
-    /// As [`Gate::check`], for a caller identified before its request was taken apart.
+    /// Checks a call made with `token` by `caller` (from [`Gate::identify`]): the caller must
+    /// be the identity that joined with it, and still allowed.
     pub fn check_caller(&self, caller: Option<Identity>, token: &str) -> Result<(), Denial> {
         let owner = self
             .bound

@@ -40,7 +40,7 @@ use fedtune_common::pretrained;
 use fedtune_common::tensors::TensorSet;
 use fedtune_proto::federation_server::FederationServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::auth::{AllowList, Gate};
@@ -240,16 +240,15 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         );
     }
 
-    let mut builder = tonic::transport::Server::builder();
-    let gate = match &cfg.security {
+    let (gate, tls) = match &cfg.security {
         Security::Insecure => {
             warn!(
                 "serving plaintext (--insecure): anyone who reaches {addr} can read the model and submit updates"
             );
-            Gate::new(false, None, None)
+            (Gate::new(false, None, None), None)
         }
         Security::Tls(files) => {
-            builder = builder.tls_config(tls::server_config(files)?)?;
+            let tls = tls::ServerTls::load(files)?;
             let allow = files
                 .allowed_clients
                 .as_deref()
@@ -280,7 +279,10 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
                 .as_deref()
                 .map(tokens::ClientTokens::open)
                 .transpose()?;
-            Gate::new(files.client_ca.is_some(), allow, tokens)
+            (
+                Gate::new(files.client_ca.is_some(), allow, tokens),
+                Some(tls),
+            )
         }
     };
     let engine = Arc::new(Federation::new(cfg.clone(), specs));
@@ -291,17 +293,25 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         admission,
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = builder
+    let router = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = stop_rx.await;
-        });
-    let server = tokio::spawn(server);
+        .add_service(service);
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    let server = match tls {
+        Some(tls) => {
+            tokio::spawn(router.serve_with_incoming_shutdown(tls::incoming(listener, tls), stopped))
+        }
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stopped,
+        )),
+    };
 
     let hf_sources = match (&cfg.hf_init, &cfg.tokenizer) {
         (Some(model_dir), Some(tokenizer)) => Some(HfSources {

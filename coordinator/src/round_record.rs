@@ -51,6 +51,21 @@ pub struct RoundRecord {
     pub aggregate_ms: u64,
     pub eval_ms: u64,
     pub round_ms: u64,
+    /// Each client selected for training, by the name it is known by (its certificate's or
+    /// token's identity when the coordinator authenticates clients). In metrics.jsonl, not
+    /// in the log line.
+    pub clients: Vec<ClientOutcome>,
+}
+
+/// What one selected client did in a round's training phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientOutcome {
+    pub client: String,
+    /// `reported`, `failed`, or `missing` (nothing before the round closed).
+    pub outcome: &'static str,
+    pub reason: Option<String>,
+    pub num_examples: Option<u64>,
+    pub train_loss: Option<f64>,
 }
 
 fn num(v: Option<f64>, digits: usize) -> String {

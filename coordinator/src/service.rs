@@ -137,7 +137,9 @@ impl FederationRpc for FederationService {
         request: Request<Streaming<pb::UpdateFrame>>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
         let started = std::time::Instant::now();
-        let caller = self.gate.identify(&request)?;
+        // Told after the header, which names the session: a client whose token was deleted
+        // is refused and its session ended.
+        let caller = self.gate.identify(&request);
         let peer = peer_name(&request);
         let mut frames = request.into_inner();
         let header = match frames.next().await {
@@ -152,6 +154,7 @@ impl FederationRpc for FederationService {
             Some(Err(e)) => return Err(e),
             None => return Err(Status::invalid_argument("empty update stream")),
         };
+        let caller = self.revoke_if_token_deleted(caller, &header.session_token)?;
         self.admit_caller(caller, &header.session_token)?;
         let _slot = self.admission.stream(
             &header.session_token,
@@ -279,11 +282,26 @@ fn peer_name<T>(request: &Request<T>) -> String {
 }
 
 impl FederationService {
-    /// The gate's check of a call made with `token`; a client taken off the allow-list also
-    /// loses its session, so the open round stops waiting for it.
+    /// The gate's check of a call made with `token`; a client taken off the allow-list, or
+    /// whose client token was deleted, also loses its session, so the open round stops
+    /// waiting for it.
     fn check<T>(&self, request: &Request<T>, token: &str) -> Result<(), Status> {
-        let caller = self.gate.identify(request)?;
+        let caller = self.revoke_if_token_deleted(self.gate.identify(request), token)?;
         self.admit_caller(caller, token)
+    }
+
+    /// `identified` (the gate's answer to who calls with session `token`); when the caller
+    /// could not be identified because its client token was deleted, its session ends too.
+    fn revoke_if_token_deleted(
+        &self,
+        identified: Result<Option<Identity>, Status>,
+        token: &str,
+    ) -> Result<Option<Identity>, Status> {
+        identified.inspect_err(|status| {
+            if self.gate.token_revoked(token) {
+                self.engine.revoke(token, status.message());
+            }
+        })
     }
 
     fn admit_caller(&self, caller: Option<Identity>, token: &str) -> Result<(), Status> {

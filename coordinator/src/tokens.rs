@@ -60,6 +60,11 @@ impl ClientTokens {
     pub fn owner(&self, token: &str) -> Option<String> {
         self.0.current().get(&hash(token)).cloned()
     }
+
+    /// Whether `name` still has a token in the file.
+    pub fn names(&self, name: &str) -> bool {
+        self.0.current().values().any(|n| n == name)
+    }
 }
 
 /// Issues a token for `name` into the file at `path` (created 0600 if missing) and returns it;

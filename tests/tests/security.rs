@@ -86,6 +86,20 @@ fn kit_flags(kits: &Path, name: &str, port: u16) -> Vec<String> {
     ]
 }
 
+/// Waits (up to two minutes) until `p` has logged `want`.
+fn wait_for_log(p: &Proc, want: &str) {
+    let started = std::time::Instant::now();
+    while !p.output().contains(want) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{}: no `{want}` in {}",
+            p.name,
+            p.output()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits for `p` to fail and returns its log.
 fn fails(p: &mut Proc) -> String {
     let status = p.wait(Duration::from_secs(90));
@@ -125,6 +139,26 @@ fn a_provisioned_federation_runs_over_mutual_tls_naming_clients_by_certificate()
         "clients are named by their certificates: {log}"
     );
     assert!(!log.contains("impostor"), "{log}");
+    let metrics = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let names: Vec<_> = row["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["client"].as_str().unwrap(),
+                    c["outcome"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [("site-a", "reported"), ("site-b", "reported")],
+            "metrics name clients by certificate: {line}"
+        );
+    }
 }
 
 #[test]
@@ -135,7 +169,7 @@ fn each_wrong_way_in_is_refused_with_what_to_do() {
     provision(&other, "site-b");
     let allow = dir.path().join("allowed.txt");
     std::fs::write(&allow, "# who may join\nsite-a\n").unwrap();
-    let (_coordinator, port) = serve(
+    let (coordinator, port) = serve(
         dir.path(),
         &kits,
         5,
@@ -215,6 +249,170 @@ fn each_wrong_way_in_is_refused_with_what_to_do() {
         let log = fails(p);
         assert!(log.contains(*want), "{}: wanted `{want}` in {log}", p.name);
     }
+    // The coordinator tells each refused handshake too, naming the peer.
+    let log = coordinator.output();
+    for want in [
+        "refused a TLS connection from 127.0.0.1:",
+        "its client certificate is not issued by the client CA",
+        "it presented no client certificate",
+        "the client does not accept this coordinator's certificate",
+        "it did not speak TLS",
+        "refused client `site-c`",
+    ] {
+        assert!(log.contains(want), "coordinator: wanted `{want}` in {log}");
+    }
+}
+
+/// A certificate for client `name` issued by `kits`' CA, valid only in 2020.
+fn expired_client_certificate(kits: &Path, name: &str, out: &Path) -> (String, String) {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+    let read = |p: &str| std::fs::read_to_string(kits.join(p)).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(
+        &read("ca/ca.pem"),
+        KeyPair::from_pem(&read("ca/ca.key")).unwrap(),
+    )
+    .unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::create_dir_all(out).unwrap();
+    let (c, k) = (out.join("client.pem"), out.join("client.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c.display().to_string(), k.display().to_string())
+}
+
+#[tokio::test]
+async fn an_expired_client_certificate_is_refused_on_both_sides() {
+    fedtune_proto::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let kits = dir.path().join("kits");
+    provision(&kits, "site-a");
+    let (cert, key) = expired_client_certificate(&kits, "site-a", &dir.path().join("expired"));
+    let (coordinator, port) = serve(dir.path(), &kits, 2, &[]);
+    let ca = kits.join("ca/ca.pem").display().to_string();
+    let url = format!("https://127.0.0.1:{port}");
+
+    // The client knows its own certificate is out of date before it dials.
+    let mut cli = client(
+        dir.path(),
+        "expired",
+        &[
+            "--coordinator".into(),
+            url.clone(),
+            "--ca-cert".into(),
+            ca.clone(),
+            "--cert".into(),
+            cert.clone(),
+            "--key".into(),
+            key.clone(),
+        ],
+    );
+    let log = fails(&mut cli);
+    assert!(
+        log.contains(&format!(
+            "--cert {cert}: this client's certificate expired on"
+        )),
+        "{log}"
+    );
+
+    // A peer that dials with it anyway is refused at the handshake (seen on its first call).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&ca).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(&cert).unwrap(),
+            std::fs::read(&key).unwrap(),
+        ));
+    let channel = Endpoint::from_shared(url)
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_lazy();
+    let refused = FederationClient::new(channel)
+        .join(pb::JoinRequest {
+            protocol_version: fedtune_proto::PROTOCOL_VERSION,
+            name: "site-a".into(),
+            device: "flex".into(),
+            num_examples: 10,
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(refused.code(), tonic::Code::Ok);
+    let started = std::time::Instant::now();
+    while !coordinator.output().contains("has expired") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            coordinator.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = coordinator.output();
+    assert!(
+        log.contains("refused a TLS connection from 127.0.0.1:")
+            && log.contains("its client certificate has expired (on 2021-01-01)"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_renewed_certificate_and_client_ca_are_served_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    provision(&old, "site-a");
+    provision(&new, "site-a");
+    let live = dir.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    let put = |from: &Path| {
+        for name in ["server.pem", "server.key", "ca.pem"] {
+            std::fs::copy(from.join("coordinator").join(name), live.join(name)).unwrap();
+        }
+    };
+    put(&old);
+    let port = free_port();
+    let f = |name: &str| live.join(name).display().to_string();
+    let mut coordinator = Proc::spawn(
+        "coordinator",
+        coordinator_bin(),
+        &[
+            "serve",
+            "--tls-cert",
+            &f("server.pem"),
+            "--tls-key",
+            &f("server.key"),
+            "--client-ca",
+            &f("ca.pem"),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--rounds",
+            "1",
+            "--min-clients",
+            "1",
+            "--model",
+            "mlp",
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
+        ]
+        .map(String::from),
+        dir.path(),
+    );
+    wait_for_log(&coordinator, "TLS with");
+    // The operator rotates the whole federation to a new authority while the coordinator runs.
+    put(&new);
+    let mut c = client(dir.path(), "site-a", &kit_flags(&new, "site-a", port));
+    coordinator.expect_success(Duration::from_secs(120));
+    c.expect_success(Duration::from_secs(30));
+    let log = coordinator.output();
+    assert!(
+        log.contains("TLS files") && log.contains("changed: re-read"),
+        "{log}"
+    );
+    assert!(log.contains("round 1/1 | clients 1/1 ok"), "{log}");
 }
 
 #[test]
@@ -405,21 +603,17 @@ fn a_client_taken_off_the_allow_list_is_refused_and_the_run_goes_on() {
         .iter()
         .map(|name| client(dir.path(), name, &kit_flags(&kits, name, port)))
         .collect();
-    let started = std::time::Instant::now();
-    while !coordinator.output().contains("round 1/4 |") {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "{}",
-            coordinator.output()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_log(&coordinator, "round 1/4 |");
     std::fs::write(&allow, "site-a\nsite-c\n").unwrap();
     coordinator.expect_success(Duration::from_secs(240));
     let log = coordinator.output();
     assert!(log.contains("round 4/4"), "{log}");
     assert!(
         log.contains("allow-list") && log.contains("changed"),
+        "{log}"
+    );
+    assert!(
+        log.contains("ended the session of site-b: client `site-b` is no longer"),
         "{log}"
     );
     let b = fails(&mut clients[1]);
@@ -525,4 +719,80 @@ fn clients_without_certificates_join_with_tokens_over_tls() {
     }
     let log = coordinator.output();
     assert!(log.contains("client joined: sensor-1"), "{log}");
+}
+
+#[test]
+fn a_client_whose_token_is_deleted_is_refused_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let kits = d.join("kits");
+    provision(&kits, "unused");
+    let tokens = d.join("tokens.txt");
+    let files: Vec<_> = ["sensor-1", "sensor-2", "sensor-3"]
+        .iter()
+        .map(|n| token_for(&tokens, n, d))
+        .collect();
+    let port = free_port();
+    let f = |p: &str| kits.join(p).display().to_string();
+    let mut coordinator = Proc::spawn(
+        "coordinator",
+        coordinator_bin(),
+        &[
+            "serve",
+            "--tls-cert",
+            &f("coordinator/server.pem"),
+            "--tls-key",
+            &f("coordinator/server.key"),
+            "--client-tokens",
+            tokens.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--rounds",
+            "4",
+            "--min-clients",
+            "2",
+            "--model",
+            "mlp",
+            "--out",
+            d.join("out").to_str().unwrap(),
+        ]
+        .map(String::from),
+        d,
+    );
+    let mut sensors: Vec<Proc> = files
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let flags = vec![
+                "--coordinator".to_string(),
+                format!("https://127.0.0.1:{port}"),
+                "--ca-cert".into(),
+                f("ca/ca.pem"),
+                "--token-file".into(),
+                t.display().to_string(),
+            ];
+            client(d, &format!("sensor-{}", i + 1), &flags)
+        })
+        .collect();
+    wait_for_log(&coordinator, "round 1/4 |");
+    // Revoking a device: delete its line.
+    let kept: String = std::fs::read_to_string(&tokens)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("sensor-2 "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&tokens, kept).unwrap();
+    coordinator.expect_success(Duration::from_secs(240));
+    let log = coordinator.output();
+    assert!(log.contains("round 4/4"), "{log}");
+    assert!(
+        log.contains("ended the session of sensor-2: unknown client token"),
+        "{log}"
+    );
+    let revoked = fails(&mut sensors[1]);
+    assert!(revoked.contains("unknown client token"), "{revoked}");
+    for i in [0, 2] {
+        sensors[i].expect_success(Duration::from_secs(30));
+    }
 }

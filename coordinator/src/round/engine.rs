@@ -191,6 +191,7 @@ impl Federation {
                 aggregate_ms,
                 eval_ms: 0,
                 round_ms: 0,
+                clients: fit.outcomes.clone(),
             };
             if let Some(f) = fed_eval {
                 record.set_fed_eval(&f);
@@ -526,28 +527,45 @@ impl Federation {
                     PhaseKind::Fit { .. } => "update",
                     PhaseKind::Evaluate => "evaluation",
                 };
+                let mut outcomes = Vec::with_capacity(open.tasks.len());
                 for (id, t) in &open.tasks {
                     let name = names.get(id).map_or(id.as_str(), String::as_str);
-                    match &t.status {
+                    let report = open.reports.iter().find(|r| &r.client_id == id);
+                    let (outcome, reason) = match &t.status {
                         TaskStatus::Assigned | TaskStatus::Uploading => {
-                            warn!("no {what} from {name} before round {round} closed")
+                            warn!("no {what} from {name} before round {round} closed");
+                            (
+                                "missing",
+                                Some(format!("no {what} before the round closed")),
+                            )
                         }
                         TaskStatus::Failed(reason) => {
-                            warn!("{name} failed in round {round}: {reason}")
+                            warn!("{name} failed in round {round}: {reason}");
+                            ("failed", Some(reason.clone()))
                         }
-                        TaskStatus::Reported => {}
-                    }
+                        TaskStatus::Reported => ("reported", None),
+                    };
+                    outcomes.push(ClientOutcome {
+                        client: name.to_string(),
+                        outcome,
+                        reason,
+                        num_examples: report.map(|r| r.num_examples),
+                        train_loss: report.and_then(|r| r.metrics.get("train_loss").copied()),
+                    });
                 }
+                outcomes.sort_by(|a, b| a.client.cmp(&b.client));
                 Closed {
                     selected: open.tasks.len(),
                     reports: open.reports,
                     stats: open.stats,
+                    outcomes,
                 }
             }
             _ => Closed {
                 selected: 0,
                 reports: Vec::new(),
                 stats: Arc::new(RoundStats::default()),
+                outcomes: Vec::new(),
             },
         }
     }
@@ -576,6 +594,8 @@ struct Closed {
     selected: usize,
     reports: Vec<ClientReport>,
     stats: Arc<RoundStats>,
+    /// Each selected client's part, by name.
+    outcomes: Vec<ClientOutcome>,
 }
 
 fn weighted_mean(

@@ -33,7 +33,7 @@ pub use crate::broadcast::Broadcast;
 use crate::clients::Clients;
 use crate::config::{OnRoundFailure, ServeConfig};
 use crate::evaluation::ServerEval;
-use crate::round_record::{RoundRecord, human_bytes};
+use crate::round_record::{ClientOutcome, RoundRecord, human_bytes};
 use crate::run_dir::RunDir;
 use crate::strategy::{AggregateError, Aggregator, Candidate, EvalReport, FitPlan, Strategy};
 
@@ -159,6 +159,8 @@ struct TaskState {
 }
 
 struct ClientReport {
+    /// The session that sent it.
+    client_id: String,
     num_examples: u64,
     metrics: HashMap<String, f64>,
 }

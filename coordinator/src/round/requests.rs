@@ -46,6 +46,8 @@ impl Federation {
         let Some(id) = st.clients.revoke(token) else {
             return;
         };
+        let name = st.clients.by_id(&id).map_or(id.clone(), |c| c.name.clone());
+        warn!("ended the session of {name}: {reason}");
         if let Phase::Open(open) = &mut st.phase
             && let Some(task) = open.tasks.get_mut(&id)
             && task.status == TaskStatus::Assigned
@@ -354,6 +356,7 @@ impl Federation {
             };
             task.status = TaskStatus::Reported;
             open.reports.push(ClientReport {
+                client_id: ticket.client_id.clone(),
                 num_examples: ticket.num_examples,
                 metrics: ticket.metrics,
             });
@@ -430,6 +433,7 @@ impl Federation {
             TaskStatus::Assigned | TaskStatus::Uploading => task.status = TaskStatus::Reported,
         }
         open.reports.push(ClientReport {
+            client_id: issued.client_id.clone(),
             num_examples: report.num_examples,
             metrics: report.metrics.clone(),
         });
