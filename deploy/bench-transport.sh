@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Transport benchmark: a synthetic model of PARAMS parameters (~10 tensors), CLIENTS clients that
 # send a fixed delta without training (--train none), ROUNDS rounds on 127.0.0.1. Prints each
-# round's time and bytes (from metrics.jsonl), the effective throughput, and the peak memory
-# (max RSS) of the coordinator and of each client.
+# round's time and bytes (from metrics.jsonl), the effective throughput, the peak memory
+# (max RSS) and the CPU time of the coordinator and of each client.
 #
 #   deploy/bench-transport.sh [PARAMS=100M] [CLIENTS=2] [ROUNDS=3]
 #
@@ -28,12 +28,12 @@ else
 fi
 client_tls() { if [ -n "${INSECURE:-}" ]; then echo --insecure; else echo --config "$work/kits/clients/bench-$1/client.toml"; fi; }
 
-/usr/bin/time -f "%M" -o "$work/coordinator.rss" "$bin/fedtune-coordinator" serve "${serve_tls[@]}" --listen "127.0.0.1:$port" \
+/usr/bin/time -f "%U %S %M" -o "$work/coordinator.rss" "$bin/fedtune-coordinator" serve "${serve_tls[@]}" --listen "127.0.0.1:$port" \
   --model "synthetic:$params" --rounds "$rounds" --min-clients "$clients" --out "$work/out" ${COORDINATOR_ARGS:-} 2> "$work/coordinator.log" &
 coord=$!
 for i in $(seq 1 "$clients"); do
   # shellcheck disable=SC2046
-  /usr/bin/time -f "%M" -o "$work/client$i.rss" "$bin/fedtune-client" run $(client_tls "$i") --coordinator "$url" \
+  /usr/bin/time -f "%U %S %M" -o "$work/client$i.rss" "$bin/fedtune-client" run $(client_tls "$i") --coordinator "$url" \
     --train none --name "bench-$i" --no-progress 2> "$work/client$i.log" &
 done
 wait $coord || { echo "coordinator failed:"; tail -20 "$work/coordinator.log"; exit 1; }
@@ -49,4 +49,6 @@ for r in rows:
           f"  -> {moved/1e9/(r['round_ms']/1000):5.2f} GB/s  (aggregate {r['aggregate_ms']} ms)")
 rss = lambda name: int(open(f"{work}/{name}.rss").read().split()[-1]) / 1024 / 1024
 print(f"  peak RSS: coordinator {rss('coordinator'):.2f} GiB; clients " + ", ".join(f"{rss(f'client{i}'):.2f}" for i in range(1, clients + 1)) + " GiB")
+cpu = lambda name: sum(float(x) for x in open(f"{work}/{name}.rss").read().split()[-3:-1])
+print(f"  CPU time (user + system): coordinator {cpu('coordinator'):.1f} s; clients " + ", ".join(f"{cpu(f'client{i}'):.1f}" for i in range(1, clients + 1)) + f" s; {len(rows)} rounds")
 PY
