@@ -386,7 +386,8 @@ fn throwaway_kits(out: &Path, clients: usize) -> anyhow::Result<PathBuf> {
         sans: vec!["127.0.0.1".into(), "localhost".into()],
         clients: (1..=clients).map(|i| format!("client-{i}")).collect(),
         url: "https://127.0.0.1:50051".into(),
-        days: 7,
+        // Past the coordinator's 14-day expiry warning: a throwaway kit is not to be renewed.
+        days: 30,
     })?;
     Ok(kits)
 }

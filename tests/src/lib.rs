@@ -52,7 +52,7 @@ pub fn kit_dir(clients: &[&str]) -> PathBuf {
         sans: vec!["127.0.0.1".into(), "localhost".into()],
         clients: clients.iter().map(|s| s.to_string()).collect(),
         url: "https://127.0.0.1:50051".into(),
-        days: 2,
+        days: 30,
     })
     .expect("provision the test kits");
     dir.clone()

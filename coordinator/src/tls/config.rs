@@ -31,8 +31,6 @@ pub struct ServerTls {
 impl ServerTls {
     pub fn load(files: &TlsFiles) -> anyhow::Result<Self> {
         fedtune_proto::install_crypto_provider();
-        // Checked once with full context first: at start a wrong file stops the coordinator.
-        build(files)?;
         let mut paths = vec![files.cert.clone(), files.key.clone()];
         paths.extend(files.client_ca.iter().cloned());
         let owned = files.clone();
