@@ -184,6 +184,15 @@ impl Gate {
         }
     }
 
+    /// The identity that joined with session `token`.
+    fn owner(&self, token: &str) -> Option<Identity> {
+        self.bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            .cloned()
+    }
+
     /// Whether `token`'s session belongs to a client that joined with a client token that
     /// has since been deleted from the tokens file (revoked): its session must end, like that
     /// of a client taken off the allow-list.
@@ -191,12 +200,7 @@ impl Gate {
         let Some(tokens) = &self.tokens else {
             return false;
         };
-        let owner = self
-            .bound
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(token)
-            .cloned();
+        let owner = self.owner(token);
         owner
             .is_some_and(|o| o.fingerprint.starts_with(TOKEN_FINGERPRINT) && !tokens.names(&o.name))
     }
@@ -204,12 +208,7 @@ impl Gate {
     /// Checks a call made with `token` by `caller` (from [`Gate::identify`]): the caller must
     /// be the identity that joined with it, and still allowed.
     pub fn check_caller(&self, caller: Option<Identity>, token: &str) -> Result<(), Denial> {
-        let owner = self
-            .bound
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(token)
-            .cloned();
+        let owner = self.owner(token);
         match (owner, caller) {
             (None, None) if !self.authenticated => Ok(()),
             (None, _) => Err(Denial::Refused(Status::unauthenticated(
