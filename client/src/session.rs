@@ -346,6 +346,7 @@ async fn train_round(
     // Different clients shuffle differently within a round, the same way in every run.
     let seed = cfg.seed ^ opts.seed.rotate_left(17) ^ fxhash(&opts.name);
     let (settings, dropout) = task_config::settings_from(&cfg, opts.caps, seed, &opts.name)?;
+    let local_dp = task_config::local_dp_from(&cfg)?;
 
     let started = std::time::Instant::now();
     let update = match (opts.train, data) {
@@ -393,6 +394,15 @@ async fn train_round(
     };
     let mut update = update?;
     let train_s = started.elapsed().as_secs_f64();
+    if let Some((clip, sigma)) = local_dp {
+        let norm = fedtune_common::dp::privatize(&mut update.delta, clip, sigma);
+        info!(
+            "{} round {}: local DP: update norm {norm:.4} {} {clip}, Gaussian noise σ {sigma:.4} added",
+            opts.name,
+            task.round,
+            if norm > clip { "clipped to" } else { "within" }
+        );
+    }
     if let Some(attack) = opts.attack {
         attack.apply(&mut update.delta, settings.seed);
     }

@@ -86,3 +86,22 @@ pub fn settings_from(
     };
     Ok((settings, dropout))
 }
+
+/// Local DP a Train task asks for: (clip, noise standard deviation), `None` when off. A task
+/// that asks for noise without a bound, or for values that are not numbers, is refused: the
+/// update must never leave without the protection the run promises.
+pub fn local_dp_from(cfg: &pb::TrainConfig) -> anyhow::Result<Option<(f64, f64)>> {
+    let (clip, sigma) = (cfg.dp_clip_norm, cfg.dp_noise_stddev);
+    if !(clip.is_finite() && clip >= 0.0 && sigma.is_finite() && sigma >= 0.0) {
+        bail!(
+            "the coordinator asked for local DP with clip {clip} and noise {sigma}: both must be numbers >= 0; the update is not sent"
+        );
+    }
+    match (clip > 0.0, sigma > 0.0) {
+        (false, false) => Ok(None),
+        (true, _) => Ok(Some((clip, sigma))),
+        (false, true) => bail!(
+            "the coordinator asked for local DP noise {sigma} without a clipping bound; the update is not sent"
+        ),
+    }
+}

@@ -9,11 +9,14 @@
 //! - [`checkpoint`]: safetensors files in and out; [`pretrained`]: pre-trained weights in
 //!   (safetensors, PyTorch, key remapping, head reset) and the PyTorch layout out.
 //! - [`device`]: choosing flex / libtorch / CUDA at run time.
+//! - [`dp`]: differential privacy: clipping, noise, adaptive clipping, the accountant.
+//! - [`secagg`]: secure aggregation's building blocks: Shamir shares, quantisation.
 
 pub mod augment;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod dp;
 pub mod embed;
 pub mod freeze;
 pub mod logging;
@@ -23,6 +26,7 @@ pub mod optim;
 pub mod params;
 pub mod pretrained;
 pub mod proximal;
+pub mod secagg;
 pub mod spec_wire;
 pub mod tensors;
 pub mod train;

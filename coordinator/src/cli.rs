@@ -2,6 +2,7 @@
 
 use crate::config::ServeArgs;
 use crate::demo::{self, DemoArgs};
+use crate::dp_plan::{self, DpPlanArgs};
 use crate::embed_cmd::{self, EmbedArgs};
 use crate::pretrain::PretrainArgs;
 use crate::provision::{self, ProvisionPlan};
@@ -22,7 +23,7 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Run a whole local federation on real data: this coordinator plus client processes on
     /// 127.0.0.1, Fashion-MNIST split non-IID across the clients.
-    Demo(DemoArgs),
+    Demo(Box<DemoArgs>),
     /// Train a built-in model centrally on a public data set: the starting point (`--init`) of
     /// a federated fine-tuning run.
     Pretrain(PretrainArgs),
@@ -33,6 +34,9 @@ enum Command {
     /// (certificate, key, CA, client.toml) for a federation over mutual TLS; re-run to add
     /// clients.
     Provision(ProvisionArgs),
+    /// Plan a differentially private run: the noise multiplier for a target ε over a number of
+    /// rounds, or the ε each round spends at a given multiplier.
+    DpPlan(DpPlanArgs),
     /// Client tokens, for devices that cannot hold a client certificate.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -87,7 +91,11 @@ pub fn main() -> anyhow::Result<()> {
                 tokio::select! {
                     summary = crate::serve(cfg, listener) => {
                         let summary = summary?;
-                        tracing::info!("run complete: {} rounds; global model in {}, metrics in {}", summary.records.len(), summary.global_path.display(), summary.metrics_path.display());
+                        let how = match &summary.ended_early {
+                            Some(why) => format!("run ended early ({why})"),
+                            None => "run complete".to_string(),
+                        };
+                        tracing::info!("{how}: {} rounds; global model in {}, metrics in {}", summary.records.len(), summary.global_path.display(), summary.metrics_path.display());
                         Ok(())
                     }
                     _ = tokio::signal::ctrl_c() => {
@@ -96,12 +104,13 @@ pub fn main() -> anyhow::Result<()> {
                 }
             })
         }
-        Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Demo(args) => runtime.block_on(demo::run(*args)),
         Command::Pretrain(args) => {
             fedtune_common::logging::init(fedtune_common::logging::LogFormat::Text);
             crate::pretrain::run(args)
         }
         Command::Embed(args) => embed_cmd::run(args),
+        Command::DpPlan(args) => dp_plan::run(args),
         Command::Token(TokenCommand::Add { name, file }) => {
             let token = crate::tokens::add(&file, &name)?;
             eprintln!(

@@ -104,6 +104,13 @@ pub struct DemoArgs {
     /// Frozen tensors: patterns, head-only or none (see `serve --freeze`).
     #[arg(long)]
     pub freeze: Option<String>,
+    /// Fraction of clients that train each round (with --dp central: each client's chance
+    /// to be drawn).
+    #[arg(long, default_value_t = 1.0)]
+    pub fraction_fit: f64,
+    /// Differential privacy (see `serve --dp`).
+    #[command(flatten)]
+    pub privacy: crate::config::PrivacyArgs,
     /// Device of the clients: flex, libtorch or cuda:N.
     #[arg(long, default_value = "flex")]
     pub device: String,
@@ -258,6 +265,8 @@ pub(crate) fn serve_args(args: &DemoArgs, recipe: Recipe) -> anyhow::Result<Serv
         strategy: Some(args.strategy.clone()),
         server_lr: args.server_lr,
         fraction_evaluate: Some(args.fraction_evaluate),
+        fraction_fit: Some(args.fraction_fit),
+        privacy: args.privacy.clone(),
         log_format: Some(LogFormat::Text),
         seed: Some(args.seed),
         ..Default::default()
@@ -364,6 +373,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             human_bytes(r.bytes_up),
             human_bytes(r.bytes_up_full)
         );
+    }
+    if let Some(p) = summary.records.last().and_then(|r| r.privacy.as_ref()) {
+        let curve: Vec<String> = summary
+            .records
+            .iter()
+            .filter_map(|r| r.privacy.as_ref().map(|p| format!("{:.3}", p.epsilon)))
+            .collect();
+        println!(
+            "privacy ({} DP): ε per round {} at δ = {:e}",
+            p.mode,
+            curve.join(", "),
+            p.delta
+        );
+    }
+    if let Some(why) = &summary.ended_early {
+        println!("the run ended early: {why}");
     }
     println!("global model: {}", summary.global_path.display());
     println!("metrics:      {}", summary.metrics_path.display());

@@ -16,6 +16,7 @@ pub mod clients;
 pub mod config;
 pub mod demo;
 mod demo_text;
+pub mod dp_plan;
 pub mod embed_cmd;
 pub mod evaluation;
 pub mod hf_export;
@@ -50,6 +51,8 @@ use crate::hf_export::HfSources;
 use crate::round::{Federation, RunSummary, Start};
 use crate::run_dir::RunDir;
 use crate::service::FederationService;
+use crate::strategy::dp::Private;
+use crate::strategy::layout::Layout;
 use crate::strategy::{BuiltIn, Strategy};
 
 /// HTTP/2 flow-control windows: the defaults (64 KiB) halve throughput for large models even
@@ -160,15 +163,23 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         .filter(|s| !cfg.frozen.contains(&s.name))
         .cloned()
         .collect();
-    let mut strategy = BuiltIn::new(cfg.strategy.clone(), &trainable);
-    let strategy_name = cfg.strategy.kind.to_string();
+    let mut strategy: Box<dyn Strategy> = Box::new(BuiltIn::new(cfg.strategy.clone(), &trainable));
+    let mut strategy_name = cfg.strategy.kind.to_string();
+    if let Some(dp) = &cfg.privacy {
+        strategy_name = format!("{strategy_name}+dp-{}", dp.mode.name());
+        strategy = Box::new(Private::new(
+            strategy,
+            dp.clone(),
+            Arc::new(Layout::new(&trainable)),
+        ));
+        warn!(
+            "differential privacy covers the model; the metrics clients report (training loss, validation figures) are not noised and reach this log and metrics.jsonl as they are"
+        );
+    }
+    // DP keeps its accountant and clipping bound in the server state.
+    let stateful = cfg.strategy.kind.is_stateful() || cfg.privacy.is_some();
     let (run_dir, start) = if cfg.resume {
-        let r = RunDir::resume(
-            &cfg.out,
-            &cfg.model,
-            &strategy_name,
-            cfg.strategy.kind.is_stateful(),
-        )?;
+        let r = RunDir::resume(&cfg.out, &cfg.model, &strategy_name, stateful)?;
         r.global.check_matches(&specs).with_context(|| {
             format!(
                 "--resume: {} does not fit the model",
@@ -321,9 +332,7 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         _ => None,
     };
     let run_dir = run_dir.with_pytorch_export(cfg.export_pytorch, hf_sources);
-    let result = engine
-        .run(start, Box::new(strategy), run_dir, server_eval)
-        .await;
+    let result = engine.run(start, strategy, run_dir, server_eval).await;
     let _ = stop_tx.send(());
     // Open long-polls end with the server; give it a moment, then stop regardless.
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;

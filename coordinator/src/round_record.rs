@@ -6,6 +6,7 @@ use serde::Serialize;
 use tracing::info;
 
 use crate::strategy::EvalSummary;
+use crate::strategy::dp::PrivacyStatus;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RoundRecord {
@@ -55,6 +56,8 @@ pub struct RoundRecord {
     /// token's identity when the coordinator authenticates clients). In metrics.jsonl, not
     /// in the log line.
     pub clients: Vec<ClientOutcome>,
+    /// With `--dp`: the privacy spent so far (ε at δ), the clipping bound and the noise.
+    pub privacy: Option<PrivacyStatus>,
 }
 
 /// What one selected client did in a round's training phase.
@@ -133,6 +136,9 @@ impl RoundRecord {
             aggregate_ms = r.aggregate_ms,
             eval_ms = r.eval_ms,
             round_ms = r.round_ms,
+            epsilon = r.privacy.as_ref().map(|p| p.epsilon),
+            delta = r.privacy.as_ref().map(|p| p.delta),
+            dp_clip = r.privacy.as_ref().map(|p| p.clip),
             plaintext,
             "round {}/{} complete",
             r.round,
@@ -164,6 +170,13 @@ impl RoundRecord {
         } else {
             String::new()
         };
+        let privacy = self.privacy.as_ref().map_or(String::new(), |p| {
+            let clip = match p.next_clip {
+                Some(next) => format!("clip {:.4} -> {next:.4}", p.clip),
+                None => format!("clip {:.4}", p.clip),
+            };
+            format!(" | ε {:.3} (δ {:.0e}, {clip})", p.epsilon, p.delta)
+        });
         // Under freezing or LoRA, what full fine-tuning would have sent.
         let full = if self.bytes_up_full > self.bytes_up {
             format!(" (full model {})", human_bytes(self.bytes_up_full))
@@ -171,7 +184,7 @@ impl RoundRecord {
             String::new()
         };
         format!(
-            "round {:>w$}/{}{} | clients {}/{} ok, {} failed | train loss {:>6} | eval[{}] loss {:>6} acc {:>7} f1 {:>6}{fed} | down {:>9} up {:>9}{full} | agg {:>4} ms | round {:>6.2} s",
+            "round {:>w$}/{}{} | clients {}/{} ok, {} failed | train loss {:>6} | eval[{}] loss {:>6} acc {:>7} f1 {:>6}{fed}{privacy} | down {:>9} up {:>9}{full} | agg {:>4} ms | round {:>6.2} s",
             self.round,
             self.rounds,
             if self.attempt > 1 {

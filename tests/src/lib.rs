@@ -17,6 +17,32 @@ pub fn fashion_subset() -> PathBuf {
     workspace_root().join("data/fashion-mnist-subset")
 }
 
+/// The first `images` training images of the bundled subset, split non-IID (Dirichlet `alpha`,
+/// `seed`) across `clients`, written as one IDX folder each: `dir/data0`, `dir/data1`, ...
+pub fn client_shares(
+    dir: &Path,
+    images: usize,
+    clients: usize,
+    alpha: f64,
+    seed: u64,
+) -> Vec<PathBuf> {
+    let folder = fedtune_common::data::DataFolder::open(&fashion_subset()).expect("bundled data");
+    let train = folder.train.subset(&(0..images).collect::<Vec<_>>());
+    fedtune_common::data::dirichlet_partition(&train.labels, clients, alpha, seed)
+        .iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let d = dir.join(format!("data{i}"));
+            std::fs::create_dir_all(&d).expect("client data folder");
+            train
+                .subset(part)
+                .write_pair(&d, "train-")
+                .expect("write client data");
+            d
+        })
+        .collect()
+}
+
 /// Defines `coordinator_bin()` and `client_bin()` in the calling test: the two binaries cargo
 /// builds for this package's tests from coordinator/src/main.rs and client/src/main.rs (see
 /// tests/Cargo.toml). A macro, because cargo sets their paths only for integration tests.

@@ -5,8 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use fedtune_common::data::{DataFolder, dirichlet_partition};
-use fedtune_tests::{Proc, client_args, fashion_subset, free_port};
+use fedtune_tests::{Proc, client_args, client_shares, fashion_subset, free_port};
 
 fedtune_tests::test_binaries!();
 
@@ -15,20 +14,8 @@ const ROUNDS: u64 = 3;
 
 /// Writes each client's share of the training data; returns the folders.
 fn client_data(dir: &Path) -> Vec<std::path::PathBuf> {
-    let folder = DataFolder::open(&fashion_subset()).unwrap();
-    let train = folder.train.subset(&(0..7500).collect::<Vec<_>>());
     // Close to IID, so that every honest update points the same way.
-    let parts = dirichlet_partition(&train.labels, HONEST + 1, 100.0, 3);
-    parts
-        .iter()
-        .enumerate()
-        .map(|(i, part)| {
-            let d = dir.join(format!("data{i}"));
-            std::fs::create_dir_all(&d).unwrap();
-            train.subset(part).write_pair(&d, "train-").unwrap();
-            d
-        })
-        .collect()
+    client_shares(dir, 7500, HONEST + 1, 100.0, 3)
 }
 
 /// Runs a federation; the client at `attacker` (if any) tampers with its updates. Returns the

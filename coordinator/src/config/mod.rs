@@ -17,6 +17,7 @@ use fedtune_common::pretrained::{InitOptions, Remap};
 use crate::strategy::{StrategyKind, StrategySettings};
 
 mod file;
+mod privacy;
 mod security;
 mod text_model;
 mod validate;
@@ -24,6 +25,7 @@ mod validate;
 use file::read_file;
 pub use file::{FileConfig, InitFile, InitTable, OnRoundFailure};
 
+pub use privacy::{PrivacyArgs, PrivacyFile};
 pub use security::{Security, SecurityArgs, SecurityFile, TlsFiles};
 pub use text_model::{TextModelArgs, TextModelFile};
 
@@ -61,6 +63,8 @@ pub struct ServeArgs {
     pub text: TextModelArgs,
     #[command(flatten)]
     pub security: SecurityArgs,
+    #[command(flatten)]
+    pub privacy: PrivacyArgs,
     /// Rename the file's keys: REGEX=REPLACEMENT (repeatable, applied in order; after the
     /// `[init.remap]` rules of the config file).
     #[arg(long = "init-remap", value_name = "REGEX=REPLACEMENT")]
@@ -227,6 +231,8 @@ pub struct ServeConfig {
     pub rounds: u64,
     pub policy: RoundPolicy,
     pub strategy: StrategySettings,
+    /// Differential privacy wrapped around the strategy; `None` when off.
+    pub privacy: Option<crate::strategy::dp::DpSettings>,
     pub resume: bool,
     pub model: ModelSpec,
     pub init: Option<PathBuf>,
@@ -394,20 +400,38 @@ impl ServeArgs {
             spill_dir: out.join("spill"),
             seed: self.seed.unwrap_or(file.seed),
         };
+        let policy = RoundPolicy {
+            min_available_clients: self
+                .min_available_clients
+                .unwrap_or(file.min_available_clients),
+            available_timeout: self.available_timeout.unwrap_or(file.available_timeout),
+            round_timeout: self.round_timeout.unwrap_or(file.round_timeout),
+            grace_period: self.grace_period.or(file.grace_period),
+            accept_failures: self.accept_failures.unwrap_or(file.accept_failures),
+            on_round_failure: self.on_round_failure.unwrap_or(file.on_round_failure),
+            round_retries: self.round_retries.unwrap_or(file.round_retries),
+        };
+        let privacy = privacy::resolve(
+            &self.privacy,
+            &PrivacyFile {
+                dp: file.dp.clone(),
+                dp_clip: file.dp_clip.clone(),
+                dp_noise_multiplier: file.dp_noise_multiplier,
+                dp_clip_initial: file.dp_clip_initial,
+                dp_target_quantile: file.dp_target_quantile,
+                dp_clip_lr: file.dp_clip_lr,
+                dp_clipped_count_stddev: file.dp_clipped_count_stddev,
+                dp_delta: file.dp_delta,
+                dp_max_epsilon: file.dp_max_epsilon,
+            },
+            &strategy,
+            &policy,
+        )?;
         let cfg = ServeConfig {
             listen: self.listen.unwrap_or(file.listen),
             rounds: self.rounds.unwrap_or(file.rounds),
-            policy: RoundPolicy {
-                min_available_clients: self
-                    .min_available_clients
-                    .unwrap_or(file.min_available_clients),
-                available_timeout: self.available_timeout.unwrap_or(file.available_timeout),
-                round_timeout: self.round_timeout.unwrap_or(file.round_timeout),
-                grace_period: self.grace_period.or(file.grace_period),
-                accept_failures: self.accept_failures.unwrap_or(file.accept_failures),
-                on_round_failure: self.on_round_failure.unwrap_or(file.on_round_failure),
-                round_retries: self.round_retries.unwrap_or(file.round_retries),
-            },
+            policy,
+            privacy,
             strategy,
             resume: self.resume || file.resume,
             init: init_file,

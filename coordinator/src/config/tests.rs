@@ -218,3 +218,100 @@ fn tls_paths_in_the_config_file_are_relative_to_it() {
     );
     assert!(cfg.security.is_mutual());
 }
+
+#[test]
+fn dp_keys_from_file_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(
+        &p,
+        "insecure = true\ndp = \"central\"\ndp_clip = \"adaptive\"\ndp_clipped_count_stddev = 2.0\nfraction_fit = 0.5\ndp_max_epsilon = 8.0\n",
+    )
+    .unwrap();
+    let args = ServeArgs {
+        config: Some(p),
+        privacy: PrivacyArgs {
+            dp_noise_multiplier: Some(1.1),
+            dp_delta: Some(1e-6),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let dp = args.resolve().unwrap().privacy.unwrap();
+    assert_eq!(dp.mode, crate::strategy::dp::DpMode::Central);
+    assert_eq!(dp.sample_rate, 0.5, "q is --fraction-fit");
+    assert_eq!((dp.noise_multiplier, dp.delta), (1.1, Some(1e-6)));
+    assert_eq!(dp.max_epsilon, Some(8.0));
+    assert_eq!(
+        dp.clip,
+        crate::strategy::dp::ClipRule::Adaptive {
+            initial: 0.1,
+            target_quantile: 0.5,
+            lr: 0.2,
+            count_stddev: Some(2.0),
+        }
+    );
+}
+
+#[test]
+fn dp_combinations_the_accountant_cannot_account_for_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    for (toml, wants) in [
+        (
+            "dp_clip = \"1.0\"",
+            &["differential privacy is off", "dp_clip"][..],
+        ),
+        (
+            "dp = \"central\"\ndp_clip = \"1\"",
+            &["dp_noise_multiplier", "dp-plan"],
+        ),
+        ("dp = \"central\"\ndp_noise_multiplier = 1.0", &["dp_clip"]),
+        (
+            "dp = \"sometimes\"",
+            &["sometimes", "off, central or local"],
+        ),
+        (
+            "dp = \"central\"\ndp_clip = \"1\"\ndp_noise_multiplier = 1.0\nstrategy = \"median\"\nmin_fit_clients = 1",
+            &["cannot wrap `median`", "--dp local"],
+        ),
+        (
+            "dp = \"central\"\ndp_clip = \"1\"\ndp_noise_multiplier = 1.0\nmin_fit_clients = 3",
+            &["Poisson", "min_available_clients"],
+        ),
+        (
+            "dp = \"central\"\ndp_clip = \"1\"\ndp_noise_multiplier = 1.0\naccept_failures = false",
+            &["accept_failures"],
+        ),
+        (
+            "dp = \"local\"\ndp_clip = \"adaptive\"\ndp_noise_multiplier = 1.0",
+            &["--dp central only"],
+        ),
+        (
+            "dp = \"central\"\ndp_clip = \"adaptive\"\ndp_noise_multiplier = 1.0\nmin_available_clients = 10",
+            &["dp_clipped_count_stddev", "z/2"],
+        ),
+        (
+            "dp = \"central\"\ndp_clip = \"1\"\ndp_noise_multiplier = 1.0\ndp_target_quantile = 0.9",
+            &["`dp_target_quantile`", "adaptive` only"],
+        ),
+        (
+            "dp = \"central\"\ndp_clip = \"-2\"\ndp_noise_multiplier = 1.0",
+            &["dp_clip", "positive"],
+        ),
+        (
+            "dp = \"central\"\ndp_clip = \"1\"\ndp_noise_multiplier = 1.0\ndp_delta = 1.5",
+            &["dp_delta", "(0, 1)"],
+        ),
+    ] {
+        std::fs::write(&p, format!("insecure = true\n{toml}\n")).unwrap();
+        let args = ServeArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let e = format!("{:#}", args.resolve().unwrap_err());
+        for want in wants {
+            assert!(e.contains(want), "{toml:?}: `{want}` not in: {e}");
+        }
+    }
+}

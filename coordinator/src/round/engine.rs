@@ -1,6 +1,7 @@
 //! The round engine: runs the rounds, opens and closes phases, combines, evaluates,
 //! checkpoints and logs. The only code that moves the federation from one phase to the next.
 
+use super::phases::Closed;
 use super::*;
 
 impl Federation {
@@ -19,6 +20,10 @@ impl Federation {
             .run_rounds(start, strategy, run_dir, server_eval)
             .await;
         let reason = match &result {
+            Ok(RunSummary {
+                ended_early: Some(why),
+                ..
+            }) => why.clone(),
             Ok(_) => format!("all {} rounds done", self.cfg.rounds),
             Err(e) => format!("the coordinator stopped the run: {e:#}"),
         };
@@ -40,7 +45,8 @@ impl Federation {
         // The broadcast of the current global model, when evaluation or a failed attempt
         // already encoded it.
         let mut encoded: Option<Arc<Broadcast>> = None;
-        for round in start.round..=self.cfg.rounds {
+        let mut ended_early = None;
+        'rounds: for round in start.round..=self.cfg.rounds {
             // Version v is the model after v aggregations: round r trains on version r - 1.
             let model_version = round - 1;
             let started = Instant::now();
@@ -48,16 +54,29 @@ impl Federation {
             let (fit, combined, aggregate_ms) = loop {
                 attempt += 1;
                 self.wait_for_clients(round).await?;
+                // One list for both calls, so that the expected count m = q·N of DP and
+                // the draw see the same N.
+                let candidates = self.candidates(false);
+                match strategy.begin_round(round, candidates.len()) {
+                    Ok(()) => {}
+                    Err(EndRun::BudgetSpent(why)) => {
+                        info!("{why}");
+                        ended_early = Some(why);
+                        break 'rounds;
+                    }
+                    Err(EndRun::Error(why)) => bail!("{why}"),
+                }
                 let broadcast = match encoded.take() {
                     Some(b) => b,
                     None => Arc::new(tokio::task::block_in_place(|| {
                         Broadcast::encode(&global, model_version, &self.cfg.frozen)
                     })?),
                 };
-                let plan = strategy.configure_fit(round, attempt, &self.candidates(false));
+                let plan = strategy.configure_fit(round, attempt, &candidates);
                 let serial = self.open_phase(
                     PhaseKind::Fit {
                         proximal_mu: plan.proximal_mu,
+                        local_dp: plan.local_dp,
                     },
                     round,
                     attempt,
@@ -192,6 +211,7 @@ impl Federation {
                 eval_ms: 0,
                 round_ms: 0,
                 clients: fit.outcomes.clone(),
+                privacy: strategy.privacy(),
             };
             if let Some(f) = fed_eval {
                 record.set_fed_eval(&f);
@@ -240,6 +260,7 @@ impl Federation {
         }
         Ok(RunSummary {
             records,
+            ended_early,
             global_path: run_dir.global_path(),
             metrics_path: run_dir.metrics_path(),
         })
@@ -247,6 +268,9 @@ impl Federation {
 
     /// Why a closed training attempt cannot be aggregated, if it cannot.
     fn round_failure(&self, plan: &FitPlan, fit: &Closed) -> Option<String> {
+        if plan.count_whatever_arrives {
+            return None;
+        }
         let min = self.cfg.strategy.min_fit_clients;
         let got = fit.reports.len();
         if got < min {
@@ -281,321 +305,6 @@ impl Federation {
             })
             .collect()
     }
-
-    /// Waits until enough clients are live, logging the wait; gives up after
-    /// `available_timeout` with an error that says what to do.
-    async fn wait_for_clients(&self, round: u64) -> anyhow::Result<()> {
-        let needed = self.needed_clients();
-        let timeout = self.cfg.policy.available_timeout;
-        let give_up = Instant::now() + timeout;
-        let mut last_log = Instant::now() - WAIT_LOG_EVERY;
-        {
-            let mut st = lock(&self.state);
-            if !matches!(st.phase, Phase::Open(_)) {
-                st.phase = Phase::Waiting { round };
-            }
-        }
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let names: Vec<String> = {
-                let st = lock(&self.state);
-                st.clients
-                    .live(LIVENESS_TIMEOUT)
-                    .iter()
-                    .map(|c| c.name.clone())
-                    .collect()
-            };
-            let live = names.len();
-            if live >= needed {
-                return Ok(());
-            }
-            if Instant::now() >= give_up {
-                bail!(
-                    "only {live} of the {needed} clients needed for round {round} were live after waiting {}; start more clients, lower --min-available-clients / --min-fit-clients, or wait longer with --available-timeout",
-                    humantime::format_duration(timeout)
-                );
-            }
-            if last_log.elapsed() >= WAIT_LOG_EVERY {
-                info!(
-                    "waiting for clients before round {round}: {live}/{needed} live{}; waiting for {} more (gives up in {}s)",
-                    if names.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", names.join(", "))
-                    },
-                    needed - live,
-                    give_up.saturating_duration_since(Instant::now()).as_secs()
-                );
-                last_log = Instant::now();
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
-    }
-
-    /// Issues tasks to `clients` and opens a phase. Returns its serial number.
-    #[allow(clippy::too_many_arguments)]
-    fn open_phase(
-        &self,
-        kind: PhaseKind,
-        round: u64,
-        attempt: u32,
-        model_version: u64,
-        broadcast: Arc<Broadcast>,
-        clients: &[String],
-        aggregator: Option<Box<dyn Aggregator>>,
-    ) -> u64 {
-        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        let bytes = broadcast.full_bytes();
-        if let Some(aggregator) = aggregator {
-            // Installed before `state` is locked (lock order: `aggregate` is never taken while
-            // `state` is held). Nothing is folded into it before the phase below opens.
-            *lock(&self.aggregate) = Some(RoundAggregate {
-                serial,
-                aggregator,
-                error: None,
-            });
-        }
-        let mut guard = lock(&self.state);
-        let st = &mut *guard;
-        let mut tasks = HashMap::new();
-        let mut names = Vec::new();
-        for id in clients {
-            let task_id = match (kind, attempt) {
-                (PhaseKind::Evaluate, _) => format!("e{round}-{id}"),
-                (_, 1) => format!("r{round}-{id}"),
-                _ => format!("r{round}.{attempt}-{id}"),
-            };
-            if let Some(c) = st.clients.by_id_mut(id) {
-                match kind {
-                    PhaseKind::Evaluate => c.times_evaluated += 1,
-                    PhaseKind::Fit { .. } => c.times_trained += 1,
-                }
-                names.push(c.name.clone());
-            }
-            st.issued.insert(
-                task_id.clone(),
-                Issued {
-                    serial,
-                    kind,
-                    round,
-                    client_id: id.clone(),
-                },
-            );
-            tasks.insert(
-                id.clone(),
-                TaskState {
-                    task_id,
-                    status: TaskStatus::Assigned,
-                },
-            );
-        }
-        st.current_round = round;
-        st.phase = Phase::Open(OpenPhase {
-            serial,
-            kind,
-            round,
-            attempt,
-            model_version,
-            broadcast,
-            tasks,
-            reports: Vec::new(),
-            stats: Arc::new(RoundStats::default()),
-        });
-        let live = st.clients.live(LIVENESS_TIMEOUT).len();
-        drop(guard);
-        match kind {
-            PhaseKind::Fit { .. } => info!(
-                "round {round}/{}{} started: {} of {live} live clients selected ({}), model v{model_version}, broadcast {}",
-                self.cfg.rounds,
-                if attempt > 1 {
-                    format!(" (attempt {attempt})")
-                } else {
-                    String::new()
-                },
-                clients.len(),
-                names.join(", "),
-                human_bytes(bytes)
-            ),
-            PhaseKind::Evaluate => info!(
-                "round {round}/{}: federated evaluation of model v{model_version} by {} of {live} live clients ({})",
-                self.cfg.rounds,
-                clients.len(),
-                names.join(", ")
-            ),
-        }
-        self.changed.notify_waiters();
-        serial
-    }
-
-    /// Until every selected client reported or failed, the round deadline, or (training, with
-    /// `grace_period`) the grace period after `min_fit_clients` reported. Clients silent for
-    /// longer than [`LIVENESS_TIMEOUT`] (no heartbeat, no call) are marked failed.
-    async fn wait_for_reports(&self, serial: u64, round: u64, training: bool) {
-        let policy = &self.cfg.policy;
-        let mut deadline = tokio::time::Instant::now() + policy.round_timeout;
-        let mut grace_started = false;
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut st = lock(&self.state);
-                let st = &mut *st;
-                let Phase::Open(open) = &mut st.phase else {
-                    return;
-                };
-                if open.serial != serial {
-                    return;
-                }
-                for (id, task) in open.tasks.iter_mut() {
-                    if task.status == TaskStatus::Assigned
-                        && let Some(c) = st.clients.by_id(id)
-                        && c.last_seen.elapsed() > LIVENESS_TIMEOUT
-                    {
-                        let reason = format!(
-                            "no word from {} for {}s",
-                            c.name,
-                            LIVENESS_TIMEOUT.as_secs()
-                        );
-                        warn!("{reason}: counted as failed for round {round}");
-                        task.status = TaskStatus::Failed(reason);
-                    }
-                }
-                if open
-                    .tasks
-                    .values()
-                    .all(|t| matches!(t.status, TaskStatus::Reported | TaskStatus::Failed(_)))
-                {
-                    return;
-                }
-                if training
-                    && !grace_started
-                    && let Some(grace) = policy.grace_period
-                    && open.reports.len() >= self.cfg.strategy.min_fit_clients
-                {
-                    grace_started = true;
-                    let until = tokio::time::Instant::now() + grace;
-                    if until < deadline {
-                        deadline = until;
-                        info!(
-                            "round {round}: {} updates in (min_fit_clients = {}); waiting up to {} for the other {}",
-                            open.reports.len(),
-                            self.cfg.strategy.min_fit_clients,
-                            humantime::format_duration(grace),
-                            open.tasks.len() - open.reports.len()
-                        );
-                    }
-                }
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    let what = if !training { "evaluation" } else if grace_started { "grace period" } else { "deadline" };
-                    warn!("round {round} {what} reached: closing with the results received");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Stops accepting results for phase `serial`; returns what it gathered.
-    fn close_phase(&self, serial: u64, round: u64) -> Closed {
-        let mut st = lock(&self.state);
-        let phase = std::mem::replace(&mut st.phase, Phase::Closing { round });
-        let names: HashMap<String, String> = match &phase {
-            Phase::Open(open) => open
-                .tasks
-                .keys()
-                .map(|id| {
-                    let name = st.clients.by_id(id).map_or(id.clone(), |c| c.name.clone());
-                    (id.clone(), name)
-                })
-                .collect(),
-            _ => HashMap::new(),
-        };
-        drop(st);
-        self.changed.notify_waiters();
-        match phase {
-            Phase::Open(open) if open.serial == serial => {
-                let what = match open.kind {
-                    PhaseKind::Fit { .. } => "update",
-                    PhaseKind::Evaluate => "evaluation",
-                };
-                let mut outcomes = Vec::with_capacity(open.tasks.len());
-                for (id, t) in &open.tasks {
-                    let name = names.get(id).map_or(id.as_str(), String::as_str);
-                    let report = open.reports.iter().find(|r| &r.client_id == id);
-                    let (outcome, reason) = match &t.status {
-                        TaskStatus::Assigned | TaskStatus::Uploading => {
-                            warn!("no {what} from {name} before round {round} closed");
-                            (
-                                "missing",
-                                Some(format!("no {what} before the round closed")),
-                            )
-                        }
-                        TaskStatus::Failed(reason) => {
-                            warn!("{name} failed in round {round}: {reason}");
-                            ("failed", Some(reason.clone()))
-                        }
-                        TaskStatus::Reported => ("reported", None),
-                    };
-                    outcomes.push(ClientOutcome {
-                        client: name.to_string(),
-                        outcome,
-                        reason,
-                        num_examples: report.map(|r| r.num_examples),
-                        train_loss: report.and_then(|r| r.metrics.get("train_loss").copied()),
-                    });
-                }
-                outcomes.sort_by(|a, b| a.client.cmp(&b.client));
-                Closed {
-                    selected: open.tasks.len(),
-                    reports: open.reports,
-                    stats: open.stats,
-                    outcomes,
-                }
-            }
-            _ => Closed {
-                selected: 0,
-                reports: Vec::new(),
-                stats: Arc::new(RoundStats::default()),
-                outcomes: Vec::new(),
-            },
-        }
-    }
-
-    async fn wait_for_goodbyes(&self) {
-        let deadline = Instant::now() + FINISH_GRACE;
-        while Instant::now() < deadline {
-            let waiting = {
-                let st = lock(&self.state);
-                st.clients
-                    .live(LIVENESS_TIMEOUT)
-                    .iter()
-                    .filter(|c| !c.told_finished)
-                    .count()
-            };
-            if waiting == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-/// What a closed phase gathered.
-struct Closed {
-    selected: usize,
-    reports: Vec<ClientReport>,
-    stats: Arc<RoundStats>,
-    /// Each selected client's part, by name.
-    outcomes: Vec<ClientOutcome>,
 }
 
 fn weighted_mean(

@@ -35,9 +35,12 @@ use crate::config::{OnRoundFailure, ServeConfig};
 use crate::evaluation::ServerEval;
 use crate::round_record::{ClientOutcome, RoundRecord, human_bytes};
 use crate::run_dir::RunDir;
-use crate::strategy::{AggregateError, Aggregator, Candidate, EvalReport, FitPlan, Strategy};
+use crate::strategy::{
+    AggregateError, Aggregator, Candidate, EndRun, EvalReport, FitPlan, LocalDp, Strategy,
+};
 
 mod engine;
+mod phases;
 mod requests;
 
 /// How long NextTask holds a call open when there is nothing to do.
@@ -167,7 +170,10 @@ struct ClientReport {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum PhaseKind {
-    Fit { proximal_mu: f64 },
+    Fit {
+        proximal_mu: f64,
+        local_dp: Option<LocalDp>,
+    },
     Evaluate,
 }
 
@@ -252,6 +258,8 @@ pub struct Federation {
 #[derive(Debug)]
 pub struct RunSummary {
     pub records: Vec<RoundRecord>,
+    /// Why the run ended before its last round (the privacy budget), if it did.
+    pub ended_early: Option<String>,
     pub global_path: std::path::PathBuf,
     pub metrics_path: std::path::PathBuf,
 }

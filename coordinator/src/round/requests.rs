@@ -123,7 +123,10 @@ impl Federation {
     fn task_message(&self, open: &OpenPhase, task_id: &str) -> pb::task::Kind {
         use pb::task::Kind;
         match open.kind {
-            PhaseKind::Fit { proximal_mu } => Kind::Train(pb::TrainTask {
+            PhaseKind::Fit {
+                proximal_mu,
+                local_dp,
+            } => Kind::Train(pb::TrainTask {
                 round: open.round,
                 task_id: task_id.to_string(),
                 model_version: open.model_version,
@@ -154,6 +157,8 @@ impl Federation {
                         .wrapping_add(open.round)
                         .wrapping_add(u64::from(open.attempt - 1) << 32),
                     proximal_mu,
+                    dp_clip_norm: local_dp.map_or(0.0, |d| d.clip),
+                    dp_noise_stddev: local_dp.map_or(0.0, |d| d.noise_stddev),
                 }),
             }),
             PhaseKind::Evaluate => Kind::Evaluate(pb::EvaluateTask {

@@ -20,8 +20,14 @@
 //! | `median` | coordinate-wise median | w += η·Δ | |
 //! | `trimmed-mean` | coordinate-wise β-trimmed mean | w += η·Δ | |
 //! | `krum`, `multi-krum` | (multi-)Krum selection, weighted mean | w += η·Δ | |
+//!
+//! Differential privacy wraps a strategy rather than being one ([`dp::Private`], like Flower's
+//! DP strategies): central DP replaces the combine rule of a linear strategy with a clipped,
+//! noised sum and keeps its server step; local DP asks clients to noise their own updates.
 
 pub mod buffer;
+pub mod clipped_sum;
+pub mod dp;
 pub mod layout;
 pub mod mean;
 pub mod robust;
@@ -84,6 +90,27 @@ pub struct FitPlan {
     pub clients: Vec<String>,
     /// FedProx: clients add μ/2·‖w − w_global‖² to their loss (0 = off).
     pub proximal_mu: f64,
+    /// Local DP: clients clip and noise their update before upload.
+    pub local_dp: Option<LocalDp>,
+    /// The round is combined with whatever arrives, even nothing (central DP: the accountant
+    /// assumes every Poisson draw is released), instead of needing `min_fit_clients`.
+    pub count_whatever_arrives: bool,
+}
+
+/// Local DP as a task carries it: clip to `clip`, add N(0, `noise_stddev`²).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocalDp {
+    pub clip: f64,
+    pub noise_stddev: f64,
+}
+
+/// Why the run ends before a round opens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EndRun {
+    /// The privacy budget (`--dp-max-epsilon`) would be exceeded: a planned end.
+    BudgetSpent(String),
+    /// The round cannot run as configured.
+    Error(String),
 }
 
 /// One client's evaluation of the global model.
@@ -110,6 +137,17 @@ pub struct EvalSummary {
 pub trait Strategy: Send {
     /// A one-line description for the log, with the parameters.
     fn describe(&self) -> String;
+
+    /// Called before each training attempt opens, once enough clients are live (`live`): an
+    /// error ends the run before the attempt, saying why (e.g. the privacy budget is spent).
+    fn begin_round(&mut self, _round: u64, _live: usize) -> Result<(), EndRun> {
+        Ok(())
+    }
+
+    /// What the run has spent of its privacy budget, after the last round; `None` without DP.
+    fn privacy(&self) -> Option<dp::PrivacyStatus> {
+        None
+    }
 
     /// The clients of training round `round` (attempt `attempt`) and what they are sent.
     fn configure_fit(&self, round: u64, attempt: u32, available: &[Candidate]) -> FitPlan;
@@ -192,6 +230,15 @@ impl fmt::Display for StrategyKind {
 }
 
 impl StrategyKind {
+    /// Whether the combined update is a weighted mean, so that it can be computed from a sum
+    /// (DP's clipped, noised sum; secure aggregation) rather than from individual updates.
+    pub fn is_linear(self) -> bool {
+        !matches!(
+            self,
+            Self::Median | Self::TrimmedMean | Self::Krum | Self::MultiKrum
+        )
+    }
+
     /// Whether the server keeps state across rounds that a checkpoint must carry.
     pub fn is_stateful(self) -> bool {
         matches!(
@@ -325,6 +372,8 @@ impl Strategy for BuiltIn {
             } else {
                 0.0
             },
+            local_dp: None,
+            count_whatever_arrives: false,
         }
     }
 

@@ -2,9 +2,9 @@
 //! been selected least often so far, so with n clients and k per round everyone takes part
 //! within ⌈n/k⌉ rounds, and the draw is reproducible from the run's seed.
 
-use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 
 /// A live client the strategy may select.
 #[derive(Debug, Clone)]
@@ -35,6 +35,19 @@ pub fn sample(candidates: &[Candidate], count: usize, seed: u64) -> Vec<String> 
     ids
 }
 
+/// Poisson sampling, as the DP accountant assumes: each candidate independently with
+/// probability `rate`, so the number drawn varies (possibly none). The draw comes from the
+/// thread's cryptographic generator, not the run's seed: amplification by sampling needs the
+/// sample to be secret from whoever sees the model.
+pub fn poisson(candidates: &[Candidate], rate: f64) -> Vec<String> {
+    let mut rng = rand::rng();
+    candidates
+        .iter()
+        .filter(|_| rng.random_bool(rate.clamp(0.0, 1.0)))
+        .map(|c| c.id.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +75,22 @@ mod tests {
         assert_eq!(sample_size(7, 0.5, 1), 4);
         assert_eq!(sample_size(7, 0.1, 2), 2);
         assert_eq!(sample_size(1, 0.5, 3), 1);
+    }
+
+    #[test]
+    fn poisson_sampling_draws_each_client_at_its_rate() {
+        let cands: Vec<Candidate> = (0..50)
+            .map(|i| Candidate {
+                id: format!("c{i}"),
+                times_selected: 0,
+            })
+            .collect();
+        let draws = 400;
+        let total: usize = (0..draws).map(|_| poisson(&cands, 0.2).len()).sum();
+        let mean = total as f64 / draws as f64;
+        // Binomial(50, 0.2) per draw: mean 10; the mean of 400 draws has s.d. 0.14.
+        assert!((mean - 10.0).abs() < 0.7, "mean draw {mean}, expected 10");
+        assert_eq!(poisson(&cands, 1.0).len(), 50);
+        assert!(poisson(&cands, 0.0).is_empty());
     }
 }

@@ -5,7 +5,7 @@ use fedtune_common::tensors::NamedTensor;
 use fedtune_common::wire::{Assembler, EncodedTensors};
 
 /// A model of two tensors: `a` (2 values) and `b` (1 value).
-fn global(a: [f32; 2], b: f32) -> TensorSet {
+pub(super) fn global(a: [f32; 2], b: f32) -> TensorSet {
     TensorSet::new(vec![
         NamedTensor::new("a", vec![2], a.to_vec()).unwrap(),
         NamedTensor::new("b", vec![1], vec![b]).unwrap(),
@@ -14,7 +14,7 @@ fn global(a: [f32; 2], b: f32) -> TensorSet {
 }
 
 /// A delta sent the way a client sends it (tensors in another order than the global's).
-fn delta(a: [f32; 2], b: f32) -> Payload {
+pub(super) fn delta(a: [f32; 2], b: f32) -> Payload {
     let set = TensorSet::new(vec![
         NamedTensor::new("b", vec![1], vec![b]).unwrap(),
         NamedTensor::new("a", vec![2], a.to_vec()).unwrap(),
@@ -26,7 +26,7 @@ fn delta(a: [f32; 2], b: f32) -> Payload {
     asm.finish().unwrap()
 }
 
-fn settings(kind: StrategyKind) -> StrategySettings {
+pub(super) fn settings(kind: StrategyKind) -> StrategySettings {
     StrategySettings {
         kind,
         server_lr: kind.default_server_lr(),
