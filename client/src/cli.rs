@@ -156,6 +156,10 @@ struct RunArgs {
     /// (sign-flip, scale:K, noise:SIGMA). Never use it in a real federation.
     #[arg(long)]
     simulate_attack: Option<Attack>,
+    /// TEST TOOL for fault tests: abort the process after a secure-aggregation step, as a
+    /// crash would (shared-keys, masked).
+    #[arg(long, hide = true, value_enum)]
+    die_after: Option<crate::secure_agg::DieAfter>,
 }
 
 /// Parses the command line and runs the command: the whole `fedtune-client` binary. A program
@@ -205,6 +209,7 @@ pub fn main() -> anyhow::Result<()> {
         progress_bar: !args.no_progress && session::stderr_is_terminal(),
         give_up_after: args.give_up_after,
         attack: args.simulate_attack,
+        die_after: args.die_after,
         label_column: args.label_column,
         text_column: args.text_column,
         tokenizer: args.tokenizer,

@@ -17,6 +17,7 @@ pub mod frozen_cache;
 mod kit;
 pub mod local_data;
 pub mod progress;
+pub mod secure_agg;
 pub mod session;
 pub mod task_config;
 pub mod tls;

@@ -24,6 +24,7 @@ use crate::fine_tune::{self, LocalUpdate, Split};
 use crate::frozen_cache::FrozenCache;
 use crate::local_data::{Columns, LocalData};
 use crate::progress::ProgressView;
+use crate::secure_agg::Contribution;
 use crate::task_config::{self, Caps};
 use crate::transfer::{TaskRef, download, spawn_heartbeat, upload};
 
@@ -56,6 +57,8 @@ pub struct ClientOptions {
     pub give_up_after: Duration,
     /// Test tool: tamper with every update (robustness experiments).
     pub attack: Option<Attack>,
+    /// Test tool: abort after a secure-aggregation step (fault tests).
+    pub die_after: Option<crate::secure_agg::DieAfter>,
     /// Limits on what the coordinator may ask of this client.
     pub caps: Caps,
     /// The label column of CSV data and text files.
@@ -136,6 +139,8 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     let mut report = RunReport::default();
     let mut session: Option<Session> = None;
     let mut frozen_cache = FrozenCache::default();
+    // A task the coordinator sent while this client was inside secure aggregation.
+    let mut handed_back: Option<pb::Task> = None;
     loop {
         let s = match session.as_mut() {
             Some(s) => s,
@@ -157,7 +162,11 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
             session_token: s.token.clone(),
         });
         req.set_timeout(NEXT_TASK_TIMEOUT);
-        let task = match s.rpc.next_task(req).await {
+        let next = match handed_back.take() {
+            Some(t) => Ok(tonic::Response::new(t)),
+            None => s.rpc.next_task(req).await,
+        };
+        let task = match next {
             Ok(t) => {
                 backoff.reset();
                 t.into_inner()
@@ -180,9 +189,10 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
             Some(Kind::Train(t)) => {
                 let round = t.round;
                 match train_round(s, t, &opts, data.as_ref(), &mut frozen_cache).await {
-                    Ok(accepted) => {
+                    Ok((accepted, next)) => {
                         report.rounds_trained += 1;
                         report.updates_accepted += u64::from(accepted);
+                        handed_back = next;
                     }
                     Err(e) => after_task_error(e, &format!("round {round}"), &mut session)?,
                 }
@@ -203,6 +213,15 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
             Some(Kind::Wait(w)) => {
                 tracing::debug!("waiting: {}", w.reason);
                 tokio::time::sleep(Duration::from_millis(u64::from(w.retry_after_ms))).await;
+            }
+            Some(Kind::Secagg(step)) => {
+                // A step of a task this client no longer holds (it restarted mid-round): the
+                // round goes on without it.
+                tracing::debug!(
+                    "secure-aggregation step for task `{}`, which this client does not hold; waiting",
+                    step.task_id
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Some(Kind::Finished(f)) => {
                 info!(
@@ -303,15 +322,16 @@ async fn join(
     })
 }
 
-/// One Train task: download, fine-tune (heartbeating), upload. Returns whether the update was
-/// counted.
+/// One Train task: download, fine-tune (heartbeating), upload (or, under secure aggregation,
+/// take part in its steps). Returns whether the update was counted, and a task the
+/// coordinator sent instead of the next secure step, if it did.
 async fn train_round(
     s: &mut Session,
     task: pb::TrainTask,
     opts: &ClientOptions,
     data: Option<&LocalData>,
     cache: &mut FrozenCache,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<(bool, Option<pb::Task>)> {
     let spec_pb = task.model.clone().context("train task without a model")?;
     let spec = spec_wire::from_pb(&spec_pb)
         .context("coordinator asked for a model this client cannot build")?;
@@ -338,6 +358,13 @@ async fn train_round(
         payload.bytes.len() as u64,
         download_started.elapsed().as_secs_f64(),
     );
+    // The coordinator's order of the trainable tensors: a masked update is one flat vector.
+    let order: Vec<String> = payload
+        .specs
+        .iter()
+        .map(|t| t.name.clone())
+        .filter(|n| !frozen.contains(n))
+        .collect();
 
     let cfg = task
         .config
@@ -413,6 +440,47 @@ async fn train_round(
         num_examples,
         metrics,
     } = update;
+    if let Some(spec) = &task.secagg {
+        let upload_started = std::time::Instant::now();
+        let outcome = crate::secure_agg::contribute(
+            s,
+            &task,
+            spec,
+            &order,
+            delta,
+            num_examples,
+            metrics,
+            opts.die_after,
+        )
+        .await?;
+        return Ok(match outcome {
+            Contribution::Done {
+                masked_accepted,
+                message,
+            } => {
+                info!(
+                    "{} round {} | down {:.2} MB in {:.1} s | {} epochs on {} examples in {:.1} s | masked update and shares in {:.1} s | {}",
+                    opts.name,
+                    task.round,
+                    bytes_down as f64 / 1e6,
+                    download_s,
+                    settings.epochs,
+                    num_examples,
+                    train_s,
+                    upload_started.elapsed().as_secs_f64(),
+                    message
+                );
+                (masked_accepted, None)
+            }
+            Contribution::Superseded(next) => {
+                warn!(
+                    "{} round {}: the round went on without this client's secure contribution",
+                    opts.name, task.round
+                );
+                (false, Some(*next))
+            }
+        });
+    }
     let encoded = EncodedTensors::encode(&delta, task.model_version, MAX_CHUNK_BYTES)?;
     drop(delta);
     let upload_started = std::time::Instant::now();
@@ -437,7 +505,7 @@ async fn train_round(
         upload_s,
         message
     );
-    Ok(accepted)
+    Ok((accepted, None))
 }
 
 fn fxhash(s: &str) -> u64 {

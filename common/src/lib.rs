@@ -10,7 +10,8 @@
 //!   (safetensors, PyTorch, key remapping, head reset) and the PyTorch layout out.
 //! - [`device`]: choosing flex / libtorch / CUDA at run time.
 //! - [`dp`]: differential privacy: clipping, noise, adaptive clipping, the accountant.
-//! - [`secagg`]: secure aggregation's building blocks: Shamir shares, quantisation.
+//! - [`secagg`]: secure aggregation's steps (keys, masks, Shamir shares, quantisation, a
+//!   client's and the coordinator's side), without transport.
 
 pub mod augment;
 pub mod checkpoint;
@@ -31,3 +32,4 @@ pub mod spec_wire;
 pub mod tensors;
 pub mod train;
 pub mod wire;
+pub mod wire_masked;

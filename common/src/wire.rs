@@ -45,6 +45,8 @@ pub enum WireError {
     MissingManifest,
     #[error("a second manifest arrived in the same stream")]
     UnexpectedManifest,
+    #[error("not this round's masked update: {0}")]
+    NotMasked(String),
     #[error(transparent)]
     Tensor(#[from] TensorError),
 }

@@ -111,6 +111,9 @@ pub struct DemoArgs {
     /// Differential privacy (see `serve --dp`).
     #[command(flatten)]
     pub privacy: crate::config::PrivacyArgs,
+    /// Secure aggregation (see `serve --secure-aggregation`).
+    #[command(flatten)]
+    pub secure_agg: crate::config::SecureAggArgs,
     /// Device of the clients: flex, libtorch or cuda:N.
     #[arg(long, default_value = "flex")]
     pub device: String,
@@ -267,6 +270,7 @@ pub(crate) fn serve_args(args: &DemoArgs, recipe: Recipe) -> anyhow::Result<Serv
         fraction_evaluate: Some(args.fraction_evaluate),
         fraction_fit: Some(args.fraction_fit),
         privacy: args.privacy.clone(),
+        secure_agg: args.secure_agg.clone(),
         log_format: Some(LogFormat::Text),
         seed: Some(args.seed),
         ..Default::default()

@@ -2,6 +2,8 @@
 //! rounds within a target ε, or the ε each round of a given multiplier spends, from the same
 //! accountant the coordinator runs.
 
+use std::io::Write;
+
 use anyhow::bail;
 use clap::Args;
 use fedtune_common::dp::rdp::{Accountant, noise_multiplier_for};
@@ -31,7 +33,20 @@ pub struct DpPlanArgs {
     pub noise_multiplier: Option<f64>,
 }
 
+/// Prints the plan on stdout; a closed pipe (`dp-plan … | head`) ends it quietly.
 pub fn run(args: DpPlanArgs) -> anyhow::Result<()> {
+    match plan(&args, &mut std::io::stdout().lock()) {
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn plan(args: &DpPlanArgs, out: &mut impl Write) -> anyhow::Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
@@ -55,9 +70,10 @@ pub fn run(args: DpPlanArgs) -> anyhow::Result<()> {
                     "no noise multiplier up to 10000 keeps {rounds} rounds at sample rate {q} within ε = {e} (δ = {delta:e}): allow more ε or fewer rounds"
                 );
             };
-            println!(
+            writeln!(
+                out,
                 "noise multiplier {z:.4} keeps {rounds} rounds at sample rate {q} within ε = {e} (δ = {delta:e}): --dp-noise-multiplier {z:.4}"
-            );
+            )?;
             z
         }
         (None, Some(z)) if z > 0.0 && z.is_finite() => z,
@@ -65,12 +81,15 @@ pub fn run(args: DpPlanArgs) -> anyhow::Result<()> {
         (None, None) => bail!("give --epsilon (to find z) or --noise-multiplier (to see ε)"),
     };
     let mut acc = Accountant::default();
-    println!("round  epsilon  (delta {delta:e}, noise multiplier {z:.4}, sample rate {q})");
+    writeln!(
+        out,
+        "round  epsilon  (delta {delta:e}, noise multiplier {z:.4}, sample rate {q})"
+    )?;
     for round in 1..=rounds {
         acc.step(q, z);
         // Every round up to 20, then about 20 lines in all.
         if rounds <= 20 || round % rounds.div_ceil(20) == 0 || round == rounds {
-            println!("{round:>5}  {:.4}", acc.spent(delta).epsilon);
+            writeln!(out, "{round:>5}  {:.4}", acc.spent(delta).epsilon)?;
         }
     }
     Ok(())

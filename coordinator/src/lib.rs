@@ -26,6 +26,7 @@ pub mod provision;
 pub mod round;
 pub mod round_record;
 pub mod run_dir;
+pub mod secure_agg;
 pub mod service;
 pub mod strategy;
 pub mod tls;

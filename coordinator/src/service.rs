@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use fedtune_common::tensors::check_specs;
 use fedtune_common::wire::{Assembler, WireError};
+use fedtune_common::wire_masked::masked_assembler;
 use fedtune_proto::federation_server::Federation as FederationRpc;
 use fedtune_proto::{self as pb, model_frame, submit_reply::Outcome, update_frame};
 use tokio_stream::{Stream, StreamExt};
@@ -47,7 +48,7 @@ impl From<Refusal> for Status {
             Refusal::UnknownTask(_) => Status::not_found(msg),
             Refusal::NotYourTask { .. } => Status::permission_denied(msg),
             Refusal::UploadInProgress(_) => Status::aborted(msg),
-            Refusal::InvalidUpdate { .. } => Status::invalid_argument(msg),
+            Refusal::InvalidUpdate { .. } | Refusal::SecAgg { .. } => Status::invalid_argument(msg),
         }
     }
 }
@@ -184,7 +185,13 @@ impl FederationRpc for FederationService {
             .await
             .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
         let invalid = |e: &dyn std::fmt::Display| Some(e.to_string());
-        let mut assembler = match Assembler::new(manifest, self.engine.model_bytes()) {
+        let masked = ticket.masked_words();
+        let assembler = match masked {
+            // Secure aggregation: one tensor of masked u32 words of the round's length.
+            Some(words) => masked_assembler(manifest, words),
+            None => Assembler::new(manifest, self.engine.model_bytes()),
+        };
+        let mut assembler = match assembler {
             Ok(a) => a,
             Err(e) => {
                 self.engine.abort_upload(ticket, invalid(&e));
@@ -193,7 +200,9 @@ impl FederationRpc for FederationService {
                 )));
             }
         };
-        if let Err(e) = check_specs(assembler.specs(), self.engine.update_specs()) {
+        if masked.is_none()
+            && let Err(e) = check_specs(assembler.specs(), self.engine.update_specs())
+        {
             self.engine.abort_upload(ticket, invalid(&e));
             return Err(Status::invalid_argument(format!(
                 "update for task `{task_id}` refused: {e}"
@@ -229,6 +238,13 @@ impl FederationRpc for FederationService {
         let received = started.elapsed();
         let engine = self.engine.clone();
         let outcome = tokio::task::spawn_blocking(move || {
+            if masked.is_some() {
+                // Masked words look uniformly random: there is nothing to check but their count.
+                return engine
+                    .commit_masked(ticket, &payload)
+                    .map(|o| reply(o, &task_id))
+                    .map_err(Status::from);
+            }
             let checked_at = std::time::Instant::now();
             if let Err(e) = payload.check_finite() {
                 engine.abort_upload(ticket, Some(e.to_string()));
@@ -258,6 +274,17 @@ impl FederationRpc for FederationService {
         self.check(&request, &r.session_token)?;
         let outcome = self.engine.evaluation_report(&r.session_token, r)?;
         Ok(Response::new(reply(outcome, &r.task_id)))
+    }
+
+    async fn submit_sec_agg(
+        &self,
+        request: Request<pb::SecAggMessage>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
+        self.check(&request, &request.get_ref().session_token)?;
+        let msg = request.into_inner();
+        let task_id = msg.task_id.clone();
+        let outcome = self.engine.secagg_message(msg)?;
+        Ok(Response::new(reply(outcome, &task_id)))
     }
 
     async fn heartbeat(

@@ -9,7 +9,7 @@ tonic::include_proto!("fedtune.v1");
 
 /// Bumped on any incompatible change of the messages or their meaning. Join refuses a mismatch
 /// with a message that names both versions.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest chunk of tensor bytes in one message: far below tonic's 4 MiB decode limit, so a
 /// model of any size travels without raising a limit.

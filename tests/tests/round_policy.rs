@@ -72,6 +72,9 @@ async fn worker(url: String, name: String, examples: u64, accuracy: f64) -> Vec<
             }
             Kind::Finished(_) => return rounds,
             Kind::Wait(_) => {}
+            Kind::Secagg(s) => {
+                panic!("a secure-aggregation step without secure aggregation: {s:?}")
+            }
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::strategy::{StrategyKind, StrategySettings};
 
 mod file;
 mod privacy;
+mod secure_agg;
 mod security;
 mod text_model;
 mod validate;
@@ -26,6 +27,7 @@ use file::read_file;
 pub use file::{FileConfig, InitFile, InitTable, OnRoundFailure};
 
 pub use privacy::{PrivacyArgs, PrivacyFile};
+pub use secure_agg::{SecAggSettings, SecureAggArgs, SecureAggFile};
 pub use security::{Security, SecurityArgs, SecurityFile, TlsFiles};
 pub use text_model::{TextModelArgs, TextModelFile};
 
@@ -65,6 +67,8 @@ pub struct ServeArgs {
     pub security: SecurityArgs,
     #[command(flatten)]
     pub privacy: PrivacyArgs,
+    #[command(flatten)]
+    pub secure_agg: SecureAggArgs,
     /// Rename the file's keys: REGEX=REPLACEMENT (repeatable, applied in order; after the
     /// `[init.remap]` rules of the config file).
     #[arg(long = "init-remap", value_name = "REGEX=REPLACEMENT")]
@@ -233,6 +237,8 @@ pub struct ServeConfig {
     pub strategy: StrategySettings,
     /// Differential privacy wrapped around the strategy; `None` when off.
     pub privacy: Option<crate::strategy::dp::DpSettings>,
+    /// Secure aggregation of the training updates; `None` when off.
+    pub secure_agg: Option<SecAggSettings>,
     pub resume: bool,
     pub model: ModelSpec,
     pub init: Option<PathBuf>,
@@ -427,11 +433,25 @@ impl ServeArgs {
             &strategy,
             &policy,
         )?;
+        let secure_agg = secure_agg::resolve(
+            &self.secure_agg,
+            &SecureAggFile {
+                secure_aggregation: file.secure_aggregation,
+                secagg_threshold: file.secagg_threshold,
+                secagg_neighbours: file.secagg_neighbours,
+                secagg_clip: file.secagg_clip,
+                secagg_bits: file.secagg_bits,
+                secagg_step_timeout: file.secagg_step_timeout,
+            },
+            &strategy,
+            privacy.as_ref(),
+        )?;
         let cfg = ServeConfig {
             listen: self.listen.unwrap_or(file.listen),
             rounds: self.rounds.unwrap_or(file.rounds),
             policy,
             privacy,
+            secure_agg,
             strategy,
             resume: self.resume || file.resume,
             init: init_file,

@@ -77,30 +77,46 @@ impl Federation {
                     PhaseKind::Fit {
                         proximal_mu: plan.proximal_mu,
                         local_dp: plan.local_dp,
+                        secure: self.cfg.secure_agg.is_some(),
                     },
                     round,
                     attempt,
                     model_version,
                     broadcast.clone(),
                     &plan.clients,
-                    Some(strategy.aggregator(round)),
+                    // Secure aggregation: the strategy sees the unmasked sum only.
+                    self.cfg
+                        .secure_agg
+                        .is_none()
+                        .then(|| strategy.aggregator(round)),
                 );
                 self.wait_for_reports(serial, round, true).await;
+                let agg_started = Instant::now();
+                let secure = match self.cfg.secure_agg {
+                    Some(_) => Some(self.secure_aggregate(serial, round).await),
+                    None => None,
+                };
                 let fit = self.close_phase(serial, round);
 
                 // Combine (heavy: off the async threads).
-                let agg_started = Instant::now();
-                let aggregate = lock(&self.aggregate).take().filter(|a| a.serial == serial);
-                let combined = tokio::task::spawn_blocking(move || match aggregate {
-                    Some(RoundAggregate { error: Some(e), .. }) => Err(e),
-                    Some(a) => a.aggregator.finish(),
-                    None => Ok(None),
-                })
-                .await?;
+                let combined: Result<Option<Vec<f32>>, String> = match secure {
+                    Some(result) => result,
+                    None => {
+                        let aggregate = lock(&self.aggregate).take().filter(|a| a.serial == serial);
+                        tokio::task::spawn_blocking(move || match aggregate {
+                            Some(RoundAggregate { error: Some(e), .. }) => Err(e),
+                            Some(a) => a.aggregator.finish(),
+                            None => Ok(None),
+                        })
+                        .await?
+                        .map_err(|e| e.to_string())
+                    }
+                };
                 let aggregate_ms = agg_started.elapsed().as_millis() as u64;
                 let failure = match (&combined, self.round_failure(&plan, &fit)) {
+                    (Err(e), _) if self.cfg.secure_agg.is_some() => Some(e.clone()),
                     (_, Some(why)) => Some(why),
-                    (Err(e), None) => Some(e.to_string()),
+                    (Err(e), None) => Some(e.clone()),
                     (Ok(_), None) => None,
                 };
                 match failure {

@@ -42,6 +42,10 @@ use crate::strategy::{
 mod engine;
 mod phases;
 mod requests;
+mod secure;
+mod secure_requests;
+
+use secure::{SecAggPhase, SecAggSlot};
 
 /// How long NextTask holds a call open when there is nothing to do.
 pub const LONG_POLL: Duration = Duration::from_secs(20);
@@ -101,6 +105,8 @@ pub enum Refusal {
     InvalidUpdate { task_id: String, reason: String },
     #[error("the coordinator could not keep the update for task `{task_id}`: {reason}")]
     Internal { task_id: String, reason: String },
+    #[error("secure aggregation of task `{task_id}`: {reason}")]
+    SecAgg { task_id: String, reason: String },
 }
 
 /// An update's claims, before its tensors arrive.
@@ -122,11 +128,19 @@ pub struct UploadTicket {
     num_examples: u64,
     metrics: HashMap<String, f64>,
     stats: Arc<RoundStats>,
+    /// Secure aggregation: the participant whose masked update this is, and its length in
+    /// words; `None` for a plain update.
+    masked: Option<(u32, usize)>,
 }
 
 impl UploadTicket {
     pub fn count_bytes_up(&self, n: u64) {
         self.stats.bytes_up.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The number of words of a masked update (secure aggregation); `None` for a plain one.
+    pub fn masked_words(&self) -> Option<usize> {
+        self.masked.map(|(_, len)| len)
     }
 }
 
@@ -173,6 +187,8 @@ enum PhaseKind {
     Fit {
         proximal_mu: f64,
         local_dp: Option<LocalDp>,
+        /// Updates are securely aggregated: clients follow SecAgg steps instead of uploading.
+        secure: bool,
     },
     Evaluate,
 }
@@ -198,6 +214,8 @@ struct OpenPhase {
     tasks: HashMap<String, TaskState>,
     reports: Vec<ClientReport>,
     stats: Arc<RoundStats>,
+    /// Secure aggregation's routing of this training attempt; `None` for plain updates.
+    secagg: Option<Box<SecAggPhase>>,
 }
 
 enum Phase {
@@ -250,6 +268,9 @@ pub struct Federation {
     state: Mutex<State>,
     changed: Notify,
     aggregate: Mutex<Option<RoundAggregate>>,
+    /// The open attempt's secure-aggregation round (lock order: `aggregate`, `secagg`, then
+    /// `state`).
+    secagg: Mutex<Option<SecAggSlot>>,
     next_serial: AtomicU64,
     pub upload_slots: Semaphore,
 }
@@ -301,6 +322,7 @@ impl Federation {
             }),
             changed: Notify::new(),
             aggregate: Mutex::new(None),
+            secagg: Mutex::new(None),
             next_serial: AtomicU64::new(1),
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
         }

@@ -74,6 +74,13 @@ impl Federation {
     ) -> u64 {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let bytes = broadcast.full_bytes();
+        // Installed before `state` is locked (lock order: `secagg` before `state`).
+        let mut secagg = match (kind, &self.cfg.secure_agg) {
+            (PhaseKind::Fit { secure: true, .. }, Some(settings)) => {
+                Some(Box::new(self.begin_secagg(settings, serial, round, clients)))
+            }
+            _ => None,
+        };
         if let Some(aggregator) = aggregator {
             // Installed before `state` is locked (lock order: `aggregate` is never taken while
             // `state` is held). Nothing is folded into it before the phase below opens.
@@ -117,6 +124,9 @@ impl Federation {
                 },
             );
         }
+        if let Some(s) = secagg.as_mut() {
+            Self::weigh_participants(s, &st.clients);
+        }
         st.current_round = round;
         st.phase = Phase::Open(OpenPhase {
             serial,
@@ -128,12 +138,13 @@ impl Federation {
             tasks,
             reports: Vec::new(),
             stats: Arc::new(RoundStats::default()),
+            secagg,
         });
         let live = st.clients.live(LIVENESS_TIMEOUT).len();
         drop(guard);
         match kind {
-            PhaseKind::Fit { .. } => info!(
-                "round {round}/{}{} started: {} of {live} live clients selected ({}), model v{model_version}, broadcast {}",
+            PhaseKind::Fit { secure, .. } => info!(
+                "round {round}/{}{} started: {} of {live} live clients selected ({}), model v{model_version}, broadcast {}{}",
                 self.cfg.rounds,
                 if attempt > 1 {
                     format!(" (attempt {attempt})")
@@ -142,7 +153,14 @@ impl Federation {
                 },
                 clients.len(),
                 names.join(", "),
-                human_bytes(bytes)
+                human_bytes(bytes),
+                match (secure, &self.cfg.secure_agg) {
+                    (true, Some(s)) => {
+                        let (k, t) = s.graph(clients.len());
+                        format!(", secure aggregation with {k} neighbours each, threshold {t}")
+                    }
+                    _ => String::new(),
+                }
             ),
             PhaseKind::Evaluate => info!(
                 "round {round}/{}: federated evaluation of model v{model_version} by {} of {live} live clients ({})",

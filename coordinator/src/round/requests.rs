@@ -92,7 +92,15 @@ impl Federation {
                     Phase::Open(open) => match open.tasks.get(&client_id) {
                         Some(t) if t.status == TaskStatus::Assigned => {
                             return Ok(pb::Task {
-                                kind: Some(self.task_message(open, &t.task_id)),
+                                kind: Some(self.task_message(open, &client_id, &t.task_id)),
+                            });
+                        }
+                        Some(_)
+                            if let Some(step) =
+                                open.secagg.as_ref().and_then(|s| s.pending.get(&client_id)) =>
+                        {
+                            return Ok(pb::Task {
+                                kind: Some(Kind::Secagg(step.clone())),
                             });
                         }
                         Some(_) => format!(
@@ -120,13 +128,15 @@ impl Federation {
         }
     }
 
-    fn task_message(&self, open: &OpenPhase, task_id: &str) -> pb::task::Kind {
+    fn task_message(&self, open: &OpenPhase, client_id: &str, task_id: &str) -> pb::task::Kind {
         use pb::task::Kind;
         match open.kind {
             PhaseKind::Fit {
                 proximal_mu,
                 local_dp,
+                ..
             } => Kind::Train(pb::TrainTask {
+                secagg: open.secagg.as_ref().and_then(|s| s.spec_for(client_id)),
                 round: open.round,
                 task_id: task_id.to_string(),
                 model_version: open.model_version,
@@ -172,7 +182,11 @@ impl Federation {
     }
 
     /// Finds the task `task_id` of the client holding `token`; checks it is this client's.
-    fn task_of(st: &mut State, token: &str, task_id: &str) -> Result<(Issued, String), Refusal> {
+    pub(super) fn task_of(
+        st: &mut State,
+        token: &str,
+        task_id: &str,
+    ) -> Result<(Issued, String), Refusal> {
         let client = st.clients.touch(token).ok_or(Refusal::UnknownSession)?;
         let (client_id, client_name) = (client.id.clone(), client.name.clone());
         let issued = st
@@ -190,7 +204,7 @@ impl Federation {
 
     /// The open phase `issued` belongs to, or why it is over.
     /// The open phase with `serial` (a task's round `round`), or why it is over.
-    fn open_for<'a>(
+    pub(super) fn open_for<'a>(
         phase: &'a mut Phase,
         current_round: u64,
         (serial, round): (u64, u64),
@@ -254,6 +268,20 @@ impl Federation {
         let Some(task) = open.tasks.get_mut(&issued.client_id) else {
             return Err(Refusal::UnknownTask(task_id));
         };
+        if let Some(s) = &open.secagg {
+            let masked = Self::masked_upload_check(s, task, &issued, &claim, open.model_version)?;
+            return Ok(Ok(UploadTicket {
+                task_id,
+                serial: issued.serial,
+                round: issued.round,
+                client_id: issued.client_id,
+                client_name,
+                num_examples: claim.num_examples,
+                metrics: claim.metrics,
+                stats: open.stats.clone(),
+                masked: Some(masked),
+            }));
+        }
         let invalid = if claim.model_version != open.model_version {
             Some(format!(
                 "computed against model version {}, the round's is {}",
@@ -303,12 +331,28 @@ impl Federation {
             num_examples: claim.num_examples,
             metrics: claim.metrics,
             stats: open.stats.clone(),
+            masked: None,
         }))
     }
 
     /// An upload that did not complete: `failure` marks the task failed for the round (invalid
     /// content); `None` lets the client retry (a broken stream).
     pub fn abort_upload(&self, ticket: UploadTicket, failure: Option<String>) {
+        if ticket.masked.is_some() {
+            // A masked update's task stays reported (its keys are in the protocol); a broken
+            // stream may be retried, an invalid one fails the task.
+            if let Some(reason) = failure {
+                self.fail_task(
+                    ticket.serial,
+                    &ticket.client_id,
+                    &format!(
+                        "masked update for task `{}` refused: {reason}",
+                        ticket.task_id
+                    ),
+                );
+            }
+            return;
+        }
         let mut st = lock(&self.state);
         if let Phase::Open(open) = &mut st.phase
             && open.serial == ticket.serial

@@ -190,6 +190,16 @@ impl Private {
         self.adaptive.as_ref().map_or(self.fixed_clip, |a| a.clip)
     }
 
+    /// This round's plan; without one (the engine always begins a round first) the most
+    /// cautious: m = 1, the noise of a single client's release, no count released.
+    fn plan_or_cautious(&self) -> RoundPlan {
+        self.plan.unwrap_or(RoundPlan {
+            expected: 1.0,
+            count_stddev: 0.0,
+            update_z: self.s.noise_multiplier,
+        })
+    }
+
     /// q and z of one release as the accountant sees it.
     fn mechanism(&self) -> (f64, f64) {
         match self.s.mode {
@@ -320,8 +330,11 @@ impl Strategy for Private {
     }
 
     fn aggregator(&self, round: u64) -> Box<dyn Aggregator> {
-        match (self.s.mode, self.plan) {
-            (DpMode::Central, Some(plan)) => {
+        match self.s.mode {
+            DpMode::Central => {
+                // The engine always begins a round first; should it not, the most cautious
+                // plan (m = 1: the noise of a single client's release) rather than none.
+                let plan = self.plan_or_cautious();
                 *self.tally.lock().unwrap_or_else(|e| e.into_inner()) = Tally::default();
                 let clip = self.clip();
                 Box::new(ClippedSum {
@@ -339,24 +352,26 @@ impl Strategy for Private {
                     },
                 })
             }
-            _ => self.inner.aggregator(round),
+            DpMode::Local => self.inner.aggregator(round),
         }
     }
 
     fn apply(&mut self, global: &mut TensorSet, combined: &[f32]) {
-        if self.s.mode == DpMode::Central
-            && let Some(plan) = self.plan
-        {
+        if self.s.mode == DpMode::Central {
+            let plan = self.plan_or_cautious();
             let clip = self.clip();
             let unclipped = self
                 .tally
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .unclipped;
-            let fraction = self
-                .adaptive
-                .as_mut()
-                .map(|a| a.update(unclipped, plan.expected, plan.count_stddev, &mut self.rng));
+            // The noised count is released only under a begun round's plan.
+            let fraction = match (&mut self.adaptive, self.plan) {
+                (Some(a), Some(_)) => {
+                    Some(a.update(unclipped, plan.expected, plan.count_stddev, &mut self.rng))
+                }
+                _ => None,
+            };
             let (q, z) = self.mechanism();
             self.accountant.step(q, z);
             self.record(plan, clip, fraction);
