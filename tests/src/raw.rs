@@ -110,6 +110,35 @@ impl RawClient {
             .map(|r| r.into_inner())
     }
 
+    /// Uploads an already encoded payload (e.g. a masked update) for `task`.
+    pub async fn submit_encoded(
+        &mut self,
+        task: &pb::TrainTask,
+        enc: &EncodedTensors,
+        examples: u64,
+    ) -> Result<pb::SubmitReply, tonic::Status> {
+        let header = pb::UpdateHeader {
+            session_token: self.token.clone(),
+            task_id: task.task_id.clone(),
+            round: task.round,
+            model_version: task.model_version,
+            num_examples: examples,
+            manifest: Some(enc.manifest.clone()),
+            metrics: Default::default(),
+        };
+        let frames = std::iter::once(pb::UpdateFrame {
+            frame: Some(update_frame::Frame::Header(header)),
+        })
+        .chain(enc.chunks.iter().cloned().map(|c| pb::UpdateFrame {
+            frame: Some(update_frame::Frame::Chunk(c)),
+        }))
+        .collect::<Vec<_>>();
+        self.rpc
+            .submit_update(tokio_stream::iter(frames))
+            .await
+            .map(|r| r.into_inner())
+    }
+
     pub async fn submit(
         &mut self,
         task: &pb::TrainTask,

@@ -315,3 +315,70 @@ fn dp_combinations_the_accountant_cannot_account_for_are_refused() {
         }
     }
 }
+
+#[test]
+fn secure_aggregation_combinations_it_cannot_serve_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    for (toml, wants) in [
+        (
+            "secagg_threshold = 3",
+            &["secure aggregation is off", "secagg_threshold"][..],
+        ),
+        (
+            "secure_aggregation = true\nstrategy = \"krum\"",
+            &["cannot run `krum`", "fedavg"],
+        ),
+        (
+            "secure_aggregation = true\ndp = \"central\"\ndp_clip = \"1\"\ndp_noise_multiplier = 1.0",
+            &["--dp central cannot combine", "--dp local"],
+        ),
+        (
+            "secure_aggregation = true\nsecagg_neighbours = 4\nsecagg_threshold = 6",
+            &["exceeds `secagg_neighbours` + 1 = 5"],
+        ),
+        (
+            "secure_aggregation = true\nsecagg_bits = 32",
+            &["1 to 30 bits"],
+        ),
+        (
+            "secure_aggregation = true\nsecagg_clip = 0.0",
+            &["clipping range", "positive"],
+        ),
+        (
+            "secure_aggregation = true\nsecagg_step_timeout = \"0s\"",
+            &["secagg_step_timeout"],
+        ),
+    ] {
+        std::fs::write(&p, format!("insecure = true\n{toml}\n")).unwrap();
+        let args = ServeArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let e = format!("{:#}", args.resolve().unwrap_err());
+        for want in wants {
+            assert!(e.contains(want), "{toml:?}: `{want}` not in: {e}");
+        }
+    }
+}
+
+#[test]
+fn secure_aggregation_defaults_tolerate_a_third_of_the_round_dropping() {
+    let args = plain(ServeArgs {
+        secure_agg: SecureAggArgs {
+            secure_aggregation: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let s = args.resolve().unwrap().secure_agg.unwrap();
+    // Every other client a neighbour; t = ⌊2n/3⌋ + 1 of the n shares of each secret.
+    assert_eq!(s.graph(10), (9, 7));
+    assert_eq!(s.graph(3), (2, 3));
+    assert_eq!((s.quantizer.clip, s.quantizer.bits), (1.0, 20));
+    let sparse = SecAggSettings {
+        neighbours: Some(4),
+        ..s
+    };
+    assert_eq!(sparse.graph(100), (4, 4));
+}

@@ -76,9 +76,9 @@ impl Federation {
         let bytes = broadcast.full_bytes();
         // Installed before `state` is locked (lock order: `secagg` before `state`).
         let mut secagg = match (kind, &self.cfg.secure_agg) {
-            (PhaseKind::Fit { secure: true, .. }, Some(settings)) => {
-                Some(Box::new(self.begin_secagg(settings, serial, round, clients)))
-            }
+            (PhaseKind::Fit { secure: true, .. }, Some(settings)) => Some(Box::new(
+                self.begin_secagg(settings, serial, round, clients),
+            )),
             _ => None,
         };
         if let Some(aggregator) = aggregator {

@@ -114,6 +114,12 @@ impl Federation {
         clients: &[String],
     ) -> SecAggPhase {
         let (k, threshold) = settings.graph(clients.len());
+        if clients.len() < 3 {
+            warn!(
+                "round {round}: secure aggregation among {} clients hides little: with one, the sum is its update; with two, each can subtract its own",
+                clients.len()
+            );
+        }
         let mut nonce = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
         let mut context = format!("fedtune/{}/r{round}/s{serial}/", self.run_id).into_bytes();
