@@ -45,7 +45,8 @@ work, clients = sys.argv[1], int(sys.argv[2])
 rows = [json.loads(l) for l in open(f"{work}/out/metrics.jsonl")]
 for r in rows:
     moved = r["bytes_down"] + r["bytes_up"]
-    print(f"  round {r['round']}: {r['round_ms']/1000:7.2f} s  down {r['bytes_down']/1e9:6.2f} GB  up {r['bytes_up']/1e9:6.2f} GB"
+    size = lambda b: f"{b/1e9:6.2f} GB" if b >= 1e9 else f"{b/1e6:8.3f} MB"
+    print(f"  round {r['round']}: {r['round_ms']/1000:7.2f} s  down {size(r['bytes_down'])}  up {size(r['bytes_up'])}"
           f"  -> {moved/1e9/(r['round_ms']/1000):5.2f} GB/s  (aggregate {r['aggregate_ms']} ms)")
 rss = lambda name: int(open(f"{work}/{name}.rss").read().split()[-1]) / 1024 / 1024
 print(f"  peak RSS: coordinator {rss('coordinator'):.2f} GiB; clients " + ", ".join(f"{rss(f'client{i}'):.2f}" for i in range(1, clients + 1)) + " GiB")

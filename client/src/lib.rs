@@ -2,6 +2,8 @@
 //! returns weight deltas with metrics.
 //!
 //! - [`session`]: the protocol loop (join, tasks, transfers, reconnects, heartbeats);
+//!   `evaluate_task`: an Evaluate task measured and reported; [`secure_agg`]: a training
+//!   task's secure-aggregation steps;
 //!   `connection`: the endpoint, retryable failures and backoff.
 //! - [`fine_tune`]: a Train task -> a delta and metrics (no gRPC); [`task_config`]: the task's
 //!   training settings, checked and capped.
@@ -12,6 +14,7 @@ pub mod attack;
 pub mod bench;
 pub mod cli;
 mod connection;
+mod evaluate_task;
 pub mod fine_tune;
 pub mod frozen_cache;
 mod kit;

@@ -21,11 +21,8 @@ use tonic::Code;
 use tracing::{info, warn};
 
 use crate::connection::{BACKOFF_START, refused, transient};
-use crate::session::{Session, TRANSFER_ATTEMPTS};
+use crate::session::{NEXT_TASK_TIMEOUT, Session, TRANSFER_ATTEMPTS};
 use crate::transfer::upload;
-
-/// Longest the coordinator may hold a NextTask call, plus slack.
-const NEXT_TASK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A test tool: end the process abruptly after a step, as a crash would (`--die-after`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

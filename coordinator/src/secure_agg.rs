@@ -292,11 +292,6 @@ impl SecAggRound {
         Ok(())
     }
 
-    /// Who has a masked update in the sum so far.
-    pub fn masked_participants(&self) -> Vec<u32> {
-        self.masked.iter().copied().collect()
-    }
-
     /// Ends step 3: who is in the sum (survivors) and who shared keys but is not (dropped).
     pub fn close_masked(&mut self) -> Result<(Vec<u32>, Vec<u32>), SecAggRefusal> {
         self.enough("sent a masked update", self.masked.len())?;

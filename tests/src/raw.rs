@@ -117,26 +117,7 @@ impl RawClient {
         enc: &EncodedTensors,
         examples: u64,
     ) -> Result<pb::SubmitReply, tonic::Status> {
-        let header = pb::UpdateHeader {
-            session_token: self.token.clone(),
-            task_id: task.task_id.clone(),
-            round: task.round,
-            model_version: task.model_version,
-            num_examples: examples,
-            manifest: Some(enc.manifest.clone()),
-            metrics: Default::default(),
-        };
-        let frames = std::iter::once(pb::UpdateFrame {
-            frame: Some(update_frame::Frame::Header(header)),
-        })
-        .chain(enc.chunks.iter().cloned().map(|c| pb::UpdateFrame {
-            frame: Some(update_frame::Frame::Chunk(c)),
-        }))
-        .collect::<Vec<_>>();
-        self.rpc
-            .submit_update(tokio_stream::iter(frames))
-            .await
-            .map(|r| r.into_inner())
+        self.upload(task, enc, examples, Default::default()).await
     }
 
     pub async fn submit(
@@ -146,7 +127,23 @@ impl RawClient {
         examples: u64,
         corrupt_chunk: Option<usize>,
     ) -> Result<pb::SubmitReply, tonic::Status> {
-        let enc = EncodedTensors::encode(delta, task.model_version, MAX_CHUNK_BYTES).unwrap();
+        let mut enc = EncodedTensors::encode(delta, task.model_version, MAX_CHUNK_BYTES).unwrap();
+        if let Some(c) = corrupt_chunk.and_then(|i| enc.chunks.get_mut(i)) {
+            let mut data = c.data.to_vec();
+            data[3] ^= 0x40;
+            c.data = data.into();
+        }
+        let metrics = [("train_loss".to_string(), 1.0)].into();
+        self.upload(task, &enc, examples, metrics).await
+    }
+
+    async fn upload(
+        &mut self,
+        task: &pb::TrainTask,
+        enc: &EncodedTensors,
+        examples: u64,
+        metrics: std::collections::HashMap<String, f64>,
+    ) -> Result<pb::SubmitReply, tonic::Status> {
         let header = pb::UpdateHeader {
             session_token: self.token.clone(),
             task_id: task.task_id.clone(),
@@ -154,21 +151,15 @@ impl RawClient {
             model_version: task.model_version,
             num_examples: examples,
             manifest: Some(enc.manifest.clone()),
-            metrics: [("train_loss".to_string(), 1.0)].into(),
+            metrics,
         };
-        let mut frames = vec![pb::UpdateFrame {
+        let frames = std::iter::once(pb::UpdateFrame {
             frame: Some(update_frame::Frame::Header(header)),
-        }];
-        for (i, mut c) in enc.chunks.into_iter().enumerate() {
-            if corrupt_chunk == Some(i) {
-                let mut data = c.data.to_vec();
-                data[3] ^= 0x40;
-                c.data = data.into();
-            }
-            frames.push(pb::UpdateFrame {
-                frame: Some(update_frame::Frame::Chunk(c)),
-            });
-        }
+        })
+        .chain(enc.chunks.iter().cloned().map(|c| pb::UpdateFrame {
+            frame: Some(update_frame::Frame::Chunk(c)),
+        }))
+        .collect::<Vec<_>>();
         self.rpc
             .submit_update(tokio_stream::iter(frames))
             .await

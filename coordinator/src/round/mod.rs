@@ -135,7 +135,7 @@ pub struct UploadTicket {
 
 impl UploadTicket {
     pub fn count_bytes_up(&self, n: u64) {
-        self.stats.bytes_up.fetch_add(n, Ordering::Relaxed);
+        self.stats.count_bytes_up(n);
     }
 
     /// The number of words of a masked update (secure aggregation); `None` for a plain one.
@@ -159,6 +159,10 @@ pub struct RoundStats {
 impl RoundStats {
     pub fn count_bytes_down(&self, n: u64) {
         self.bytes_down.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn count_bytes_up(&self, n: u64) {
+        self.bytes_up.fetch_add(n, Ordering::Relaxed);
     }
 }
 

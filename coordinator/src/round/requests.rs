@@ -2,6 +2,8 @@
 //! the model, uploads and evaluation reports. These only read the open phase and record what
 //! clients did; the engine (`engine.rs`) decides when phases open and close.
 
+use prost::Message as _;
+
 use super::*;
 
 impl Federation {
@@ -99,6 +101,7 @@ impl Federation {
                             if let Some(step) =
                                 open.secagg.as_ref().and_then(|s| s.pending.get(&client_id)) =>
                         {
+                            open.stats.count_bytes_down(step.encoded_len() as u64);
                             return Ok(pb::Task {
                                 kind: Some(Kind::Secagg(step.clone())),
                             });

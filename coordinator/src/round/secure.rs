@@ -173,39 +173,33 @@ impl Federation {
         round: u64,
     ) -> Result<Option<Vec<f32>>, String> {
         let result = self.secure_steps(serial, round).await;
-        let survivors = lock(&self.secagg)
-            .as_ref()
-            .filter(|s| s.serial == serial)
-            .map(|s| s.round.masked_participants());
         *lock(&self.secagg) = None;
-        self.settle_secagg(serial, round, survivors.as_ref(), result.is_ok());
-        result
+        let survivors = result.as_ref().ok().map(|(_, s)| s.as_slice());
+        self.settle_secagg(serial, round, survivors);
+        result.map(|(mean, _)| Some(mean))
     }
 
-    async fn secure_steps(&self, serial: u64, round: u64) -> Result<Option<Vec<f32>>, String> {
+    /// Runs `f` on attempt `serial`'s round state (gone: the attempt is over).
+    fn on_round<T>(
+        &self,
+        serial: u64,
+        f: impl FnOnce(&mut SecAggRound) -> Result<T, SecAggRefusal>,
+    ) -> Result<T, String> {
+        let mut slot = lock(&self.secagg);
+        match slot.as_mut().filter(|s| s.serial == serial) {
+            Some(s) => f(&mut s.round).map_err(|e| e.to_string()),
+            None => Err("the round's secure aggregation state is gone".into()),
+        }
+    }
+
+    /// The steps after training; the weighted mean delta and who is in it.
+    async fn secure_steps(&self, serial: u64, round: u64) -> Result<(Vec<f32>, Vec<u32>), String> {
         let Some(settings) = self.cfg.secure_agg.clone() else {
             return Err("secure aggregation is not configured".into());
         };
-        let refused = |e: SecAggRefusal| e.to_string();
-        let with_round = |f: &mut dyn FnMut(&mut SecAggRound) -> Result<(), SecAggRefusal>| {
-            let mut slot = lock(&self.secagg);
-            match slot.as_mut().filter(|s| s.serial == serial) {
-                Some(s) => f(&mut s.round),
-                None => Err(SecAggRefusal::Malformed {
-                    who: 0,
-                    why: "the round's secure aggregation state is gone".into(),
-                }),
-            }
-        };
 
         // Step 2: sharing keys with the neighbours.
-        let mut neighbourhood = None;
-        with_round(&mut |r| {
-            neighbourhood = Some(r.close_advertise(&mut rand::rng())?);
-            Ok(())
-        })
-        .map_err(refused)?;
-        let neighbourhood = neighbourhood.unwrap_or_default();
+        let neighbourhood = self.on_round(serial, |r| r.close_advertise(&mut rand::rng()))?;
         info!(
             "round {round}: secure aggregation: {} clients sent keys; sharing their secrets",
             neighbourhood.len()
@@ -221,13 +215,7 @@ impl Federation {
             .await;
 
         // Step 3: the masked updates.
-        let mut instructions = None;
-        with_round(&mut |r| {
-            instructions = Some(r.close_share_keys()?);
-            Ok(())
-        })
-        .map_err(refused)?;
-        let mut instructions = instructions.unwrap_or_default();
+        let mut instructions = self.on_round(serial, SecAggRound::close_share_keys)?;
         self.send_steps(serial, round, |p| {
             instructions.remove(&p).map(|m| {
                 pb::sec_agg_step::Step::Mask(pb::SecAggMask {
@@ -240,13 +228,7 @@ impl Federation {
             .await;
 
         // Step 4: revealing the shares that unmask the sum.
-        let mut fates = None;
-        with_round(&mut |r| {
-            fates = Some(r.close_masked()?);
-            Ok(())
-        })
-        .map_err(refused)?;
-        let (survivors, dropped) = fates.unwrap_or_default();
+        let (survivors, dropped) = self.on_round(serial, SecAggRound::close_masked)?;
         if !dropped.is_empty() {
             warn!(
                 "round {round}: secure aggregation: {} clients shared keys but sent no masked update; their masks are removed with their neighbours' shares",
@@ -269,12 +251,10 @@ impl Federation {
         let Some(SecAggSlot { round: mut r, .. }) = taken else {
             return Err("the round's secure aggregation state is gone".into());
         };
-        let (sum, r) = tokio::task::spawn_blocking(move || (r.finish(), r))
+        let sum = tokio::task::spawn_blocking(move || r.finish())
             .await
-            .map_err(|e| format!("unmasking failed: {e}"))?;
-        // Put it back so `secure_aggregate` can tell who was in the sum.
-        *lock(&self.secagg) = Some(SecAggSlot { serial, round: r });
-        let sum = sum.map_err(refused)?;
+            .map_err(|e| format!("unmasking failed: {e}"))?
+            .map_err(|e| e.to_string())?;
         let total_weight: f64 = {
             let st = lock(&self.state);
             match &st.phase {
@@ -302,11 +282,11 @@ impl Federation {
             sum.len(),
             n as f64 * q.step() / total_weight
         );
-        Ok(Some(
-            sum.iter()
-                .map(|&s| (q.dequantize_sum(s, n) / total_weight) as f32)
-                .collect(),
-        ))
+        let mean = sum
+            .iter()
+            .map(|&s| (q.dequantize_sum(s, n) / total_weight) as f32)
+            .collect();
+        Ok((mean, survivors))
     }
 
     /// Sends each participant of the open attempt the step `step_for` gives it (none: it has
@@ -394,15 +374,10 @@ impl Federation {
         }
     }
 
-    /// After the secure steps: a client not in the sum (or every client, when the attempt
-    /// failed) did not contribute; the reports kept are the survivors'.
-    fn settle_secagg(
-        &self,
-        serial: u64,
-        round: u64,
-        survivors: Option<&Vec<u32>>,
-        succeeded: bool,
-    ) {
+    /// After the secure steps: a client not in the sum (every client, when the attempt
+    /// failed: `survivors` is `None`) did not contribute; the reports kept are the survivors'.
+    fn settle_secagg(&self, serial: u64, round: u64, survivors: Option<&[u32]>) {
+        let succeeded = survivors.is_some();
         let mut st = lock(&self.state);
         let Phase::Open(open) = &mut st.phase else {
             return;

@@ -4,6 +4,7 @@
 //! message fails that client's task (the round goes on without it), a repeat is DUPLICATE.
 
 use fedtune_common::secagg::Revealed;
+use prost::Message as _;
 
 use super::secure::{SecAggPhase, advertise_from, revealed_from, sealed_from};
 use super::*;
@@ -32,6 +33,7 @@ impl Federation {
     pub fn secagg_message(&self, msg: pb::SecAggMessage) -> Result<SubmitOutcome, Refusal> {
         use pb::sec_agg_message::Message as M;
         let task_id = msg.task_id.clone();
+        let bytes = msg.encoded_len() as u64;
         let sender = self.secagg_sender(&msg)?;
         let malformed = |why: String| {
             self.fail_task(sender.serial, &sender.client_id, &why);
@@ -106,6 +108,7 @@ impl Federation {
         if let Phase::Open(open) = &mut st.phase
             && open.serial == sender.serial
         {
+            open.stats.count_bytes_up(bytes);
             if is_advertise {
                 // Trained, and in the protocol: this is the task's report.
                 if let Some(t) = open.tasks.get_mut(&sender.client_id)
