@@ -18,7 +18,7 @@ use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::attack::Attack;
-use crate::connection::{Backoff, endpoint, transient};
+use crate::connection::{Backoff, endpoint, refused, transient};
 use crate::evaluate_task::{EvalData, evaluate_round};
 use crate::fine_tune::{self, LocalUpdate, Split};
 use crate::frozen_cache::FrozenCache;
@@ -250,6 +250,12 @@ fn after_task_error(
         }
         Some(st) if transient(st) => {
             warn!("{what}: {e:#}; asking for work again");
+            Ok(())
+        }
+        // The task is gone (its attempt closed while this client was on it): the coordinator
+        // has other work, or none, for it.
+        Some(st) if refused(st) => {
+            warn!("{what}: {}; asking for work again", st.message());
             Ok(())
         }
         _ => Err(e.context(what.to_string())),

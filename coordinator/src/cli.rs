@@ -88,20 +88,26 @@ pub fn main() -> anyhow::Result<()> {
             fedtune_common::logging::init(cfg.log_format);
             runtime.block_on(async {
                 let listener = crate::bind(&cfg).await?;
-                tokio::select! {
-                    summary = crate::serve(cfg, listener) => {
-                        let summary = summary?;
-                        let how = match &summary.ended_early {
-                            Some(why) => format!("run ended early ({why})"),
-                            None => "run complete".to_string(),
-                        };
-                        tracing::info!("{how}: {} rounds; global model in {}, metrics in {}", summary.records.len(), summary.global_path.display(), summary.metrics_path.display());
-                        Ok(())
-                    }
-                    _ = tokio::signal::ctrl_c() => {
-                        anyhow::bail!("interrupted; the last completed round's model and metrics are in the output folder")
-                    }
+                let summary = crate::serve_until(cfg, listener, stop_signal()?).await?;
+                if summary.stopped {
+                    tracing::info!(
+                        "stopped; the last completed round's model and metrics are in {} and {}: run the same command to continue the run",
+                        summary.global_path.display(),
+                        summary.metrics_path.display()
+                    );
+                    return Ok(());
                 }
+                let how = match &summary.ended_early {
+                    Some(why) => format!("run ended early ({why})"),
+                    None => "run complete".to_string(),
+                };
+                tracing::info!(
+                    "{how}: {} rounds; global model in {}, metrics in {}",
+                    summary.records.len(),
+                    summary.global_path.display(),
+                    summary.metrics_path.display()
+                );
+                Ok(())
             })
         }
         Command::Demo(args) => runtime.block_on(demo::run(*args)),
@@ -157,4 +163,34 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The first SIGTERM or SIGINT (Ctrl-C) stops the run gracefully: the future completes with
+/// the signal's name. A second one exits at once, which is safe too: every file is written to
+/// a temporary name and renamed, so the output folder always holds whole files.
+fn stop_signal() -> anyhow::Result<impl Future<Output = String>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut next = async || {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
+        };
+        let first = next().await;
+        tracing::warn!(
+            "{first}: stopping — no new work; the round in progress is abandoned and runs again when the coordinator is started again with the same command (send another signal to exit at once)"
+        );
+        let _ = tx.send(first.to_string());
+        let second = next().await;
+        tracing::warn!("{second} again: exiting at once");
+        std::process::exit(130);
+    });
+    Ok(async move {
+        rx.await
+            .unwrap_or_else(|_| "the signal handler ended".into())
+    })
 }

@@ -273,6 +273,8 @@ pub(crate) fn serve_args(args: &DemoArgs, recipe: Recipe) -> anyhow::Result<Serv
         secure_agg: args.secure_agg.clone(),
         log_format: Some(LogFormat::Text),
         seed: Some(args.seed),
+        // Each demo is a new federation; an earlier one in `--out` is moved aside.
+        fresh: true,
         ..Default::default()
     })
 }

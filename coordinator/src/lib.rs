@@ -26,6 +26,8 @@ pub mod provision;
 pub mod round;
 pub mod round_record;
 pub mod run_dir;
+pub mod run_identity;
+pub mod run_start;
 pub mod secure_agg;
 pub mod service;
 pub mod strategy;
@@ -50,7 +52,7 @@ use crate::config::{Security, ServeConfig};
 use crate::evaluation::{ServerEval, TextColumns};
 use crate::hf_export::HfSources;
 use crate::round::{Federation, RunSummary, Start};
-use crate::run_dir::RunDir;
+use crate::run_start::RunStart;
 use crate::service::FederationService;
 use crate::strategy::dp::Private;
 use crate::strategy::layout::Layout;
@@ -96,6 +98,17 @@ fn load_hf(dir: &std::path::Path, init: &TensorSet) -> anyhow::Result<TensorSet>
 
 /// Runs a whole federation on `listener` and returns when the last round is written.
 pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<RunSummary> {
+    serve_until(cfg, listener, std::future::pending()).await
+}
+
+/// [`serve`], stopping early when `stop` completes with the reason (a signal): no new work,
+/// the last completed round stays in `--out`, clients are told to wait for the coordinator to
+/// come back, and the run resumes when the coordinator is started again.
+pub async fn serve_until(
+    cfg: ServeConfig,
+    listener: TcpListener,
+    stop: impl Future<Output = String>,
+) -> anyhow::Result<RunSummary> {
     let mut global = cfg
         .model
         .init_weights(cfg.seed)
@@ -179,50 +192,38 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
     }
     // DP keeps its accountant and clipping bound in the server state.
     let stateful = cfg.strategy.kind.is_stateful() || cfg.privacy.is_some();
-    let (run_dir, start) = if cfg.resume {
-        let r = RunDir::resume(&cfg.out, &cfg.model, &strategy_name, stateful)?;
-        r.global.check_matches(&specs).with_context(|| {
-            format!(
-                "--resume: {} does not fit the model",
-                r.run_dir.global_path().display()
-            )
-        })?;
-        if let Some(state) = &r.strategy_state {
-            strategy
-                .restore(state)
-                .map_err(anyhow::Error::msg)
-                .context("--resume: the saved server state does not fit the model")?;
-        }
-        if r.round >= cfg.rounds {
-            anyhow::bail!(
-                "--resume: the run in {} already completed {} of {} rounds; raise --rounds to continue it",
-                cfg.out.display(),
-                r.round,
-                cfg.rounds
-            );
-        }
-        info!(
-            "resuming the run in {} after round {} ({} server state restored)",
-            cfg.out.display(),
-            r.round,
-            if r.strategy_state.is_some() {
-                strategy_name.as_str()
-            } else {
-                "no"
+    let (run_dir, start) = match run_start::open(&cfg, &strategy_name, stateful)? {
+        RunStart::Resume(r) => {
+            r.global.check_matches(&specs).with_context(|| {
+                format!(
+                    "resume: {} does not fit the model",
+                    r.run_dir.global_path().display()
+                )
+            })?;
+            if let Some(state) = &r.strategy_state {
+                strategy
+                    .restore(state)
+                    .map_err(anyhow::Error::msg)
+                    .context("resume: the saved server state does not fit the model")?;
             }
-        );
-        (
-            r.run_dir,
-            Start {
-                global: r.global,
-                round: r.round + 1,
-            },
-        )
-    } else {
-        (
-            RunDir::create(&cfg.out, &strategy_name)?,
-            Start { global, round: 1 },
-        )
+            info!(
+                "resumed after round {} ({} server state restored)",
+                r.round,
+                if r.strategy_state.is_some() {
+                    strategy_name.as_str()
+                } else {
+                    "no"
+                }
+            );
+            (
+                r.run_dir,
+                Start {
+                    global: r.global,
+                    round: r.round + 1,
+                },
+            )
+        }
+        RunStart::Fresh(run_dir) => (run_dir, Start { global, round: 1 }),
     };
     let addr = listener.local_addr()?;
     info!(
@@ -333,7 +334,9 @@ pub async fn serve(cfg: ServeConfig, listener: TcpListener) -> anyhow::Result<Ru
         _ => None,
     };
     let run_dir = run_dir.with_pytorch_export(cfg.export_pytorch, hf_sources);
-    let result = engine.run(start, strategy, run_dir, server_eval).await;
+    let result = engine
+        .run(start, strategy, run_dir, server_eval, stop)
+        .await;
     let _ = stop_tx.send(());
     // Open long-polls end with the server; give it a moment, then stop regardless.
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;

@@ -1,96 +1,20 @@
 //! Round policy against a real coordinator over real gRPC on 127.0.0.1, with scripted raw
 //! clients: client sampling, stragglers past the deadline, failed rounds retried or stopping
-//! the run, the grace period, FedProx's μ in the task, federated evaluation, the wait for
-//! clients giving up, and `--resume` continuing a stateful strategy exactly.
+//! the run, the grace period, FedProx's μ in the task, federated evaluation, and the wait for
+//! clients giving up.
 
-use std::path::Path;
 use std::time::Duration;
 
-use fedtune_common::checkpoint;
-use fedtune_common::logging::LogFormat;
-use fedtune_coordinator::config::{OnRoundFailure, SecurityArgs, ServeArgs};
+use fedtune_coordinator::config::OnRoundFailure;
 use fedtune_proto::task::Kind;
 use fedtune_tests::raw::{RawClient, pattern};
+use fedtune_tests::scripted::{metrics, serve_args, start, worker};
 use tonic::Code;
-
-const MODEL: &str = "synthetic:5000";
-
-fn args(out: &Path, rounds: u64, min_available: usize) -> ServeArgs {
-    ServeArgs {
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        rounds: Some(rounds),
-        min_available_clients: Some(min_available),
-        model: Some(MODEL.into()),
-        out: Some(out.to_path_buf()),
-        log_format: Some(LogFormat::Text),
-        seed: Some(11),
-        // Raw protocol clients: plaintext keeps the test about the round policy.
-        security: SecurityArgs {
-            insecure: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
-/// Starts a coordinator; returns its URL and the task running the federation.
-async fn start(
-    a: ServeArgs,
-) -> (
-    String,
-    tokio::task::JoinHandle<anyhow::Result<fedtune_coordinator::round::RunSummary>>,
-) {
-    let cfg = a.resolve().unwrap();
-    let listener = fedtune_coordinator::bind(&cfg).await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    (url, tokio::spawn(fedtune_coordinator::serve(cfg, listener)))
-}
-
-/// A client that trains whenever asked, sending a delta that depends only on the round, and
-/// evaluates with a fixed accuracy. Returns the rounds it trained in.
-async fn worker(url: String, name: String, examples: u64, accuracy: f64) -> Vec<u64> {
-    let mut c = RawClient::join(&url, &name, examples).await;
-    let mut rounds = Vec::new();
-    loop {
-        match c.next().await {
-            Kind::Train(t) => {
-                let g = c.fetch(&t.task_id).await;
-                let r = t.round as usize;
-                let d = pattern(&g, |i| ((i + r) % 7) as f32 * 0.01 - 0.03);
-                c.submit(&t, &d, examples, None).await.unwrap();
-                rounds.push(t.round);
-            }
-            Kind::Evaluate(t) => {
-                assert!(t.task_id.starts_with('e'), "{}", t.task_id);
-                c.submit_eval(
-                    &t,
-                    examples,
-                    &[("accuracy", accuracy), ("loss", 1.0 - accuracy)],
-                )
-                .await
-                .unwrap();
-            }
-            Kind::Finished(_) => return rounds,
-            Kind::Wait(_) => {}
-            Kind::Secagg(s) => {
-                panic!("a secure-aggregation step without secure aggregation: {s:?}")
-            }
-        }
-    }
-}
-
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sampling_selects_a_fraction_and_everyone_takes_part() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = args(dir.path(), 4, 6);
+    let mut a = serve_args(dir.path(), 4, 6);
     a.fraction_fit = Some(0.5);
     a.fraction_evaluate = Some(0.5);
     let (url, server) = start(a).await;
@@ -119,7 +43,7 @@ async fn sampling_selects_a_fraction_and_everyone_takes_part() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_straggler_is_refused_as_late_and_the_round_is_retried() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = args(dir.path(), 1, 2);
+    let mut a = serve_args(dir.path(), 1, 2);
     a.round_timeout = Some(Duration::from_secs(2));
     a.accept_failures = Some(false);
     a.on_round_failure = Some(OnRoundFailure::Retry);
@@ -166,7 +90,7 @@ async fn a_straggler_is_refused_as_late_and_the_round_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_round_stops_the_run_when_configured() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = args(dir.path(), 2, 2);
+    let mut a = serve_args(dir.path(), 2, 2);
     a.round_timeout = Some(Duration::from_secs(2));
     a.accept_failures = Some(false);
     a.on_round_failure = Some(OnRoundFailure::Stop);
@@ -192,7 +116,7 @@ async fn a_failed_round_stops_the_run_when_configured() {
     assert!(
         e.contains("round 1 failed")
             && e.contains("1 of 2 selected clients failed")
-            && e.contains("--resume"),
+            && e.contains("run the same command again"),
         "{e}"
     );
 }
@@ -200,7 +124,7 @@ async fn a_failed_round_stops_the_run_when_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn federated_evaluation_is_weighted_and_the_wait_for_clients_gives_up() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = args(dir.path(), 2, 2);
+    let mut a = serve_args(dir.path(), 2, 2);
     a.fraction_evaluate = Some(1.0);
     let (url, server) = start(a).await;
     let w1 = tokio::spawn(worker(url.clone(), "w1".into(), 100, 0.5));
@@ -217,7 +141,7 @@ async fn federated_evaluation_is_weighted_and_the_wait_for_clients_gives_up() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let mut a = args(dir.path(), 1, 2);
+    let mut a = serve_args(dir.path(), 1, 2);
     a.available_timeout = Some(Duration::from_secs(1));
     let (url, server) = start(a).await;
     let mut lonely = RawClient::join(&url, "lonely", 1).await;
@@ -232,87 +156,10 @@ async fn federated_evaluation_is_weighted_and_the_wait_for_clients_gives_up() {
     assert!(f.reason.contains("only 1 of the 2"), "{}", f.reason);
 }
 
-/// Runs `rounds` rounds of fedadam with one scripted client in `out`.
-async fn fedadam_run(out: &Path, rounds: u64, resume: bool) -> anyhow::Result<()> {
-    let mut a = args(out, rounds, 1);
-    a.strategy = Some("fedadam".into());
-    a.server_lr = Some(0.05);
-    a.resume = resume;
-    let cfg = a.resolve()?;
-    let listener = fedtune_coordinator::bind(&cfg).await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(fedtune_coordinator::serve(cfg, listener));
-    let w = tokio::spawn(worker(url, "w".into(), 7, 0.5));
-    let result = server.await?;
-    if result.is_ok() {
-        w.await?;
-    } else {
-        w.abort();
-    }
-    result.map(|_| ())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn resume_continues_fedadam_exactly() {
-    let straight = tempfile::tempdir().unwrap();
-    fedadam_run(straight.path(), 3, false).await.unwrap();
-    let split = tempfile::tempdir().unwrap();
-    fedadam_run(split.path(), 2, false).await.unwrap();
-    assert!(split.path().join("strategy-state.r2.safetensors").is_file());
-    fedadam_run(split.path(), 3, true).await.unwrap();
-
-    let (a, meta) = checkpoint::load(&straight.path().join("global.safetensors")).unwrap();
-    let (b, _) = checkpoint::load(&split.path().join("global.safetensors")).unwrap();
-    assert_eq!(meta["fedtune.round"], "3");
-    assert_eq!(meta["fedtune.strategy"], "fedadam");
-    for (x, y) in a.tensors().iter().zip(b.tensors()) {
-        assert!(
-            x.data
-                .iter()
-                .zip(&y.data)
-                .all(|(p, q)| p.to_bits() == q.to_bits()),
-            "{} differs between the straight and the resumed run",
-            x.name
-        );
-    }
-    let rounds: Vec<u64> = metrics(split.path())
-        .iter()
-        .map(|r| r["round"].as_u64().unwrap())
-        .collect();
-    assert_eq!(rounds, vec![1, 2, 3]);
-    assert!(split.path().join("strategy-state.r3.safetensors").is_file());
-    assert!(!split.path().join("strategy-state.r2.safetensors").exists());
-
-    // Nothing left to do, or another strategy: clear refusals.
-    let e = format!(
-        "{:#}",
-        fedadam_run(split.path(), 3, true).await.unwrap_err()
-    );
-    assert!(e.contains("already completed 3 of 3 rounds"), "{e}");
-    let mut a = args(split.path(), 5, 1);
-    a.resume = true;
-    let e = format!(
-        "{:#}",
-        fedtune_coordinator::serve(
-            a.resolve().unwrap(),
-            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
-        )
-        .await
-        .unwrap_err()
-    );
-    assert!(e.contains("`fedadam`") && e.contains("`fedavg`"), "{e}");
-
-    // A new run (no --resume) in the same folder does not inherit the old run's state.
-    fedadam_run(split.path(), 1, false).await.unwrap();
-    assert!(split.path().join("strategy-state.r1.safetensors").is_file());
-    assert!(!split.path().join("strategy-state.r3.safetensors").exists());
-    assert_eq!(metrics(split.path()).len(), 1);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grace_period_closes_the_round_after_the_minimum_and_fedprox_sends_mu() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = args(dir.path(), 1, 3);
+    let mut a = serve_args(dir.path(), 1, 3);
     a.min_fit_clients = Some(2);
     a.grace_period = Some(Duration::from_secs(1));
     a.round_timeout = Some(Duration::from_secs(120));

@@ -217,9 +217,15 @@ pub struct ServeArgs {
     /// this many MiB, then spill them to `<out>/spill` [default: 1024].
     #[arg(long)]
     pub buffer_memory_mb: Option<u64>,
-    /// Continue the run in `--out` from its last checkpoint (model, server state, metrics).
+    /// Require resuming: fail unless `--out` holds an unfinished run to continue. Without it,
+    /// an unfinished run with the same settings is resumed anyway, and an empty folder starts a
+    /// new run.
     #[arg(long)]
     pub resume: bool,
+    /// Start a new run even though `--out` holds one (finished, unfinished, or with other
+    /// settings): the earlier run's files are moved to `<out>/earlier-runs/<time>/`.
+    #[arg(long, conflicts_with = "resume")]
+    pub fresh: bool,
     /// Log format: text or json [default: text].
     #[arg(long)]
     pub log_format: Option<LogFormat>,
@@ -240,6 +246,8 @@ pub struct ServeConfig {
     /// Secure aggregation of the training updates; `None` when off.
     pub secure_agg: Option<SecAggSettings>,
     pub resume: bool,
+    /// Start a new run, moving an earlier one in `out` aside.
+    pub fresh: bool,
     pub model: ModelSpec,
     pub init: Option<PathBuf>,
     pub init_options: InitOptions,
@@ -454,6 +462,7 @@ impl ServeArgs {
             secure_agg,
             strategy,
             resume: self.resume || file.resume,
+            fresh: self.fresh,
             init: init_file,
             hf_init: resolved.hf_dir,
             tokenizer: resolved.tokenizer,

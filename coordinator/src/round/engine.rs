@@ -5,20 +5,39 @@ use super::phases::Closed;
 use super::*;
 
 impl Federation {
-    /// Runs the rounds from `start` to the end and returns what was written. On every exit,
-    /// clients are told the run is over, and why.
+    /// Runs the rounds from `start` to the end, or until `stop` says why to stop, and returns
+    /// what was written. At the end clients are told the run is over, and why; when stopped,
+    /// to wait for the coordinator to come back.
     pub async fn run(
         self: Arc<Self>,
         start: Start,
         strategy: Box<dyn Strategy>,
         run_dir: RunDir,
         server_eval: Option<Arc<ServerEval>>,
+        stop: impl Future<Output = String>,
     ) -> anyhow::Result<RunSummary> {
         info!("strategy: {}", strategy.describe());
-        let result = self
-            .clone()
-            .run_rounds(start, strategy, run_dir, server_eval)
-            .await;
+        let (global_path, metrics_path) = (run_dir.global_path(), run_dir.metrics_path());
+        let result = tokio::select! {
+            r = self.clone().run_rounds(start, strategy, run_dir, server_eval) => r,
+            why = stop => {
+                // The rounds end at their next await. A checkpoint is written without one, so
+                // the output folder holds the last completed round whole; the open round is
+                // abandoned and runs again when the coordinator is started again.
+                let reason = format!(
+                    "the coordinator was stopped ({why}); it continues this run when started again"
+                );
+                lock(&self.state).phase = Phase::Stopping { reason };
+                self.changed.notify_waiters();
+                return Ok(RunSummary {
+                    records: Vec::new(),
+                    ended_early: Some(format!("stopped by {why}")),
+                    stopped: true,
+                    global_path,
+                    metrics_path,
+                });
+            }
+        };
         let reason = match &result {
             Ok(RunSummary {
                 ended_early: Some(why),
@@ -139,7 +158,7 @@ impl Federation {
                             "on_round_failure = stop".to_string()
                         };
                         bail!(
-                            "round {round} failed: {why}; stopping ({what}). The output folder holds the model after round {model_version}; run again with --resume to continue from there"
+                            "round {round} failed: {why}; stopping ({what}). The output folder holds the model after round {model_version}; run the same command again to continue from there"
                         );
                     }
                 }
@@ -277,6 +296,7 @@ impl Federation {
         Ok(RunSummary {
             records,
             ended_early,
+            stopped: false,
             global_path: run_dir.global_path(),
             metrics_path: run_dir.metrics_path(),
         })

@@ -107,6 +107,8 @@ pub enum Refusal {
     Internal { task_id: String, reason: String },
     #[error("secure aggregation of task `{task_id}`: {reason}")]
     SecAgg { task_id: String, reason: String },
+    #[error("the coordinator is stopping; it continues this run when started again: retry then")]
+    Stopping,
 }
 
 /// An update's claims, before its tensors arrive.
@@ -223,10 +225,20 @@ struct OpenPhase {
 }
 
 enum Phase {
-    Waiting { round: u64 },
+    Waiting {
+        round: u64,
+    },
     Open(OpenPhase),
-    Closing { round: u64 },
-    Finished { reason: String },
+    Closing {
+        round: u64,
+    },
+    Finished {
+        reason: String,
+    },
+    /// Stopped by a signal: clients are told to wait for the coordinator to come back.
+    Stopping {
+        reason: String,
+    },
 }
 
 /// A task id as issued.
@@ -283,8 +295,10 @@ pub struct Federation {
 #[derive(Debug)]
 pub struct RunSummary {
     pub records: Vec<RoundRecord>,
-    /// Why the run ended before its last round (the privacy budget), if it did.
+    /// Why the run ended before its last round (the privacy budget, a signal), if it did.
     pub ended_early: Option<String>,
+    /// Stopped by a signal: the run is unfinished and resumes when started again.
+    pub stopped: bool,
     pub global_path: std::path::PathBuf,
     pub metrics_path: std::path::PathBuf,
 }

@@ -116,6 +116,7 @@ impl Federation {
                         ),
                     },
                     Phase::Closing { round } => format!("aggregating round {round}"),
+                    Phase::Stopping { reason } => reason.clone(),
                     Phase::Waiting { round } => {
                         let live = st.clients.live(LIVENESS_TIMEOUT).len();
                         format!("waiting for clients before round {round}: {live}/{needed} live")
@@ -215,6 +216,8 @@ impl Federation {
     ) -> Result<&'a mut OpenPhase, Refusal> {
         match phase {
             Phase::Open(open) if open.serial == serial => Ok(open),
+            // Not late: the attempt runs again when the coordinator is back.
+            Phase::Stopping { .. } => Err(Refusal::Stopping),
             _ if round == current_round => Err(Refusal::AttemptClosed {
                 task_id: task_id.to_string(),
                 round,
