@@ -178,7 +178,8 @@ impl RunDir {
     }
 
     /// Records a completed round: the strategy's state, the metrics row, then the model (the
-    /// commit), then removes the previous state.
+    /// commit; the one it replaces becomes `global.previous.safetensors`), then removes the
+    /// state of the round before that, which no kept model needs.
     pub fn checkpoint(
         &mut self,
         global: &TensorSet,

@@ -267,7 +267,7 @@ impl Federation {
         let open = match Self::open_for(&mut st.phase, st.current_round, issued.key(), &task_id) {
             Ok(open) => open,
             Err(refusal) => {
-                warn!("late update from {client_name}: {refusal}");
+                warn!("update from {client_name} not taken: {refusal}");
                 return Err(refusal);
             }
         };
@@ -395,7 +395,7 @@ impl Federation {
             let open = match Self::open_for(&mut st.phase, st.current_round, key, &ticket.task_id) {
                 Ok(open) => open,
                 Err(refusal) => {
-                    warn!("late update from {}: {refusal}", ticket.client_name);
+                    warn!("update from {} not taken: {refusal}", ticket.client_name);
                     return Err(refusal);
                 }
             };
