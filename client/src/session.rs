@@ -26,7 +26,10 @@ use crate::local_data::{Columns, LocalData};
 use crate::progress::ProgressView;
 use crate::secure_agg::Contribution;
 use crate::task_config::{self, Caps};
-use crate::transfer::{TaskRef, download, spawn_heartbeat, upload};
+use crate::transfer::{
+    PendingUpload, TaskRef, UndeliveredUpdate, download, resend, spawn_heartbeat, undelivered,
+    upload,
+};
 
 /// Longest the coordinator may hold a NextTask call, plus slack.
 pub(crate) const NEXT_TASK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -141,6 +144,8 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     let mut frozen_cache = FrozenCache::default();
     // A task the coordinator sent while this client was inside secure aggregation.
     let mut handed_back: Option<pb::Task> = None;
+    // An update not delivered because the coordinator was away: sent again first.
+    let mut pending: Option<Box<PendingUpload>> = None;
     loop {
         let s = match session.as_mut() {
             Some(s) => s,
@@ -158,6 +163,25 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
                 }
             },
         };
+        if let Some(p) = pending.take() {
+            let round = p.task.round;
+            match resend(s, p).await {
+                Ok((accepted, message)) => {
+                    info!("{} round {round}: update sent again: {message}", opts.name);
+                    report.updates_accepted += u64::from(accepted);
+                }
+                Err(e) => {
+                    pending = after_task_error(e, &format!("round {round}"), &mut session)?;
+                    if pending.is_some() && session.is_some() {
+                        // Still away: wait (bounded by --give-up-after) before the next try.
+                        backoff
+                            .wait("sending the update again", &"coordinator unreachable")
+                            .await?;
+                    }
+                }
+            }
+            continue;
+        }
         let mut req = tonic::Request::new(pb::NextTaskRequest {
             session_token: s.token.clone(),
         });
@@ -194,7 +218,9 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
                         report.updates_accepted += u64::from(accepted);
                         handed_back = next;
                     }
-                    Err(e) => after_task_error(e, &format!("round {round}"), &mut session)?,
+                    Err(e) => {
+                        pending = after_task_error(e, &format!("round {round}"), &mut session)?
+                    }
                 }
             }
             Some(Kind::Evaluate(t)) => {
@@ -206,7 +232,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
                 match evaluate_round(s, t, &opts, local, &mut frozen_cache).await {
                     Ok(()) => report.rounds_evaluated += 1,
                     Err(e) => {
-                        after_task_error(e, &format!("round {round} evaluation"), &mut session)?
+                        after_task_error(e, &format!("round {round} evaluation"), &mut session)?;
                     }
                 }
             }
@@ -235,28 +261,53 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     }
 }
 
+/// Times an undelivered update is sent again before it is given up.
+const RESENDS: u32 = 5;
+
 /// After a task failed: re-join (session lost), ask for work again (transfers already retried;
-/// the NextTask loop reconnects with backoff), or stop the client with the error.
+/// the NextTask loop reconnects with backoff), or stop the client with the error. Returns an
+/// update to send again once the coordinator is back, if the task left one.
 fn after_task_error(
     e: anyhow::Error,
     what: &str,
     session: &mut Option<Session>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Box<PendingUpload>>> {
+    let e = match e.downcast::<UndeliveredUpdate>() {
+        Ok(mut u) if u.pending.resent < RESENDS => {
+            warn!("{u}");
+            if u.why.code() == Code::Unauthenticated {
+                u.pending.resent += 1;
+                *session = None;
+            }
+            return Ok(Some(u.pending));
+        }
+        Ok(u) => {
+            warn!(
+                "{what}: the update could not be delivered after {RESENDS} tries ({}); giving it up",
+                u.why.message()
+            );
+            if u.why.code() == Code::Unauthenticated {
+                *session = None;
+            }
+            return Ok(None);
+        }
+        Err(e) => e,
+    };
     match e.downcast_ref::<Status>() {
         Some(st) if st.code() == Code::Unauthenticated => {
             warn!("{what}: session lost ({e}); joining again");
             *session = None;
-            Ok(())
+            Ok(None)
         }
         Some(st) if transient(st) => {
             warn!("{what}: {e:#}; asking for work again");
-            Ok(())
+            Ok(None)
         }
         // The task is gone (its attempt closed while this client was on it): the coordinator
         // has other work, or none, for it.
         Some(st) if refused(st) => {
             warn!("{what}: {}; asking for work again", st.message());
-            Ok(())
+            Ok(None)
         }
         _ => Err(e.context(what.to_string())),
     }
@@ -360,6 +411,7 @@ async fn train_round(
         cache.offer(&frozen),
     )
     .await?;
+    fedtune_common::crash_point::reached("train");
     let (bytes_down, download_s) = (
         payload.bytes.len() as u64,
         download_started.elapsed().as_secs_f64(),
@@ -490,7 +542,20 @@ async fn train_round(
     let encoded = EncodedTensors::encode(&delta, task.model_version, MAX_CHUNK_BYTES)?;
     drop(delta);
     let upload_started = std::time::Instant::now();
-    let (accepted, bytes_up, message) = upload(s, &task, &encoded, num_examples, &metrics).await?;
+    let (accepted, bytes_up, message) =
+        match upload(s, &task, &encoded, num_examples, &metrics).await {
+            Ok(r) => r,
+            Err(e) => {
+                let pending = PendingUpload {
+                    task,
+                    encoded,
+                    num_examples,
+                    metrics,
+                    resent: 0,
+                };
+                return Err(undelivered(e, Box::new(pending)));
+            }
+        };
     let upload_s = upload_started.elapsed().as_secs_f64();
     let m = |k: &str| metrics.get(k).copied();
     let fmt = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| format!("{v:.d$}"));

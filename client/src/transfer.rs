@@ -71,18 +71,33 @@ pub(crate) async fn download(
         ),
         None => (0, Vec::new()),
     };
+    // What arrived before a broken stream: the retry resumes after its last good chunk.
+    let mut partial: Option<Assembler> = None;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match try_download(s, task, &expected, &trainable, frozen_hash, limit).await {
+        let dl = Download {
+            task,
+            expected: &expected,
+            trainable: &trainable,
+            frozen_hash,
+            limit,
+        };
+        match try_download(s, dl, &mut partial).await {
             Ok(set) => return Ok(set),
             Err(e)
                 if attempt < TRANSFER_ATTEMPTS
                     && e.downcast_ref::<Status>().is_some_and(transient) =>
             {
+                let kept = partial.as_ref().map_or(0, Assembler::received);
                 warn!(
-                    "round {}: model download failed ({e}); retrying ({attempt}/{TRANSFER_ATTEMPTS})",
-                    task.round
+                    "round {}: model download failed ({e}); retrying ({attempt}/{TRANSFER_ATTEMPTS}){}",
+                    task.round,
+                    if kept > 0 {
+                        format!(", resuming at byte {kept}")
+                    } else {
+                        String::new()
+                    }
                 );
                 tokio::time::sleep(BACKOFF_START * attempt).await;
             }
@@ -96,20 +111,31 @@ pub(crate) async fn download(
     }
 }
 
+/// What one model download is for and must match.
+#[derive(Clone, Copy)]
+pub(crate) struct Download<'a> {
+    pub task: TaskRef<'a>,
+    pub expected: &'a [TensorSpec],
+    pub trainable: &'a [TensorSpec],
+    pub frozen_hash: u64,
+    pub limit: u64,
+}
+
+/// One try at a download, continuing `partial` (chunks already received and checked) when
+/// the coordinator serves the same payload; `partial` holds what arrived if the stream breaks.
 pub(crate) async fn try_download(
     s: &mut Session,
-    task: TaskRef<'_>,
-    expected: &[TensorSpec],
-    trainable: &[TensorSpec],
-    frozen_hash: u64,
-    limit: u64,
+    dl: Download<'_>,
+    partial: &mut Option<Assembler>,
 ) -> anyhow::Result<Payload> {
+    let resume_offset = partial.as_ref().map_or(0, Assembler::received);
     let mut frames = s
         .rpc
         .fetch_model(pb::FetchModelRequest {
             session_token: s.token.clone(),
-            task_id: task.task_id.to_string(),
-            frozen_hash,
+            task_id: dl.task.task_id.to_string(),
+            frozen_hash: dl.frozen_hash,
+            resume_offset,
         })
         .await?
         .into_inner();
@@ -121,14 +147,36 @@ pub(crate) async fn try_download(
         Some(Err(st)) => return Err(st.into()),
         None => bail!("model stream was empty"),
     };
-    let mut asm = Assembler::new(manifest, limit)?;
-    let trainable_only = frozen_hash != 0 && check_specs(asm.specs(), trainable).is_ok();
-    if !trainable_only {
-        check_specs(asm.specs(), expected)
-            .context("the coordinator's model does not match the model the task names")?;
-    }
+    let mut asm = match partial.take() {
+        // The same payload (its whole checksum is in the manifest): carry on.
+        Some(asm) if *asm.manifest() == manifest => asm,
+        // Another payload: the next try starts from the beginning.
+        Some(_) => {
+            return Err(Status::aborted(
+                "the coordinator's model changed while the download was resuming",
+            )
+            .into());
+        }
+        None => {
+            let asm = Assembler::new(manifest, dl.limit)?;
+            let trainable_only =
+                dl.frozen_hash != 0 && check_specs(asm.specs(), dl.trainable).is_ok();
+            if !trainable_only {
+                check_specs(asm.specs(), dl.expected)
+                    .context("the coordinator's model does not match the model the task names")?;
+            }
+            asm
+        }
+    };
     while let Some(frame) = frames.next().await {
-        match frame? {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(st) => {
+                *partial = Some(asm);
+                return Err(st.into());
+            }
+        };
+        match frame {
             pb::ModelFrame {
                 frame: Some(model_frame::Frame::Chunk(c)),
             } => asm.push(&c)?,
@@ -136,6 +184,52 @@ pub(crate) async fn try_download(
         }
     }
     Ok(asm.finish()?)
+}
+
+/// An update the coordinator could not take because it was away or had restarted (its
+/// session gone): kept, and sent again under the same task id once the client is back in
+/// touch. The coordinator counts a task once, so a copy it already has is answered DUPLICATE.
+#[derive(Debug)]
+pub(crate) struct PendingUpload {
+    pub task: pb::TrainTask,
+    pub encoded: EncodedTensors,
+    pub num_examples: u64,
+    pub metrics: HashMap<String, f64>,
+    /// Times the coordinator was reached again but had lost the session (it restarted); a
+    /// coordinator that stays away is bounded by the client's --give-up-after instead.
+    pub resent: u32,
+}
+
+/// The error that carries a [`PendingUpload`] out of a task.
+#[derive(Debug, thiserror::Error)]
+#[error("round {}: the update could not be delivered ({why}); it is sent again once the coordinator is back", .pending.task.round)]
+pub(crate) struct UndeliveredUpdate {
+    pub pending: Box<PendingUpload>,
+    pub why: Status,
+}
+
+/// Sends `pending` again; on another failure worth retrying, hands it back in the error.
+pub(crate) async fn resend(
+    s: &mut Session,
+    pending: Box<PendingUpload>,
+) -> anyhow::Result<(bool, String)> {
+    let p = &pending;
+    match upload(s, &p.task, &p.encoded, p.num_examples, &p.metrics).await {
+        Ok((counted, _, message)) => Ok((counted, message)),
+        Err(e) => Err(undelivered(e, pending)),
+    }
+}
+
+/// Wraps an upload failure that may mend (the coordinator away or restarted) so that the
+/// update is kept; other failures pass through.
+pub(crate) fn undelivered(e: anyhow::Error, pending: Box<PendingUpload>) -> anyhow::Error {
+    match e.downcast::<Status>() {
+        Ok(st) if st.code() == tonic::Code::Unauthenticated || transient(&st) => {
+            UndeliveredUpdate { pending, why: st }.into()
+        }
+        Ok(st) => st.into(),
+        Err(e) => e,
+    }
 }
 
 /// Uploads `update` for `task`; retries transient failures with the same task id (the
@@ -166,7 +260,14 @@ pub(crate) async fn upload(
             frame: Some(update_frame::Frame::Chunk(c)),
         }))
         .collect::<Vec<_>>();
-        match s.rpc.submit_update(tokio_stream::iter(frames)).await {
+        let frames = tokio_stream::iter(frames.into_iter().enumerate()).map(|(i, f)| {
+            // The header and the first chunk are on their way (fault tests).
+            if i == 2 {
+                fedtune_common::crash_point::reached("upload");
+            }
+            f
+        });
+        match s.rpc.submit_update(frames).await {
             Ok(r) => {
                 let r = r.into_inner();
                 let counted =

@@ -47,6 +47,15 @@ pub enum CheckpointError {
 
 struct F32View<'a>(&'a NamedTensor);
 
+/// A tensor's values as little-endian bytes (borrowed where the machine is little-endian).
+fn le_bytes(t: &NamedTensor) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(&t.data))
+    } else {
+        Cow::Owned(t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
 impl View for F32View<'_> {
     fn dtype(&self) -> Dtype {
         Dtype::F32
@@ -55,11 +64,7 @@ impl View for F32View<'_> {
         &self.0.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        if cfg!(target_endian = "little") {
-            Cow::Borrowed(bytemuck::cast_slice(&self.0.data))
-        } else {
-            Cow::Owned(self.0.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-        }
+        le_bytes(self.0)
     }
     fn data_len(&self) -> usize {
         self.0.data.len() * 4
@@ -71,18 +76,30 @@ pub const CHECKSUM_KEY: &str = "fedtune.checksum";
 
 /// xxh3 over the tensors' names, shapes and values in name order (the order [`load`] returns),
 /// so the same tensors give the same checksum whatever order they were saved in.
-fn checksum(set: &TensorSet) -> String {
-    let mut tensors: Vec<&NamedTensor> = set.tensors().iter().collect();
-    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+pub fn checksum(set: &TensorSet) -> String {
+    checksum_raw(
+        set.tensors()
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice(), le_bytes(t))),
+    )
+}
+
+/// [`checksum`] of tensors given as (name, shape, little-endian f32 bytes).
+fn checksum_raw<'a, B: AsRef<[u8]>>(
+    tensors: impl Iterator<Item = (&'a str, &'a [usize], B)>,
+) -> String {
+    let mut tensors: Vec<_> = tensors.collect();
+    tensors.sort_by(|a, b| a.0.cmp(b.0));
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for t in tensors {
-        h.update(t.name.as_bytes());
+    for (name, shape, bytes) in tensors {
+        let bytes = bytes.as_ref();
+        h.update(name.as_bytes());
         h.update(&[0]);
-        for d in &t.shape {
+        for d in shape {
             h.update(&(*d as u64).to_le_bytes());
         }
-        h.update(&(t.data.len() as u64).to_le_bytes());
-        h.update(&F32View(t).data());
+        h.update(&((bytes.len() / 4) as u64).to_le_bytes());
+        h.update(bytes);
     }
     format!("xxh3:{:016x}", h.digest())
 }
@@ -90,21 +107,69 @@ fn checksum(set: &TensorSet) -> String {
 /// Writes `set` to `path` atomically and durably, with string metadata and its checksum.
 pub fn save(
     set: &TensorSet,
+    metadata: HashMap<String, String>,
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    let checksum = checksum(set);
+    write_atomically(
+        set.tensors().iter().map(|t| (t.name.as_str(), F32View(t))),
+        metadata,
+        checksum,
+        path,
+    )
+}
+
+/// [`save`] for tensors already in their wire form, (name, shape, little-endian f32 bytes):
+/// an update is written as it arrived, without a second model-sized copy.
+pub fn save_le(
+    tensors: &[(&str, &[usize], &[u8])],
+    metadata: HashMap<String, String>,
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    let checksum = checksum_raw(tensors.iter().map(|&(n, s, b)| (n, s, b)));
+    write_atomically(
+        tensors
+            .iter()
+            .map(|&(name, shape, bytes)| (name, LeView { shape, bytes })),
+        metadata,
+        checksum,
+        path,
+    )
+}
+
+struct LeView<'a> {
+    shape: &'a [usize],
+    bytes: &'a [u8],
+}
+
+impl View for LeView<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+fn write_atomically<'a, V: View>(
+    tensors: impl Iterator<Item = (&'a str, V)>,
     mut metadata: HashMap<String, String>,
+    checksum: String,
     path: &Path,
 ) -> Result<(), CheckpointError> {
     let io = |e: &dyn std::fmt::Display| CheckpointError::Io {
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    metadata.insert(CHECKSUM_KEY.to_string(), checksum(set));
+    metadata.insert(CHECKSUM_KEY.to_string(), checksum);
     let tmp = tmp_path(path);
-    safetensors::serialize_to_file(
-        set.tensors().iter().map(|t| (t.name.as_str(), F32View(t))),
-        Some(metadata),
-        &tmp,
-    )
-    .map_err(|e| io(&e))?;
+    safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|e| io(&e))?;
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .map_err(|e| io(&e))?;

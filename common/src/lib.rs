@@ -15,6 +15,7 @@
 
 pub mod augment;
 pub mod checkpoint;
+pub mod crash_point;
 pub mod data;
 pub mod device;
 pub mod dp;

@@ -214,6 +214,10 @@ impl Assembler {
         &self.specs
     }
 
+    pub fn manifest(&self) -> &pb::Manifest {
+        &self.manifest
+    }
+
     pub fn received(&self) -> u64 {
         self.buf.len() as u64
     }

@@ -82,6 +82,15 @@ impl Clients {
         Some(id)
     }
 
+    /// The live client called `name` that joined last, if any.
+    pub fn live_id_of(&self, name: &str, timeout: Duration) -> Option<String> {
+        self.live(timeout)
+            .into_iter()
+            .rev()
+            .find(|c| c.name == name)
+            .map(|c| c.id.clone())
+    }
+
     /// Clients heard from within `timeout`, ordered by join order.
     pub fn live(&self, timeout: Duration) -> Vec<&ClientInfo> {
         let now = Instant::now();

@@ -20,6 +20,7 @@ pub mod dp_plan;
 pub mod embed_cmd;
 pub mod evaluation;
 pub mod hf_export;
+pub mod journal;
 pub mod limits;
 pub mod pretrain;
 pub mod provision;

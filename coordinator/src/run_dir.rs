@@ -10,7 +10,9 @@
 //!   each kept model exists; older ones are removed after the commit;
 //! - `metrics.jsonl`: one JSON object per round, appended and synced before the commit; on
 //!   resume, rows past the resumed round (a crash between the two writes) are dropped;
-//! - `run.json`: the run's settings ([`crate::run_identity`]).
+//! - `run.json`: the run's settings ([`crate::run_identity`]);
+//! - `journal/`: the open round's accepted updates ([`crate::journal`]), removed at each
+//!   commit.
 //!
 //! A new run never overwrites an earlier one: its files are moved to `earlier-runs/<time>/`.
 
@@ -62,10 +64,12 @@ pub struct Resumed {
 impl RunDir {
     /// Creates the folder for a new run. The files of an earlier run in it are moved to
     /// `earlier-runs/<time>/`, never appended to or overwritten.
-    pub fn create(dir: &Path, strategy: &str) -> anyhow::Result<Self> {
+    /// `keep_journal`: the open round's journal belongs to this run (the same settings died
+    /// in round 1, before any checkpoint), so it stays.
+    pub fn create(dir: &Path, strategy: &str, keep_journal: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output folder {}", dir.display()))?;
-        if let Some(moved) = move_earlier_run(dir)? {
+        if let Some(moved) = move_earlier_run(dir, keep_journal)? {
             tracing::warn!(
                 "{} held an earlier run: its files are now in {}",
                 dir.display(),
@@ -228,6 +232,7 @@ impl RunDir {
             }
             (_, false) => {}
         }
+        fedtune_common::crash_point::reached("checkpoint");
         // The model being replaced stays one more round, as the fallback if this one is ever
         // found damaged (a rename: a crash in between leaves it, and resume finds it).
         let global_path = self.global_path();
@@ -331,7 +336,7 @@ fn read_commit(
 /// Moves the files of an earlier run in `dir` to `earlier-runs/<time>/`; `None` when there
 /// was no earlier run. Server state alone (no model: a crash before the first commit) is
 /// removed instead: it belongs to no model.
-fn move_earlier_run(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+fn move_earlier_run(dir: &Path, keep_journal: bool) -> anyhow::Result<Option<PathBuf>> {
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read output folder {}", dir.display()))?;
     let mut run_files = Vec::new();
@@ -349,7 +354,8 @@ fn move_earlier_run(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
             hf_export::MODEL_DIR,
             hf_export::ADAPTER_DIR,
         ]
-        .contains(&name.as_str());
+        .contains(&name.as_str())
+            || (name == crate::journal::JOURNAL_DIR && !keep_journal);
         if is_state {
             states.push(e.path());
         } else if is_run {
@@ -363,7 +369,12 @@ fn move_earlier_run(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     });
     if !has_results {
         for p in states.iter().chain(&run_files) {
-            if let Err(e) = std::fs::remove_file(p) {
+            let removed = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+            if let Err(e) = removed {
                 tracing::warn!("cannot remove {}: {e}", p.display());
             }
         }

@@ -34,7 +34,10 @@ pub fn open(cfg: &ServeConfig, strategy: &str, stateful: bool) -> anyhow::Result
                 dir.display()
             );
         }
-        let run = RunDir::create(dir, strategy)?;
+        // The same settings died in round 1 (nothing committed yet): its journal carries on.
+        let same_run = !cfg.fresh
+            && matches!(RunIdentity::read(dir), Ok(Some(then)) if then.changes(&now).is_empty());
+        let run = RunDir::create(dir, strategy, same_run)?;
         now.write(dir)?;
         return Ok(RunStart::Fresh(run));
     }

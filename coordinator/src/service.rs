@@ -121,9 +121,31 @@ impl FederationRpc for FederationService {
             frame: Some(model_frame::Frame::Manifest(broadcast.manifest.clone())),
         };
         // Chunks are `Bytes` slices of the one encoded broadcast: cloning them copies nothing.
-        let chunks = (0..broadcast.chunks.len()).map(move |i| {
+        // A resumed download starts at a chunk boundary the client already holds up to.
+        let first = if req.resume_offset == 0 {
+            0
+        } else {
+            broadcast
+                .chunks
+                .iter()
+                .position(|c| c.offset == req.resume_offset)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "cannot resume the download of task `{}` at byte {}: not a chunk boundary of this model ({} bytes in chunks of {}); download it from the start",
+                        req.task_id,
+                        req.resume_offset,
+                        broadcast.manifest.total_bytes,
+                        broadcast.manifest.chunk_size
+                    ))
+                })?
+        };
+        let half = broadcast.chunks.len() / 2;
+        let chunks = (first..broadcast.chunks.len()).map(move |i| {
             // The stream holds its slot until it is dropped (sent, or the client went away).
             let _slot = &slot;
+            if i == half {
+                fedtune_common::crash_point::reached("download");
+            }
             let chunk = broadcast.chunks[i].clone();
             stats.count_bytes_down(chunk.data.len() as u64);
             Ok(pb::ModelFrame {
@@ -230,6 +252,9 @@ impl FederationRpc for FederationService {
             ticket.count_bytes_up(chunk.data.len() as u64);
             if let Err(e) = assembler.push(&chunk) {
                 return Err(self.wire_failure(ticket, &task_id, e));
+            }
+            if chunk.offset == 0 {
+                fedtune_common::crash_point::reached("upload");
             }
         }
         let payload = match assembler.finish() {

@@ -1,6 +1,7 @@
 //! Helpers for fedtune's end-to-end tests: the real binaries as real processes, free ports on
 //! 127.0.0.1, the bundled real data.
 
+pub mod fault_proxy;
 pub mod raw;
 pub mod scripted;
 
@@ -141,6 +142,17 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Self {
+        Self::spawn_with_env(name, program, args, &[], log_dir)
+    }
+
+    /// [`Proc::spawn`] with extra environment variables (e.g. a crash point).
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Self {
         let log = log_dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("create log");
         let err = out.try_clone().expect("clone log handle");
@@ -157,6 +169,7 @@ impl Proc {
         }
         let child = Command::new(program)
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

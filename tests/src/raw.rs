@@ -32,6 +32,35 @@ impl RawClient {
         }
     }
 
+    /// Joins as [`RawClient::join`] once the coordinator at `url` answers (it may be starting
+    /// or restarting), trying for up to 60 s.
+    pub async fn join_when_up(url: &str, name: &str, examples: u64) -> Self {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Ok(mut rpc) = FederationClient::connect(url.to_string()).await {
+                let join = rpc
+                    .join(pb::JoinRequest {
+                        protocol_version: PROTOCOL_VERSION,
+                        name: name.into(),
+                        device: "test".into(),
+                        num_examples: examples,
+                    })
+                    .await;
+                if let Ok(reply) = join {
+                    return Self {
+                        rpc,
+                        token: reply.into_inner().session_token,
+                    };
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no coordinator at {url} within 60 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn next(&mut self) -> Kind {
         loop {
             let task = self
@@ -64,6 +93,7 @@ impl RawClient {
                 session_token: self.token.clone(),
                 task_id: task_id.into(),
                 frozen_hash: 0,
+                resume_offset: 0,
             })
             .await
             .unwrap()

@@ -464,6 +464,7 @@ async fn each_abuse_limit_trips_and_the_others_are_still_served() {
             session_token: a.token.clone(),
             task_id: task.task_id.clone(),
             frozen_hash: 0,
+            resume_offset: 0,
         };
         let mut rpc = rpc.clone();
         async move { rpc.fetch_model(req).await }

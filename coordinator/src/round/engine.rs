@@ -65,6 +65,8 @@ impl Federation {
         // already encoded it.
         let mut encoded: Option<Arc<Broadcast>> = None;
         let mut ended_early = None;
+        // The coordinator died inside this round: its journal carries it on.
+        let mut reopen = self.journaled(start.round, &global)?;
         'rounds: for round in start.round..=self.cfg.rounds {
             // Version v is the model after v aggregations: round r trains on version r - 1.
             let model_version = round - 1;
@@ -72,11 +74,23 @@ impl Federation {
             let mut attempt = 0;
             let (fit, combined, aggregate_ms) = loop {
                 attempt += 1;
-                self.wait_for_clients(round).await?;
-                // One list for both calls, so that the expected count m = q·N of DP and
+                let mut journaled = reopen.take();
+                let candidates = match &journaled {
+                    Some(j) => {
+                        attempt = j.header.attempt;
+                        Vec::new()
+                    }
+                    None => {
+                        self.wait_for_clients(round).await?;
+                        self.candidates(false)
+                    }
+                };
+                // One count for both calls, so that the expected count m = q·N of DP and
                 // the draw see the same N.
-                let candidates = self.candidates(false);
-                match strategy.begin_round(round, candidates.len()) {
+                let available = journaled
+                    .as_ref()
+                    .map_or(candidates.len(), |j| j.header.candidates);
+                match strategy.begin_round(round, available) {
                     Ok(()) => {}
                     Err(EndRun::BudgetSpent(why)) => {
                         info!("{why}");
@@ -91,24 +105,47 @@ impl Federation {
                         Broadcast::encode(&global, model_version, &self.cfg.frozen)
                     })?),
                 };
-                let plan = strategy.configure_fit(round, attempt, &candidates);
-                let serial = self.open_phase(
-                    PhaseKind::Fit {
-                        proximal_mu: plan.proximal_mu,
-                        local_dp: plan.local_dp,
-                        secure: self.cfg.secure_agg.is_some(),
-                    },
-                    round,
-                    attempt,
-                    model_version,
-                    broadcast.clone(),
-                    &plan.clients,
-                    // Secure aggregation: the strategy sees the unmasked sum only.
-                    self.cfg
-                        .secure_agg
-                        .is_none()
-                        .then(|| strategy.aggregator(round)),
-                );
+                let mut plan = strategy.configure_fit(round, attempt, &candidates);
+                let kind = PhaseKind::Fit {
+                    proximal_mu: plan.proximal_mu,
+                    local_dp: plan.local_dp,
+                    secure: self.cfg.secure_agg.is_some(),
+                };
+                let serial = match journaled.as_mut() {
+                    Some(j) => {
+                        // The same draw as before the restart (DP's accounting assumed it).
+                        plan.clients = j.header.tasks.iter().map(|t| t.client.clone()).collect();
+                        let mut aggregator = strategy.aggregator(round);
+                        tokio::task::block_in_place(|| self.replay(j, aggregator.as_mut()))?;
+                        self.reopen_phase(kind, j, model_version, broadcast.clone(), aggregator)
+                    }
+                    None => {
+                        if self.cfg.secure_agg.is_none() {
+                            tokio::task::block_in_place(|| {
+                                self.begin_journal(
+                                    round,
+                                    attempt,
+                                    &global,
+                                    candidates.len(),
+                                    &plan.clients,
+                                )
+                            })?;
+                        }
+                        self.open_phase(
+                            kind,
+                            round,
+                            attempt,
+                            model_version,
+                            broadcast.clone(),
+                            &plan.clients,
+                            // Secure aggregation: the strategy sees the unmasked sum only.
+                            self.cfg
+                                .secure_agg
+                                .is_none()
+                                .then(|| strategy.aggregator(round)),
+                        )
+                    }
+                };
                 self.wait_for_reports(serial, round, true).await;
                 let agg_started = Instant::now();
                 let secure = match self.cfg.secure_agg {
@@ -116,6 +153,7 @@ impl Federation {
                     None => None,
                 };
                 let fit = self.close_phase(serial, round);
+                fedtune_common::crash_point::reached("aggregate");
 
                 // Combine (heavy: off the async threads).
                 let combined: Result<Option<Vec<f32>>, String> = match secure {
@@ -157,6 +195,9 @@ impl Federation {
                         } else {
                             "on_round_failure = stop".to_string()
                         };
+                        // The round runs again from the start when the coordinator is started
+                        // again: its closed journal would fail it the same way.
+                        self.clear_journal();
                         bail!(
                             "round {round} failed: {why}; stopping ({what}). The output folder holds the model after round {model_version}; run the same command again to continue from there"
                         );
@@ -287,6 +328,8 @@ impl Federation {
                 .state()
                 .context("cannot collect the strategy's server state")?;
             run_dir.checkpoint(&global, &self.cfg.model, &record, state.as_ref())?;
+            // The checkpoint holds the round now.
+            self.clear_journal();
             record.log(
                 self.cfg.log_format,
                 self.cfg.security == crate::config::Security::Insecure,
@@ -300,6 +343,14 @@ impl Federation {
             global_path: run_dir.global_path(),
             metrics_path: run_dir.metrics_path(),
         })
+    }
+
+    fn clear_journal(&self) {
+        if let Some(j) = &self.journal
+            && let Err(e) = j.clear()
+        {
+            warn!("{e:#}");
+        }
     }
 
     /// Why a closed training attempt cannot be aggregated, if it cannot.

@@ -33,6 +33,7 @@ pub use crate::broadcast::Broadcast;
 use crate::clients::Clients;
 use crate::config::{OnRoundFailure, ServeConfig};
 use crate::evaluation::ServerEval;
+use crate::journal::{AttemptHeader, Journal, JournalTask, Journaled};
 use crate::round_record::{ClientOutcome, RoundRecord, human_bytes};
 use crate::run_dir::RunDir;
 use crate::strategy::{
@@ -41,6 +42,7 @@ use crate::strategy::{
 
 mod engine;
 mod phases;
+mod reopen;
 mod requests;
 mod secure;
 mod secure_requests;
@@ -222,13 +224,17 @@ struct OpenPhase {
     stats: Arc<RoundStats>,
     /// Secure aggregation's routing of this training attempt; `None` for plain updates.
     secagg: Option<Box<SecAggPhase>>,
+    /// An attempt opened again after a restart: tasks whose clients have not joined again
+    /// yet, by client name -> the placeholder key their task is held under in `tasks`.
+    rejoin: HashMap<String, String>,
+    opened: Instant,
 }
 
 enum Phase {
     Waiting {
         round: u64,
     },
-    Open(OpenPhase),
+    Open(Box<OpenPhase>),
     Closing {
         round: u64,
     },
@@ -289,6 +295,8 @@ pub struct Federation {
     secagg: Mutex<Option<SecAggSlot>>,
     next_serial: AtomicU64,
     pub upload_slots: Semaphore,
+    /// The open training attempt's journal (`None` under secure aggregation).
+    journal: Option<Journal>,
 }
 
 /// What a finished run leaves behind.
@@ -326,7 +334,6 @@ impl Federation {
         let mut id = [0u8; 6];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
         Self {
-            cfg,
             run_id: id.iter().map(|b| format!("{b:02x}")).collect(),
             specs,
             update_specs,
@@ -343,6 +350,8 @@ impl Federation {
             secagg: Mutex::new(None),
             next_serial: AtomicU64::new(1),
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
+            journal: cfg.secure_agg.is_none().then(|| Journal::new(&cfg.out)),
+            cfg,
         }
     }
 

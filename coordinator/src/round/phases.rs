@@ -18,6 +18,7 @@ impl Federation {
                 st.phase = Phase::Waiting { round };
             }
         }
+        fedtune_common::crash_point::reached("waiting");
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -95,11 +96,7 @@ impl Federation {
         let mut tasks = HashMap::new();
         let mut names = Vec::new();
         for id in clients {
-            let task_id = match (kind, attempt) {
-                (PhaseKind::Evaluate, _) => format!("e{round}-{id}"),
-                (_, 1) => format!("r{round}-{id}"),
-                _ => format!("r{round}.{attempt}-{id}"),
-            };
+            let task_id = task_id(kind, round, attempt, id);
             if let Some(c) = st.clients.by_id_mut(id) {
                 match kind {
                     PhaseKind::Evaluate => c.times_evaluated += 1,
@@ -128,7 +125,7 @@ impl Federation {
             Self::weigh_participants(s, &st.clients);
         }
         st.current_round = round;
-        st.phase = Phase::Open(OpenPhase {
+        st.phase = Phase::Open(Box::new(OpenPhase {
             serial,
             kind,
             round,
@@ -139,7 +136,9 @@ impl Federation {
             reports: Vec::new(),
             stats: Arc::new(RoundStats::default()),
             secagg,
-        });
+            rejoin: HashMap::new(),
+            opened: Instant::now(),
+        }));
         let live = st.clients.live(LIVENESS_TIMEOUT).len();
         drop(guard);
         match kind {
@@ -194,15 +193,23 @@ impl Federation {
                     return;
                 }
                 for (id, task) in open.tasks.iter_mut() {
-                    if task.status == TaskStatus::Assigned
-                        && let Some(c) = st.clients.by_id(id)
-                        && c.last_seen.elapsed() > LIVENESS_TIMEOUT
-                    {
-                        let reason = format!(
-                            "no word from {} for {}s",
-                            c.name,
-                            LIVENESS_TIMEOUT.as_secs()
-                        );
+                    if task.status != TaskStatus::Assigned {
+                        continue;
+                    }
+                    let silent = match st.clients.by_id(id) {
+                        Some(c) => (c.last_seen.elapsed() > LIVENESS_TIMEOUT)
+                            .then(|| format!("no word from {}", c.name)),
+                        // A task of an attempt opened again whose client has not come back.
+                        None => (open.opened.elapsed() > LIVENESS_TIMEOUT).then(|| {
+                            let name = open.rejoin.iter().find(|(_, k)| *k == id);
+                            format!(
+                                "{} did not join again after the coordinator restarted",
+                                name.map_or(id.as_str(), |(n, _)| n.as_str())
+                            )
+                        }),
+                    };
+                    if let Some(why) = silent {
+                        let reason = format!("{why} for {}s", LIVENESS_TIMEOUT.as_secs());
                         warn!("{reason}: counted as failed for round {round}");
                         task.status = TaskStatus::Failed(reason);
                     }
@@ -254,7 +261,12 @@ impl Federation {
                 .tasks
                 .keys()
                 .map(|id| {
-                    let name = st.clients.by_id(id).map_or(id.clone(), |c| c.name.clone());
+                    let unbound = open.rejoin.iter().find(|(_, k)| *k == id);
+                    let name = match (st.clients.by_id(id), unbound) {
+                        (Some(c), _) => c.name.clone(),
+                        (None, Some((name, _))) => name.clone(),
+                        (None, None) => id.clone(),
+                    };
                     (id.clone(), name)
                 })
                 .collect(),
@@ -295,6 +307,26 @@ impl Federation {
                     });
                 }
                 outcomes.sort_by(|a, b| a.client.cmp(&b.client));
+                if matches!(open.kind, PhaseKind::Fit { secure: false, .. })
+                    && let Some(journal) = &self.journal
+                {
+                    let unreported: HashMap<String, String> = open
+                        .tasks
+                        .values()
+                        .filter_map(|t| match &t.status {
+                            TaskStatus::Reported => None,
+                            TaskStatus::Failed(reason) => Some((t.task_id.clone(), reason.clone())),
+                            _ => Some((
+                                t.task_id.clone(),
+                                format!("no {what} before the round closed"),
+                            )),
+                        })
+                        .collect();
+                    if let Err(e) = journal.close(&unreported) {
+                        // Only costs a wait at a restart: the attempt is opened again.
+                        warn!("round {round}: {e:#}");
+                    }
+                }
                 Closed {
                     selected: open.tasks.len(),
                     reports: open.reports,
@@ -327,6 +359,16 @@ impl Federation {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// A task's id: `r<round>-<client>` for training (`r<round>.<attempt>-<client>` after a
+/// retry), `e<round>-<client>` for evaluation.
+pub(super) fn task_id(kind: PhaseKind, round: u64, attempt: u32, client_id: &str) -> String {
+    match (kind, attempt) {
+        (PhaseKind::Evaluate, _) => format!("e{round}-{client_id}"),
+        (_, 1) => format!("r{round}-{client_id}"),
+        _ => format!("r{round}.{attempt}-{client_id}"),
     }
 }
 

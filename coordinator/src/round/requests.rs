@@ -4,6 +4,8 @@
 
 use prost::Message as _;
 
+use crate::journal::Accepted;
+
 use super::*;
 
 impl Federation {
@@ -25,11 +27,16 @@ impl Federation {
             return Err(Refusal::Full { live, max });
         }
         let (id, token) = st.clients.join(&req.name, &req.device, req.num_examples);
+        let name = st.clients.by_id(&id).map_or(id.clone(), |c| c.name.clone());
+        let given_back = Self::give_back_task(&mut st, &id, &name);
         drop(st);
         info!(
             "client joined: {} ({}) on {} with {} examples",
             req.name, id, req.device, req.num_examples
         );
+        if let Some(said) = given_back {
+            info!("{said}");
+        }
         self.changed.notify_waiters();
         Ok(pb::JoinReply {
             protocol_version: PROTOCOL_VERSION,
@@ -198,12 +205,20 @@ impl Federation {
             .get(task_id)
             .cloned()
             .ok_or_else(|| Refusal::UnknownTask(task_id.to_string()))?;
-        if issued.client_id != client_id {
-            return Err(Refusal::NotYourTask {
-                task_id: task_id.to_string(),
-            });
+        if issued.client_id == client_id {
+            return Ok((issued, client_name));
         }
-        Ok((issued, client_name))
+        // A task of an attempt opened again after a restart, which closed before its client
+        // joined again: still that client's (by name), so a re-sent update is recognised.
+        if issued.client_id == super::reopen::placeholder(&client_name)
+            && let Some(i) = st.issued.get_mut(task_id)
+        {
+            i.client_id = client_id.clone();
+            return Ok((i.clone(), client_name));
+        }
+        Err(Refusal::NotYourTask {
+            task_id: task_id.to_string(),
+        })
     }
 
     /// The open phase `issued` belongs to, or why it is over.
@@ -380,13 +395,32 @@ impl Federation {
         self.changed.notify_waiters();
     }
 
-    /// Folds a complete, verified delta into the round's aggregate, exactly once. Blocking:
-    /// call it from a blocking thread.
+    /// Journals a complete, verified delta and folds it into the round's aggregate, exactly
+    /// once. Blocking: call it from a blocking thread.
     pub fn commit_upload(
         &self,
         ticket: UploadTicket,
         delta: &Payload,
     ) -> Result<SubmitOutcome, Refusal> {
+        // On disk (synced) before it counts: a restart finds every update a client was told
+        // was accepted. Written outside the locks: other uploads go on meanwhile.
+        let file = match self.journal.as_ref().map(|j| j.write_update(delta)) {
+            None => None,
+            Some(Ok(file)) => Some(file),
+            Some(Err(e)) => {
+                let reason = format!("{e:#}");
+                warn!("round {}: {reason}", ticket.round);
+                let task_id = ticket.task_id.clone();
+                // The client may send it again.
+                self.abort_upload(ticket, None);
+                return Err(Refusal::Internal { task_id, reason });
+            }
+        };
+        let discard = |file: &Option<String>| {
+            if let (Some(j), Some(f)) = (&self.journal, file) {
+                j.discard(f);
+            }
+        };
         let mut aggregate = lock(&self.aggregate);
         {
             let mut st = lock(&self.state);
@@ -395,6 +429,7 @@ impl Federation {
             let open = match Self::open_for(&mut st.phase, st.current_round, key, &ticket.task_id) {
                 Ok(open) => open,
                 Err(refusal) => {
+                    discard(&file);
                     warn!("update from {} not taken: {refusal}", ticket.client_name);
                     return Err(refusal);
                 }
@@ -404,11 +439,32 @@ impl Federation {
                 .get_mut(&ticket.client_id)
                 .filter(|t| t.status == TaskStatus::Uploading)
             else {
+                discard(&file);
                 return Err(Refusal::AttemptClosed {
                     task_id: ticket.task_id,
                     round: ticket.round,
                 });
             };
+            if let (Some(journal), Some(file)) = (&self.journal, &file) {
+                fedtune_common::crash_point::reached("journal");
+                let entry = Accepted {
+                    task_id: ticket.task_id.clone(),
+                    client: ticket.client_name.clone(),
+                    num_examples: ticket.num_examples,
+                    metrics: ticket.metrics.clone(),
+                    file: file.clone(),
+                };
+                if let Err(e) = journal.record(&entry) {
+                    journal.discard(file);
+                    task.status = TaskStatus::Assigned;
+                    let reason = format!("{e:#}");
+                    warn!("round {}: {reason}", ticket.round);
+                    return Err(Refusal::Internal {
+                        task_id: ticket.task_id,
+                        reason,
+                    });
+                }
+            }
             task.status = TaskStatus::Reported;
             open.reports.push(ClientReport {
                 client_id: ticket.client_id.clone(),

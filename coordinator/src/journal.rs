@@ -1,0 +1,460 @@
+//! The open round's journal: what the coordinator needs to carry a training round on after it
+//! dies in the middle of it (`<out>/journal/`).
+//!
+//! - `round.json`: the attempt (round, attempt, the checksum of the model it trains, the live
+//!   clients it was drawn from) and its tasks with the name of the client holding each;
+//!   written when the attempt opens;
+//! - `u<N>.safetensors`: each accepted update as it arrived, checksummed and synced **before**
+//!   the client hears Accepted;
+//! - `accepted.jsonl`: one line per accepted update (task, client, examples, metrics, file),
+//!   appended and synced after its file: the line is the update's commit point. A torn last
+//!   line is an update whose client never heard Accepted; it re-sends it;
+//! - `closed.json`: written when the attempt closes: the tasks that did not report, and why.
+//!
+//! On restart, the round is opened again with the same tasks: counted ones stay counted (a
+//! client that re-sends one is answered DUPLICATE), the others go back to their clients when
+//! they join again (by name), and a closed attempt goes straight to aggregation. The journal
+//! is removed once the round's checkpoint is written: the checkpoint is then the state.
+//! Secure aggregation keeps no journal (its keys live in memory only): its attempt runs again.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use fedtune_common::checkpoint;
+use fedtune_common::tensors::{TensorSet, TensorSpec};
+use fedtune_common::wire::Payload;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+pub const JOURNAL_DIR: &str = "journal";
+const ROUND_FILE: &str = "round.json";
+const ACCEPTED_FILE: &str = "accepted.jsonl";
+const CLOSED_FILE: &str = "closed.json";
+
+/// A task of the journaled attempt and the name of the client that holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JournalTask {
+    pub task_id: String,
+    pub client: String,
+}
+
+/// The attempt a journal belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttemptHeader {
+    pub round: u64,
+    pub attempt: u32,
+    /// [`checkpoint::checksum`] of the global model the attempt trains: a journal is only
+    /// replayed onto the model its updates were computed against.
+    pub model_checksum: String,
+    /// Live clients when the attempt was drawn (what the strategy's `begin_round` saw).
+    pub candidates: usize,
+    pub tasks: Vec<JournalTask>,
+}
+
+/// One accepted update.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Accepted {
+    pub task_id: String,
+    pub client: String,
+    pub num_examples: u64,
+    pub metrics: HashMap<String, f64>,
+    /// Its file in the journal folder.
+    pub file: String,
+}
+
+/// A journaled attempt read back at restart.
+pub struct Journaled {
+    pub header: AttemptHeader,
+    pub accepted: Vec<Accepted>,
+    /// Set when the attempt had closed: task id -> why it did not report.
+    pub closed: Option<HashMap<String, String>>,
+}
+
+/// Writes the journal of the open attempt.
+pub struct Journal {
+    dir: PathBuf,
+    accepted: Mutex<Option<File>>,
+    next_file: AtomicU64,
+}
+
+impl Journal {
+    pub fn new(out: &Path) -> Self {
+        Self {
+            dir: out.join(JOURNAL_DIR),
+            accepted: Mutex::new(None),
+            next_file: AtomicU64::new(1),
+        }
+    }
+
+    /// Starts the journal of a new attempt, replacing any earlier one.
+    pub fn begin(&self, header: &AttemptHeader) -> anyhow::Result<()> {
+        self.clear()?;
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create {}", self.dir.display()))?;
+        write_json_atomically(&self.dir.join(ROUND_FILE), header)?;
+        self.open_accepted()
+    }
+
+    /// Continues the journal of an attempt opened again after a restart.
+    pub fn resume(&self, journaled: &Journaled) -> anyhow::Result<()> {
+        let n = journaled
+            .accepted
+            .iter()
+            .filter_map(|a| a.file.strip_prefix('u')?.strip_suffix(".safetensors"))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        self.next_file.store(n + 1, Ordering::Relaxed);
+        // A closed attempt opened again closes again: its old verdict goes.
+        remove_if_present(&self.dir.join(CLOSED_FILE))?;
+        self.open_accepted()
+    }
+
+    fn open_accepted(&self) -> anyhow::Result<()> {
+        let path = self.dir.join(ACCEPTED_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        checkpoint::sync_parent(&path)
+            .with_context(|| format!("cannot sync {}", self.dir.display()))?;
+        *lock(&self.accepted) = Some(file);
+        Ok(())
+    }
+
+    /// Writes an update's tensors (synced); returns its file name. Called before the update
+    /// is counted, outside the coordinator's locks.
+    pub fn write_update(&self, update: &Payload) -> anyhow::Result<String> {
+        let name = format!(
+            "u{}.safetensors",
+            self.next_file.fetch_add(1, Ordering::Relaxed)
+        );
+        let tensors: Vec<(&str, &[usize], &[u8])> = update
+            .tensors()
+            .map(|(spec, bytes)| (spec.name.as_str(), spec.shape.as_slice(), bytes))
+            .collect();
+        checkpoint::save_le(&tensors, HashMap::new(), &self.dir.join(&name))?;
+        Ok(name)
+    }
+
+    /// Removes an update file whose update was not counted after all.
+    pub fn discard(&self, file: &str) {
+        let path = self.dir.join(file);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+
+    /// Records an accepted update durably: its commit point.
+    pub fn record(&self, accepted: &Accepted) -> anyhow::Result<()> {
+        let path = self.dir.join(ACCEPTED_FILE);
+        let mut guard = lock(&self.accepted);
+        let file = guard
+            .as_mut()
+            .with_context(|| format!("{} is not open", path.display()))?;
+        let line = serde_json::to_string(accepted)?;
+        writeln!(file, "{line}")
+            .and_then(|_| file.sync_data())
+            .with_context(|| format!("cannot append to {}", path.display()))
+    }
+
+    /// Records that the attempt closed, and why each task that did not report did not.
+    pub fn close(&self, unreported: &HashMap<String, String>) -> anyhow::Result<()> {
+        *lock(&self.accepted) = None;
+        write_json_atomically(&self.dir.join(CLOSED_FILE), unreported)
+    }
+
+    /// Removes the journal: the round it held was checkpointed, or will run again from the
+    /// start.
+    pub fn clear(&self) -> anyhow::Result<()> {
+        *lock(&self.accepted) = None;
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", self.dir.display())),
+        }
+    }
+
+    /// The journaled attempt of `round` on `global`, if there is a usable one. A journal of
+    /// another round or model is removed, with a line saying so.
+    pub fn load(&self, round: u64, global: &TensorSet) -> anyhow::Result<Option<Journaled>> {
+        let round_path = self.dir.join(ROUND_FILE);
+        if !round_path.is_file() {
+            return Ok(None);
+        }
+        let header: AttemptHeader = match read_json(&round_path) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(
+                    "{e:#}: the round's journal is unusable; its round runs again from the start"
+                );
+                self.clear()?;
+                return Ok(None);
+            }
+        };
+        if header.round != round {
+            warn!(
+                "{} belongs to round {}, not round {round}, the round to run: removed",
+                self.dir.display(),
+                header.round
+            );
+            self.clear()?;
+            return Ok(None);
+        }
+        if header.model_checksum != checkpoint::checksum(global) {
+            warn!(
+                "{} was written for another model than the one round {round} starts from: removed; the round runs again from the start",
+                self.dir.display()
+            );
+            self.clear()?;
+            return Ok(None);
+        }
+        let accepted = read_accepted(&self.dir.join(ACCEPTED_FILE), &header)?;
+        let closed_path = self.dir.join(CLOSED_FILE);
+        let closed = if closed_path.is_file() {
+            match read_json(&closed_path) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    // The attempt closed but its verdict is unreadable: open it again.
+                    warn!("{e:#}: the round is opened again to wait for its missing updates");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Some(Journaled {
+            header,
+            accepted,
+            closed,
+        }))
+    }
+
+    /// An accepted update's tensors, checked against its checksum and the update's tensors.
+    pub fn read_update(
+        &self,
+        accepted: &Accepted,
+        specs: &[TensorSpec],
+    ) -> anyhow::Result<Payload> {
+        let path = self.dir.join(&accepted.file);
+        let (set, _) = checkpoint::load(&path)?;
+        set.check_matches(specs)
+            .with_context(|| format!("{} does not hold an update of this model", path.display()))?;
+        let mut bytes = Vec::with_capacity(specs.iter().map(|s| s.num_elements() * 4).sum());
+        for spec in specs {
+            let t = set
+                .get(&spec.name)
+                .with_context(|| format!("{}: no tensor `{}`", path.display(), spec.name))?;
+            for v in &t.data {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Ok(Payload {
+            manifest: Default::default(),
+            specs: specs.to_vec(),
+            bytes,
+        })
+    }
+}
+
+/// The accepted updates, in order; a torn last line (a crash while appending) is dropped: its
+/// client never heard Accepted and sends the update again. Entries for tasks the attempt does
+/// not hold, or repeated ones, are ignored with a warning.
+fn read_accepted(path: &Path, header: &AttemptHeader) -> anyhow::Result<Vec<Accepted>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let lines: Vec<String> = std::io::BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut accepted: Vec<Accepted> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<Accepted>(line) {
+            Ok(a) if !header.tasks.iter().any(|t| t.task_id == a.task_id) => warn!(
+                "{} line {}: task `{}` is not one of the round's tasks: ignored",
+                path.display(),
+                i + 1,
+                a.task_id
+            ),
+            Ok(a) if let Some(earlier) = accepted.iter_mut().find(|b| b.task_id == a.task_id) => {
+                // Written again only after the earlier copy was found damaged at a restart.
+                warn!(
+                    "{} line {}: task `{}` appears again: the later copy is counted, once",
+                    path.display(),
+                    i + 1,
+                    a.task_id
+                );
+                *earlier = a;
+            }
+            Ok(a) => accepted.push(a),
+            Err(e) if i + 1 == lines.len() => warn!(
+                "{} ends with a torn line ({e}): that update's client never heard Accepted and sends it again",
+                path.display()
+            ),
+            Err(e) => anyhow::bail!(
+                "{} line {} is damaged ({e}); remove the journal folder to run the round again from the start",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(accepted)
+}
+
+fn write_json_atomically(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(value)?;
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| File::open(&tmp)?.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .and_then(|_| checkpoint::sync_parent(path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", path.display()))
+}
+
+fn remove_if_present(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedtune_common::tensors::NamedTensor;
+
+    fn model() -> TensorSet {
+        TensorSet::new(vec![
+            NamedTensor::new("w", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap(),
+            NamedTensor::new("b", vec![2], vec![0.5, -0.5]).unwrap(),
+        ])
+        .unwrap()
+    }
+
+    fn update(v: f32) -> Payload {
+        let set = model();
+        let specs = set.specs();
+        let bytes = specs
+            .iter()
+            .flat_map(|s| vec![v; s.num_elements()])
+            .flat_map(f32::to_le_bytes)
+            .collect();
+        Payload {
+            manifest: Default::default(),
+            specs,
+            bytes,
+        }
+    }
+
+    fn header(round: u64, global: &TensorSet) -> AttemptHeader {
+        AttemptHeader {
+            round,
+            attempt: 1,
+            model_checksum: checkpoint::checksum(global),
+            candidates: 2,
+            tasks: ["a", "b"]
+                .iter()
+                .map(|c| JournalTask {
+                    task_id: format!("r{round}-{c}"),
+                    client: c.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    fn accept(j: &Journal, task: &str, v: f32) {
+        let file = j.write_update(&update(v)).unwrap();
+        j.record(&Accepted {
+            task_id: task.into(),
+            client: task.into(),
+            num_examples: 3,
+            metrics: HashMap::new(),
+            file,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn an_accepted_update_reads_back_as_it_arrived() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        let g = model();
+        j.begin(&header(2, &g)).unwrap();
+        accept(&j, "r2-a", 0.25);
+        let back = j.load(2, &g).unwrap().expect("a journal");
+        assert_eq!(back.header, header(2, &g));
+        assert_eq!(back.accepted.len(), 1);
+        assert!(back.closed.is_none());
+        let u = j.read_update(&back.accepted[0], &g.specs()).unwrap();
+        assert_eq!(u.bytes, update(0.25).bytes);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_an_update_not_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        let g = model();
+        j.begin(&header(1, &g)).unwrap();
+        accept(&j, "r1-a", 1.0);
+        let path = dir.path().join(JOURNAL_DIR).join(ACCEPTED_FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"task_id\":\"r1-b\",\"cli").unwrap();
+        let back = j.load(1, &g).unwrap().unwrap();
+        assert_eq!(back.accepted.len(), 1);
+        assert_eq!(back.accepted[0].task_id, "r1-a");
+    }
+
+    #[test]
+    fn a_journal_of_another_round_or_model_is_removed() {
+        let g = model();
+        let mut other = model();
+        for (_, v) in other.values_mut() {
+            v[0] += 1.0;
+        }
+        for (round, global) in [(3, &g), (2, &other)] {
+            let dir = tempfile::tempdir().unwrap();
+            let j = Journal::new(dir.path());
+            j.begin(&header(2, &g)).unwrap();
+            accept(&j, "r2-a", 1.0);
+            assert!(j.load(round, global).unwrap().is_none());
+            assert!(!dir.path().join(JOURNAL_DIR).exists());
+        }
+    }
+
+    #[test]
+    fn a_closed_attempt_says_why_its_missing_tasks_did_not_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        let g = model();
+        j.begin(&header(1, &g)).unwrap();
+        accept(&j, "r1-a", 1.0);
+        j.close(&HashMap::from([(
+            "r1-b".to_string(),
+            "it crashed".to_string(),
+        )]))
+        .unwrap();
+        let back = j.load(1, &g).unwrap().unwrap();
+        assert_eq!(back.closed.unwrap()["r1-b"], "it crashed");
+    }
+}
