@@ -21,7 +21,7 @@ ulimit -n "$(ulimit -Hn)"
 /usr/bin/time -f "%U %S %M" -o "$work/coordinator.time" "$bin/fedtune-coordinator" serve --insecure \
   --listen "127.0.0.1:$port" --model "synthetic:$params" --rounds "$rounds" \
   --min-clients "$clients" --fraction-fit "$fraction" --min-fit-clients 1 \
-  --max-clients "$clients" --max-joins-per-minute $((clients * 2)) --available-timeout 10m \
+  --max-clients "$clients" --max-joins-per-minute $((clients * 2)) --available-timeout "${AVAILABLE_TIMEOUT:-10m}" \
   --out "$work/out" 2> "$work/coordinator.log" &
 timer=$!
 sleep 0.5

@@ -14,7 +14,7 @@
 //!   client's and the coordinator's side), without transport.
 
 pub mod augment;
-pub mod checkpoint;
+pub use fedtune_formats::{checkpoint, pretrained, tensors, wire};
 pub mod crash_point;
 pub mod data;
 pub mod device;
@@ -26,11 +26,10 @@ pub mod metrics;
 pub mod models;
 pub mod optim;
 pub mod params;
-pub mod pretrained;
+#[cfg(test)]
+mod pretrained_tests;
 pub mod proximal;
 pub mod secagg;
 pub mod spec_wire;
-pub mod tensors;
 pub mod train;
-pub mod wire;
 pub mod wire_masked;

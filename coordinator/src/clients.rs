@@ -25,6 +25,9 @@ pub struct Clients {
     id_by_token: HashMap<String, String>,
     /// Ids whose sessions were revoked (never live again; they may join anew if allowed).
     revoked: std::collections::HashSet<String>,
+    /// The latest session of each name: a client that restarts joins again under its name,
+    /// and its earlier session no longer counts as live (nor is selected).
+    latest: HashMap<String, String>,
     joined: u64,
 }
 
@@ -42,6 +45,7 @@ impl Clients {
             name.trim().to_string()
         };
         self.id_by_token.insert(token.clone(), id.clone());
+        self.latest.insert(name.clone(), id.clone());
         self.by_id.insert(
             id.clone(),
             ClientInfo {
@@ -82,6 +86,22 @@ impl Clients {
         Some(id)
     }
 
+    /// Heard from within `timeout`, not revoked, and the latest session of its name.
+    fn is_live(&self, c: &ClientInfo, now: Instant, timeout: Duration) -> bool {
+        now.duration_since(c.last_seen) <= timeout
+            && !self.revoked.contains(&c.id)
+            && self.latest.get(&c.name) == Some(&c.id)
+    }
+
+    /// How many clients are live, without building the list (called often: O(n), no sort).
+    pub fn live_count(&self, timeout: Duration) -> usize {
+        let now = Instant::now();
+        self.by_id
+            .values()
+            .filter(|c| self.is_live(c, now, timeout))
+            .count()
+    }
+
     /// The live client called `name` that joined last, if any.
     pub fn live_id_of(&self, name: &str, timeout: Duration) -> Option<String> {
         self.live(timeout)
@@ -97,8 +117,7 @@ impl Clients {
         let mut v: Vec<_> = self
             .by_id
             .values()
-            .filter(|c| now.duration_since(c.last_seen) <= timeout)
-            .filter(|c| !self.revoked.contains(&c.id))
+            .filter(|c| self.is_live(c, now, timeout))
             .collect();
         v.sort_by_key(|c| c.id[1..].parse::<u64>().unwrap_or(u64::MAX));
         v

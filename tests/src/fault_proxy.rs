@@ -47,8 +47,8 @@ impl Drop for FaultProxy {
 }
 
 impl FaultProxy {
-    /// Listens on a free loopback port; connection `i` (from 0, in the order accepted) gets
-    /// `plan(i)`.
+    /// Listens on a free loopback port; connection `i` (from 0, in the order they reached the
+    /// coordinator) gets `plan(i)`.
     pub async fn start(
         upstream: SocketAddr,
         plan: impl Fn(usize) -> Faults + Send + Sync + 'static,
@@ -64,15 +64,15 @@ impl FaultProxy {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
+                // Nothing to forward to (the coordinator is not up yet): the client sees the
+                // connection close, and it does not count as one of the plan's connections.
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
                 let i = t.connections.fetch_add(1, Ordering::Relaxed);
                 let faults = plan(i);
                 let t = t.clone();
-                tokio::spawn(async move {
-                    // Nothing to forward to: the client sees the connection close.
-                    if let Ok(server) = TcpStream::connect(upstream).await {
-                        relay(client, server, faults, &t).await;
-                    }
-                });
+                tokio::spawn(async move { relay(client, server, faults, &t).await });
             }
         });
         Self { addr, tally, task }

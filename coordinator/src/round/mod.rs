@@ -288,7 +288,11 @@ pub struct Federation {
     update_specs: Vec<TensorSpec>,
     model_bytes: u64,
     state: Mutex<State>,
+    /// The phase changed (or a secure-aggregation step is pending): what NextTask waits for.
     changed: Notify,
+    /// A client joined, reported or failed: what the engine waits for. Kept apart from
+    /// `changed` so that each join or upload does not wake every long-polling client.
+    progress: Notify,
     aggregate: Mutex<Option<RoundAggregate>>,
     /// The open attempt's secure-aggregation round (lock order: `aggregate`, `secagg`, then
     /// `state`).
@@ -346,6 +350,7 @@ impl Federation {
                 current_round: 0,
             }),
             changed: Notify::new(),
+            progress: Notify::new(),
             aggregate: Mutex::new(None),
             secagg: Mutex::new(None),
             next_serial: AtomicU64::new(1),

@@ -20,18 +20,11 @@ impl Federation {
         }
         fedtune_common::crash_point::reached("waiting");
         loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
+            let (notified, progress) = (self.changed.notified(), self.progress.notified());
+            tokio::pin!(notified, progress);
             notified.as_mut().enable();
-            let names: Vec<String> = {
-                let st = lock(&self.state);
-                st.clients
-                    .live(LIVENESS_TIMEOUT)
-                    .iter()
-                    .map(|c| c.name.clone())
-                    .collect()
-            };
-            let live = names.len();
+            progress.as_mut().enable();
+            let live = lock(&self.state).clients.live_count(LIVENESS_TIMEOUT);
             if live >= needed {
                 return Ok(());
             }
@@ -42,20 +35,32 @@ impl Federation {
                 );
             }
             if last_log.elapsed() >= WAIT_LOG_EVERY {
+                // The names of the first few: a fleet's would fill the screen.
+                const NAMED: usize = 10;
+                let names: Vec<String> = {
+                    let st = lock(&self.state);
+                    st.clients
+                        .live(LIVENESS_TIMEOUT)
+                        .iter()
+                        .take(NAMED)
+                        .map(|c| c.name.clone())
+                        .collect()
+                };
                 info!(
                     "waiting for clients before round {round}: {live}/{needed} live{}; waiting for {} more (gives up in {}s)",
-                    if names.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", names.join(", "))
+                    match live {
+                        0 => String::new(),
+                        n if n <= NAMED => format!(" ({})", names.join(", ")),
+                        n => format!(" ({}, and {} more)", names.join(", "), n - NAMED),
                     },
-                    needed - live,
+                    needed.saturating_sub(live),
                     give_up.saturating_duration_since(Instant::now()).as_secs()
                 );
                 last_log = Instant::now();
             }
             tokio::select! {
                 _ = &mut notified => {}
+                _ = &mut progress => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
@@ -139,7 +144,7 @@ impl Federation {
             rejoin: HashMap::new(),
             opened: Instant::now(),
         }));
-        let live = st.clients.live(LIVENESS_TIMEOUT).len();
+        let live = st.clients.live_count(LIVENESS_TIMEOUT);
         drop(guard);
         match kind {
             PhaseKind::Fit { secure, .. } => info!(
@@ -180,9 +185,10 @@ impl Federation {
         let mut deadline = tokio::time::Instant::now() + policy.round_timeout;
         let mut grace_started = false;
         loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
+            let (notified, progress) = (self.changed.notified(), self.progress.notified());
+            tokio::pin!(notified, progress);
             notified.as_mut().enable();
+            progress.as_mut().enable();
             {
                 let mut st = lock(&self.state);
                 let st = &mut *st;
@@ -242,6 +248,7 @@ impl Federation {
             }
             tokio::select! {
                 _ = &mut notified => {}
+                _ = &mut progress => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     let what = if !training { "evaluation" } else if grace_started { "grace period" } else { "deadline" };

@@ -17,7 +17,7 @@ impl Federation {
             });
         }
         let mut st = lock(&self.state);
-        let live = st.clients.live(LIVENESS_TIMEOUT).len();
+        let live = st.clients.live_count(LIVENESS_TIMEOUT);
         let max = self.cfg.limits.max_clients;
         if live >= max {
             warn!(
@@ -37,7 +37,7 @@ impl Federation {
         if let Some(said) = given_back {
             info!("{said}");
         }
-        self.changed.notify_waiters();
+        self.progress.notify_waiters();
         Ok(pb::JoinReply {
             protocol_version: PROTOCOL_VERSION,
             client_id: id,
@@ -63,7 +63,7 @@ impl Federation {
         {
             task.status = TaskStatus::Failed(reason.to_string());
         }
-        self.changed.notify_waiters();
+        self.progress.notify_waiters();
     }
 
     pub fn heartbeat(&self, token: &str) -> Result<(), Refusal> {
@@ -125,7 +125,7 @@ impl Federation {
                     Phase::Closing { round } => format!("aggregating round {round}"),
                     Phase::Stopping { reason } => reason.clone(),
                     Phase::Waiting { round } => {
-                        let live = st.clients.live(LIVENESS_TIMEOUT).len();
+                        let live = st.clients.live_count(LIVENESS_TIMEOUT);
                         format!("waiting for clients before round {round}: {live}/{needed} live")
                     }
                 }
@@ -392,7 +392,9 @@ impl Federation {
             };
         }
         drop(st);
+        // Its client may be waiting in NextTask for the task it holds again.
         self.changed.notify_waiters();
+        self.progress.notify_waiters();
     }
 
     /// Journals a complete, verified delta and folds it into the round's aggregate, exactly
@@ -483,14 +485,14 @@ impl Federation {
             warn!("round {}: {reason}", ticket.round);
             agg.error.get_or_insert(e);
             drop(aggregate);
-            self.changed.notify_waiters();
+            self.progress.notify_waiters();
             return Err(Refusal::Internal {
                 task_id: ticket.task_id,
                 reason,
             });
         }
         drop(aggregate);
-        self.changed.notify_waiters();
+        self.progress.notify_waiters();
         Ok(SubmitOutcome::Accepted)
     }
 
@@ -550,7 +552,7 @@ impl Federation {
         });
         st.counted.insert(task_id, issued.round);
         drop(guard);
-        self.changed.notify_waiters();
+        self.progress.notify_waiters();
         Ok(SubmitOutcome::Accepted)
     }
 }

@@ -335,9 +335,10 @@ impl Federation {
     async fn wait_for_step(&self, serial: u64, round: u64, what: &str, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
+            let (notified, progress) = (self.changed.notified(), self.progress.notified());
+            tokio::pin!(notified, progress);
             notified.as_mut().enable();
+            progress.as_mut().enable();
             let waiting: Vec<String> = {
                 let st = lock(&self.state);
                 match &st.phase {
@@ -361,6 +362,7 @@ impl Federation {
             }
             tokio::select! {
                 _ = &mut notified => {}
+                _ = &mut progress => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     warn!(
