@@ -112,6 +112,19 @@ impl Journal {
         self.next_file.store(n + 1, Ordering::Relaxed);
         // A closed attempt opened again closes again: its old verdict goes.
         remove_if_present(&self.dir.join(CLOSED_FILE))?;
+        // Rewritten with the updates counted, so that a torn last line (or one whose update
+        // was unusable) is not continued by the next append.
+        let path = self.dir.join(ACCEPTED_FILE);
+        let tmp = path.with_extension("jsonl.tmp");
+        let mut lines = String::new();
+        for a in &journaled.accepted {
+            lines.push_str(&serde_json::to_string(a)?);
+            lines.push('\n');
+        }
+        std::fs::write(&tmp, lines)
+            .and_then(|_| File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("cannot rewrite {}", path.display()))?;
         self.open_accepted()
     }
 
@@ -423,6 +436,25 @@ mod tests {
         let back = j.load(1, &g).unwrap().unwrap();
         assert_eq!(back.accepted.len(), 1);
         assert_eq!(back.accepted[0].task_id, "r1-a");
+    }
+
+    #[test]
+    fn an_update_after_a_torn_line_is_read_back_after_the_next_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        let g = model();
+        j.begin(&header(1, &g)).unwrap();
+        accept(&j, "r1-a", 1.0);
+        let path = dir.path().join(JOURNAL_DIR).join(ACCEPTED_FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"task_id\":\"r1-b\",\"cli").unwrap();
+        // The restart carries the round on; `b` sends its update again.
+        let back = j.load(1, &g).unwrap().unwrap();
+        j.resume(&back).unwrap();
+        accept(&j, "r1-b", 2.0);
+        let again = j.load(1, &g).unwrap().unwrap();
+        let tasks: Vec<&str> = again.accepted.iter().map(|a| a.task_id.as_str()).collect();
+        assert_eq!(tasks, ["r1-a", "r1-b"]);
     }
 
     #[test]
