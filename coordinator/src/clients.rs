@@ -104,11 +104,9 @@ impl Clients {
 
     /// The live client called `name` that joined last, if any.
     pub fn live_id_of(&self, name: &str, timeout: Duration) -> Option<String> {
-        self.live(timeout)
-            .into_iter()
-            .rev()
-            .find(|c| c.name == name)
-            .map(|c| c.id.clone())
+        let id = self.latest.get(name)?;
+        let c = self.by_id.get(id)?;
+        self.is_live(c, Instant::now(), timeout).then(|| id.clone())
     }
 
     /// Clients heard from within `timeout`, ordered by join order.

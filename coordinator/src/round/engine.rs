@@ -123,6 +123,7 @@ impl Federation {
                         if self.cfg.secure_agg.is_none() {
                             tokio::task::block_in_place(|| {
                                 self.begin_journal(
+                                    kind,
                                     round,
                                     attempt,
                                     &global,

@@ -224,9 +224,8 @@ struct OpenPhase {
     stats: Arc<RoundStats>,
     /// Secure aggregation's routing of this training attempt; `None` for plain updates.
     secagg: Option<Box<SecAggPhase>>,
-    /// An attempt opened again after a restart: tasks whose clients have not joined again
-    /// yet, by client name -> the placeholder key their task is held under in `tasks`.
-    rejoin: HashMap<String, String>,
+    /// When it opened (an attempt opened again after a restart fails the tasks whose
+    /// clients have not joined again 60 s later).
     opened: Instant,
 }
 

@@ -2,6 +2,7 @@
 //! selected clients' reports, closing it, and the goodbyes at the end of a run. The engine
 //! (`engine.rs`) decides when; these do the work of each step.
 
+use super::reopen::held_for;
 use super::*;
 
 impl Federation {
@@ -141,7 +142,6 @@ impl Federation {
             reports: Vec::new(),
             stats: Arc::new(RoundStats::default()),
             secagg,
-            rejoin: HashMap::new(),
             opened: Instant::now(),
         }));
         let live = st.clients.live_count(LIVENESS_TIMEOUT);
@@ -207,10 +207,9 @@ impl Federation {
                             .then(|| format!("no word from {}", c.name)),
                         // A task of an attempt opened again whose client has not come back.
                         None => (open.opened.elapsed() > LIVENESS_TIMEOUT).then(|| {
-                            let name = open.rejoin.iter().find(|(_, k)| *k == id);
                             format!(
                                 "{} did not join again after the coordinator restarted",
-                                name.map_or(id.as_str(), |(n, _)| n.as_str())
+                                held_for(id).unwrap_or(id)
                             )
                         }),
                     };
@@ -268,11 +267,9 @@ impl Federation {
                 .tasks
                 .keys()
                 .map(|id| {
-                    let unbound = open.rejoin.iter().find(|(_, k)| *k == id);
-                    let name = match (st.clients.by_id(id), unbound) {
-                        (Some(c), _) => c.name.clone(),
-                        (None, Some((name, _))) => name.clone(),
-                        (None, None) => id.clone(),
+                    let name = match st.clients.by_id(id) {
+                        Some(c) => c.name.clone(),
+                        None => held_for(id).unwrap_or(id).to_string(),
                     };
                     (id.clone(), name)
                 })

@@ -7,20 +7,27 @@ use fedtune_common::checkpoint;
 use super::phases::task_id;
 use super::*;
 
-/// Where a task of a reopened attempt is held until its client joins again.
+/// Where a task of a reopened attempt is held until its client joins again (client ids are
+/// `c<N>`, so a placeholder never is one).
 pub(super) fn placeholder(name: &str) -> String {
     format!("~{name}")
 }
 
+/// The client name a placeholder holds a task for; `None` for a client id.
+pub(super) fn held_for(key: &str) -> Option<&str> {
+    key.strip_prefix('~')
+}
+
 impl Federation {
-    /// The journaled attempt of `round`, if the coordinator died inside it.
+    /// The journaled attempt of `round` on `global`, if the coordinator died inside it.
     pub(super) fn journaled(
         &self,
         round: u64,
         global: &TensorSet,
     ) -> anyhow::Result<Option<Journaled>> {
         match &self.journal {
-            Some(journal) => journal.load(round, global),
+            // By content, whatever the tensors' order (a resumed model is read back sorted).
+            Some(journal) => journal.load(round, &checkpoint::checksum(global)),
             None => {
                 // Secure aggregation: an earlier plain run's journal is of no use.
                 Journal::new(&self.cfg.out).clear()?;
@@ -32,6 +39,7 @@ impl Federation {
     /// Starts the journal of a plain training attempt, before any of its tasks is issued.
     pub(super) fn begin_journal(
         &self,
+        kind: PhaseKind,
         round: u64,
         attempt: u32,
         global: &TensorSet,
@@ -46,16 +54,7 @@ impl Federation {
             clients
                 .iter()
                 .map(|id| JournalTask {
-                    task_id: task_id(
-                        PhaseKind::Fit {
-                            proximal_mu: 0.0,
-                            local_dp: None,
-                            secure: false,
-                        },
-                        round,
-                        attempt,
-                        id,
-                    ),
+                    task_id: task_id(kind, round, attempt, id),
                     client: st.clients.by_id(id).map_or(id.clone(), |c| c.name.clone()),
                 })
                 .collect()
@@ -126,17 +125,12 @@ impl Federation {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let mut tasks = HashMap::new();
-        let mut rejoin = HashMap::new();
         let mut reports = Vec::new();
         for t in &journaled.header.tasks {
             // A client that already joined this coordinator takes its task now.
             let key = match st.clients.live_id_of(&t.client, LIVENESS_TIMEOUT) {
                 Some(id) if !tasks.contains_key(&id) => id,
-                _ => {
-                    let key = placeholder(&t.client);
-                    rejoin.insert(t.client.clone(), key.clone());
-                    key
-                }
+                _ => placeholder(&t.client),
             };
             let accepted = journaled.accepted.iter().find(|a| a.task_id == t.task_id);
             let status = match (accepted, &journaled.closed) {
@@ -186,7 +180,6 @@ impl Federation {
             reports,
             stats: Arc::new(RoundStats::default()),
             secagg: None,
-            rejoin,
             opened: Instant::now(),
         }));
         drop(guard);
@@ -230,15 +223,15 @@ impl Federation {
         if open.tasks.contains_key(client_id) {
             return None;
         }
-        let key = match open.rejoin.remove(name) {
-            Some(key) => key,
-            None => {
-                let (id, _) = open.tasks.iter().find(|(id, t)| {
-                    t.status == TaskStatus::Assigned
-                        && clients.by_id(id).is_some_and(|c| c.name == name)
-                })?;
-                id.clone()
-            }
+        let waiting = placeholder(name);
+        let key = if open.tasks.contains_key(&waiting) {
+            waiting
+        } else {
+            let (id, _) = open.tasks.iter().find(|(id, t)| {
+                t.status == TaskStatus::Assigned
+                    && clients.by_id(id).is_some_and(|c| c.name == name)
+            })?;
+            id.clone()
         };
         let task = open.tasks.remove(&key)?;
         for r in open.reports.iter_mut().filter(|r| r.client_id == key) {
