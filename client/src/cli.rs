@@ -6,13 +6,13 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::attack::Attack;
-use crate::kit::KitFile;
 use crate::session::{self, ClientOptions, TrainMode};
 use crate::task_config::Caps;
 use crate::tls::ClientSecurity;
 use clap::{Parser, Subcommand, ValueEnum};
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::logging::{self, LogFormat};
+use fedtune_settings::KitFile;
 
 /// fedtune edge client: fine-tunes locally on private data and sends weight deltas to the
 /// coordinator.

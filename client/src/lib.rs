@@ -17,7 +17,6 @@ mod connection;
 mod evaluate_task;
 pub mod fine_tune;
 pub mod frozen_cache;
-mod kit;
 pub mod local_data;
 pub mod progress;
 pub mod secure_agg;

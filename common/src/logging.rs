@@ -1,28 +1,9 @@
 //! Log set-up shared by both binaries: human-readable text (default) or one JSON object per line.
 
-use std::str::FromStr;
-
 use tracing_subscriber::EnvFilter;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-impl FromStr for LogFormat {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "text" => Ok(Self::Text),
-            "json" => Ok(Self::Json),
-            _ => Err(format!("unknown log format `{s}`: use text or json")),
-        }
-    }
-}
+// The format's name lives with the settings files that spell it.
+pub use fedtune_settings::LogFormat;
 
 /// Installs the global subscriber, writing to stderr. `RUST_LOG` overrides the default level
 /// (`info`). Calling it twice is harmless (the second call does nothing).

@@ -2,45 +2,14 @@
 //! schedules within local training (constant, step, cosine, each with an optional linear
 //! warm-up); gradient clipping by the global norm over all parameters.
 
-use std::fmt;
-use std::str::FromStr;
-
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{
     AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig, decay::WeightDecayConfig,
     momentum::MomentumConfig,
 };
 use burn::tensor::Tensor;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OptimizerKind {
-    Sgd,
-    Adam,
-    AdamW,
-}
-
-impl FromStr for OptimizerKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "sgd" => Ok(Self::Sgd),
-            "adam" => Ok(Self::Adam),
-            "adamw" => Ok(Self::AdamW),
-            _ => Err(format!("unknown optimizer `{s}`: use sgd, adam or adamw")),
-        }
-    }
-}
-
-impl fmt::Display for OptimizerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Sgd => "sgd",
-            Self::Adam => "adam",
-            Self::AdamW => "adamw",
-        })
-    }
-}
+// The names and schedule grammar live with the settings files that spell them.
+pub use fedtune_settings::{LrSchedule, OptimizerKind};
 
 /// The optimiser and its regularisation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -86,70 +55,6 @@ impl OptimizerSettings {
             OptimizerKind::AdamW => AdamWConfig::new()
                 .with_weight_decay(self.weight_decay as f32)
                 .init(),
-        }
-    }
-}
-
-/// How the learning rate moves within one round of local training.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum LrSchedule {
-    Constant,
-    /// Multiply by `gamma` every `every_epochs` epochs.
-    Step {
-        every_epochs: u32,
-        gamma: f64,
-    },
-    /// Cosine from the base rate down to `min_factor` × base over the local steps.
-    Cosine {
-        min_factor: f64,
-    },
-}
-
-impl FromStr for LrSchedule {
-    type Err = String;
-
-    /// `constant`, `step:EVERY:GAMMA` (e.g. `step:1:0.5`), `cosine` or `cosine:MIN_FACTOR`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || {
-            format!(
-                "unknown lr schedule `{s}`: use constant, step:EVERY_EPOCHS:GAMMA (e.g. step:1:0.5), cosine or cosine:MIN_FACTOR (e.g. cosine:0.1)"
-            )
-        };
-        let parts: Vec<&str> = s.split(':').collect();
-        match parts.as_slice() {
-            ["constant"] => Ok(Self::Constant),
-            ["cosine"] => Ok(Self::Cosine { min_factor: 0.0 }),
-            ["cosine", m] => match m.parse::<f64>() {
-                Ok(min_factor) if (0.0..=1.0).contains(&min_factor) => {
-                    Ok(Self::Cosine { min_factor })
-                }
-                _ => Err(bad()),
-            },
-            ["step", every, gamma] => match (every.parse::<u32>(), gamma.parse::<f64>()) {
-                (Ok(every_epochs), Ok(gamma))
-                    if every_epochs > 0 && gamma.is_finite() && gamma > 0.0 =>
-                {
-                    Ok(Self::Step {
-                        every_epochs,
-                        gamma,
-                    })
-                }
-                _ => Err(bad()),
-            },
-            _ => Err(bad()),
-        }
-    }
-}
-
-impl fmt::Display for LrSchedule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Constant => write!(f, "constant"),
-            Self::Step {
-                every_epochs,
-                gamma,
-            } => write!(f, "step:{every_epochs}:{gamma}"),
-            Self::Cosine { min_factor } => write!(f, "cosine:{min_factor}"),
         }
     }
 }
@@ -249,18 +154,5 @@ mod tests {
         // linear warm-up over 4 steps: 0.025, 0.05, 0.075, 0.1, then the schedule.
         assert!((lr("constant", 4, 0) - 0.025).abs() < 1e-12);
         assert!((lr("constant", 4, 3) - 0.1).abs() < 1e-12);
-        for bad in ["linear", "step:0:0.5", "step:1", "cosine:2", "step:1:-1"] {
-            assert!(bad.parse::<LrSchedule>().is_err(), "{bad}");
-        }
-        assert_eq!(
-            "adamw".parse::<OptimizerKind>().unwrap(),
-            OptimizerKind::AdamW
-        );
-        assert!(
-            "rmsprop"
-                .parse::<OptimizerKind>()
-                .unwrap_err()
-                .contains("adamw")
-        );
     }
 }

@@ -10,21 +10,21 @@ use clap::Args;
 use fedtune_common::augment::Augment;
 use fedtune_common::freeze;
 use fedtune_common::logging::LogFormat;
-use fedtune_common::models::ModelSpec;
+use fedtune_common::models::{DROPOUT, ModelSpec};
 use fedtune_common::optim::{LrSchedule, OptimizerSettings};
 use fedtune_common::pretrained::{InitOptions, Remap};
 
 use crate::strategy::{StrategyKind, StrategySettings};
 
-mod file;
 mod privacy;
 mod secure_agg;
 mod security;
 mod text_model;
 mod validate;
 
-use file::read_file;
-pub use file::{FileConfig, InitFile, InitTable, OnRoundFailure};
+// The file's schema and parsing live in fedtune-settings (burn-free, fuzzed); merging with the
+// flags and validating against the model happen here.
+pub use fedtune_settings::{InitFile, InitTable, OnRoundFailure, ServeFile};
 
 pub use privacy::{PrivacyArgs, PrivacyFile};
 pub use secure_agg::{SecAggSettings, SecureAggArgs, SecureAggFile};
@@ -298,8 +298,8 @@ impl ServeArgs {
     /// Merges defaults, the `--config` file and the flags, and validates the result.
     pub fn resolve(&self) -> anyhow::Result<ServeConfig> {
         let file = match &self.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+            Some(path) => ServeFile::read(path)?,
+            None => ServeFile::default(),
         };
         let pick = |flag: &Option<PathBuf>, file: Option<PathBuf>| flag.clone().or(file);
         let model_name = self.model.clone().unwrap_or(file.model.clone());
@@ -313,10 +313,7 @@ impl ServeArgs {
                 init_file = Some(t.file.clone());
                 init_layout = t.layout.clone();
                 reset_head = t.reset_head;
-                for (pattern, replacement) in &t.remap {
-                    let replacement = replacement.as_str().with_context(|| {
-                        format!("`[init.remap]`: the replacement for `{pattern}` must be a string")
-                    })?;
+                for (pattern, replacement) in file.init_remap_rules()? {
                     remap.push(Remap::new(pattern, replacement).map_err(anyhow::Error::msg)?);
                 }
             }
@@ -410,7 +407,10 @@ impl ServeArgs {
                 .min_evaluate_clients
                 .unwrap_or(file.min_evaluate_clients),
             evaluate_every: self.evaluate_every.unwrap_or(file.evaluate_every),
-            buffer_memory: self.buffer_memory_mb.unwrap_or(file.buffer_memory_mb) << 20,
+            buffer_memory: mib_to_bytes(
+                "buffer_memory_mb",
+                self.buffer_memory_mb.unwrap_or(file.buffer_memory_mb),
+            )?,
             spill_dir: out.join("spill"),
             seed: self.seed.unwrap_or(file.seed),
         };
@@ -518,7 +518,7 @@ impl ServeArgs {
             warmup_steps: self.warmup_steps.unwrap_or(file.warmup_steps),
             lr_round_decay: self.lr_round_decay.unwrap_or(file.lr_round_decay),
             clip_norm: self.clip_norm.unwrap_or(file.clip_norm),
-            dropout: self.dropout.unwrap_or(file.dropout),
+            dropout: self.dropout.or(file.dropout).unwrap_or(DROPOUT),
             security,
             limits,
             frozen: frozen_tensors(&self.freeze.clone().unwrap_or(file.freeze), &model)?,
@@ -539,6 +539,13 @@ impl ServeArgs {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// A size in MiB as bytes, refused where it does not fit (a shift would drop the high bits).
+fn mib_to_bytes(key: &str, mib: u64) -> anyhow::Result<u64> {
+    mib.checked_mul(1 << 20).with_context(|| {
+        format!("`{key}` = {mib} MiB is more than this machine can address: give a size in MiB")
+    })
 }
 
 /// `--freeze` resolved to exact names, plus the frozen base of LoRA adapters.

@@ -148,6 +148,24 @@ fn recipe_keys_and_init_table() {
 }
 
 #[test]
+fn a_buffer_memory_too_large_to_address_is_refused_not_wrapped() {
+    let args = ServeArgs {
+        buffer_memory_mb: Some(u64::MAX >> 10),
+        ..Default::default()
+    };
+    let e = format!("{:#}", plain(args).resolve().unwrap_err());
+    assert!(e.contains("buffer_memory_mb"), "{e}");
+    let args = ServeArgs {
+        buffer_memory_mb: Some(3),
+        ..Default::default()
+    };
+    assert_eq!(
+        plain(args).resolve().unwrap().strategy.buffer_memory,
+        3 << 20
+    );
+}
+
+#[test]
 fn tls_is_the_default_and_plaintext_must_be_asked_for() {
     let p = |s: &str| Some(PathBuf::from(s));
     let cases: Vec<(SecurityArgs, &str)> = vec![

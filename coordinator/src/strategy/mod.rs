@@ -34,9 +34,7 @@ pub mod robust;
 pub mod sampling;
 pub mod server_opt;
 
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use fedtune_common::tensors::{TensorError, TensorSet, TensorSpec};
@@ -48,6 +46,8 @@ use self::mean::WeightedMean;
 use self::robust::{Robust, Rule};
 pub use self::sampling::Candidate;
 use self::server_opt::{Adaptive, ServerOptKind, ServerOptimizer};
+// The `--strategy` names live with the settings files that spell them.
+pub use fedtune_settings::StrategyKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AggregateError {
@@ -172,88 +172,6 @@ pub trait Strategy: Send {
 
     /// Restores [`Strategy::state`] from a checkpoint.
     fn restore(&mut self, state: &TensorSet) -> Result<(), String>;
-}
-
-/// The `--strategy` names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StrategyKind {
-    FedAvg,
-    FedAvgM,
-    FedAdam,
-    FedYogi,
-    FedAdagrad,
-    FedProx,
-    Median,
-    TrimmedMean,
-    Krum,
-    MultiKrum,
-}
-
-const NAMES: [(&str, StrategyKind); 10] = [
-    ("fedavg", StrategyKind::FedAvg),
-    ("fedavgm", StrategyKind::FedAvgM),
-    ("fedadam", StrategyKind::FedAdam),
-    ("fedyogi", StrategyKind::FedYogi),
-    ("fedadagrad", StrategyKind::FedAdagrad),
-    ("fedprox", StrategyKind::FedProx),
-    ("median", StrategyKind::Median),
-    ("trimmed-mean", StrategyKind::TrimmedMean),
-    ("krum", StrategyKind::Krum),
-    ("multi-krum", StrategyKind::MultiKrum),
-];
-
-impl FromStr for StrategyKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        NAMES
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, k)| *k)
-            .ok_or_else(|| {
-                format!(
-                    "unknown strategy `{s}`: use one of {}",
-                    NAMES.map(|(n, _)| n).join(", ")
-                )
-            })
-    }
-}
-
-impl fmt::Display for StrategyKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = NAMES
-            .iter()
-            .find(|(_, k)| k == self)
-            .map_or("?", |(n, _)| n);
-        f.write_str(name)
-    }
-}
-
-impl StrategyKind {
-    /// Whether the combined update is a weighted mean, so that it can be computed from a sum
-    /// (DP's clipped, noised sum; secure aggregation) rather than from individual updates.
-    pub fn is_linear(self) -> bool {
-        !matches!(
-            self,
-            Self::Median | Self::TrimmedMean | Self::Krum | Self::MultiKrum
-        )
-    }
-
-    /// Whether the server keeps state across rounds that a checkpoint must carry.
-    pub fn is_stateful(self) -> bool {
-        matches!(
-            self,
-            Self::FedAvgM | Self::FedAdam | Self::FedYogi | Self::FedAdagrad
-        )
-    }
-
-    /// The server learning rate when none is given.
-    pub fn default_server_lr(self) -> f64 {
-        match self {
-            Self::FedAdam | Self::FedYogi | Self::FedAdagrad => 0.01,
-            _ => 1.0,
-        }
-    }
 }
 
 /// Every strategy parameter, validated by the config.

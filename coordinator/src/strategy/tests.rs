@@ -377,17 +377,3 @@ fn federated_evaluation_is_weighted_by_examples() {
     assert!((s.loss.unwrap() - 0.8).abs() < 1e-12);
     assert_eq!(s.f1, None);
 }
-
-#[test]
-fn strategy_names_round_trip() {
-    for (name, kind) in NAMES {
-        assert_eq!(name.parse::<StrategyKind>().unwrap(), kind);
-        assert_eq!(kind.to_string(), name);
-    }
-    assert!(
-        "fedsgd"
-            .parse::<StrategyKind>()
-            .unwrap_err()
-            .contains("fedavgm")
-    );
-}

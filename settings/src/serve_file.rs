@@ -1,18 +1,25 @@
-//! The `--config` TOML file: every `serve` flag as a key, with the defaults.
+//! The coordinator's `serve --config` TOML file: every `serve` flag as a key, with the defaults.
+//! The coordinator merges it with the flags (flags win) and validates the result.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
-use fedtune_common::logging::LogFormat;
-use fedtune_common::models::DROPOUT;
 use serde::Deserialize;
+
+use crate::{FileKind, LogFormat, ParseError, SettingsError};
+
+/// What the file is, for the message when it is not valid.
+const KIND: FileKind = FileKind {
+    flag: "--config",
+    what: "serve settings file",
+    keys: "the README's configuration table lists every key",
+};
 
 /// The TOML file: the same keys as the flags, with `-` written `_` (e.g. `min_clients = 3`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct FileConfig {
+pub struct ServeFile {
     pub listen: SocketAddr,
     pub rounds: u64,
     #[serde(alias = "min_clients")]
@@ -55,7 +62,8 @@ pub struct FileConfig {
     pub warmup_steps: u32,
     pub lr_round_decay: f64,
     pub clip_norm: f64,
-    pub dropout: f64,
+    /// `None`: the model's own default (`fedtune_common::models::DROPOUT`).
+    pub dropout: Option<f64>,
     pub freeze: String,
     pub augment_crop_padding: u32,
     pub augment_flip: bool,
@@ -146,7 +154,7 @@ pub enum OnRoundFailure {
     Stop,
 }
 
-impl Default for FileConfig {
+impl Default for ServeFile {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
@@ -189,7 +197,7 @@ impl Default for FileConfig {
             warmup_steps: 0,
             lr_round_decay: 1.0,
             clip_norm: 0.0,
-            dropout: DROPOUT,
+            dropout: None,
             freeze: "none".into(),
             augment_crop_padding: 0,
             augment_flip: false,
@@ -238,8 +246,75 @@ impl Default for FileConfig {
     }
 }
 
-pub(super) fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+impl ServeFile {
+    /// Reads `path` (`--config`); relative paths in it stay as written (taken from the
+    /// coordinator's working folder, like the flags).
+    pub fn read(path: &Path) -> Result<Self, SettingsError> {
+        let text = crate::read_text(KIND.flag, path)?;
+        Self::parse(&text).map_err(|e| e.at(path, &KIND))
+    }
+
+    /// Parses the text of a settings file; [`ParseError::at`] names the file.
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        let file: Self = toml::from_str(text).map_err(|e| ParseError::Toml(Box::new(e)))?;
+        file.init_remap_rules()?;
+        Ok(file)
+    }
+
+    /// The `[init.remap]` rules in the order written, as (regex, replacement) pairs; empty
+    /// without an `[init]` table. The regexes are compiled where they are used.
+    pub fn init_remap_rules(&self) -> Result<Vec<(&str, &str)>, ParseError> {
+        let Some(InitFile::Table(table)) = &self.init else {
+            return Ok(Vec::new());
+        };
+        table
+            .remap
+            .iter()
+            .map(|(pattern, replacement)| match replacement.as_str() {
+                Some(r) => Ok((pattern.as_str(), r)),
+                None => Err(ParseError::Value(format!(
+                    "`[init.remap]`: the replacement for `{pattern}` must be a string, got {}",
+                    replacement.type_str()
+                ))),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_key_is_refused_naming_it_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serve.toml");
+        std::fs::write(&path, "rounds = 3\nroundz = 7\n").unwrap();
+        let e = ServeFile::read(&path).unwrap_err().to_string();
+        assert!(e.contains("serve.toml") && e.contains("roundz"), "{e}");
+    }
+
+    #[test]
+    fn a_malformed_duration_is_refused_naming_its_key() {
+        let e = ServeFile::parse("round_timeout = \"ten minutes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("round_timeout"), "{e}");
+    }
+
+    #[test]
+    fn remap_rules_keep_their_order_and_must_be_strings() {
+        let file = ServeFile::parse(
+            "[init]\nfile = \"w.pt\"\n[init.remap]\n\"^b\\\\.\" = \"\"\n\"^a\\\\.\" = \"fc.\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            file.init_remap_rules().unwrap(),
+            vec![("^b\\.", ""), ("^a\\.", "fc.")]
+        );
+        let e = ServeFile::parse("[init]\nfile = \"w.pt\"\n[init.remap]\n\"^x\" = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`^x`") && e.contains("must be a string"), "{e}");
+    }
 }
