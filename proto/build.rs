@@ -5,10 +5,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY: build scripts are single-threaded; nothing else reads the environment here.
         unsafe { std::env::set_var("PROTOC", protoc) };
     }
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         // Tensor bytes as `bytes::Bytes`: one encoded broadcast is sliced for every client
         // without copying.
         .bytes(".")
+        // For gRPC server reflection: tools discover the services without the .proto file.
+        .file_descriptor_set_path(out.join("fedtune_descriptor.bin"))
         .compile_protos(&["fedtune.proto"], &["."])?;
     println!("cargo:rerun-if-changed=fedtune.proto");
     Ok(())

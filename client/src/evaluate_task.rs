@@ -50,7 +50,7 @@ pub(crate) async fn evaluate_round(
         .context("evaluate task without a model")?;
     let spec = spec_wire::from_pb(&spec_pb)
         .context("coordinator asked for a model this client cannot build")?;
-    let _heartbeat = spawn_heartbeat(s, format!("evaluating round {}", task.round));
+    let _heartbeat = spawn_heartbeat(s, format!("evaluating round {}", task.round), None);
     let evaluable = opts.train == TrainMode::Full && !spec.kind.is_synthetic();
     let mut what = "validation";
     let (num_examples, metrics) = match local.pick().filter(|_| evaluable) {
@@ -108,8 +108,9 @@ pub(crate) async fn evaluate_round(
     };
     let m = |k: &str| metrics.get(k).copied();
     info!(
-        "{} round {} evaluation of model v{} | {} {what} examples | loss {} acc {} f1 {} | {}",
+        "{} ({}) round {} evaluation of model v{} | {} {what} examples | loss {} acc {} f1 {} | {}",
         opts.name,
+        s.client_id,
         task.round,
         task.model_version,
         num_examples,

@@ -4,7 +4,8 @@
 //! - [`session`]: the protocol loop (join, tasks, transfers, reconnects, heartbeats);
 //!   `evaluate_task`: an Evaluate task measured and reported; [`secure_agg`]: a training
 //!   task's secure-aggregation steps;
-//!   `connection`: the endpoint, retryable failures and backoff.
+//!   `connection` and [`tls`] (from `fedtune-connect`): the endpoint, TLS from the kit,
+//!   retryable failures and backoff.
 //! - [`fine_tune`]: a Train task -> a delta and metrics (no gRPC); [`task_config`]: the task's
 //!   training settings, checked and capped.
 //! - [`local_data`]: the private data and its validation split; [`progress`]: what a user sees.
@@ -13,14 +14,17 @@
 pub mod attack;
 pub mod bench;
 pub mod cli;
-mod connection;
 mod evaluate_task;
 pub mod fine_tune;
 pub mod frozen_cache;
+mod join;
 pub mod local_data;
 pub mod progress;
 pub mod secure_agg;
 pub mod session;
 pub mod task_config;
-pub mod tls;
 mod transfer;
+
+// Reaching the coordinator is shared with the coordinator's own status command.
+use fedtune_connect::connection;
+pub use fedtune_connect::tls;

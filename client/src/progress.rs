@@ -1,7 +1,9 @@
-//! Local training progress: a progress bar on a terminal, one log line per epoch otherwise.
+//! Local training progress: a progress bar on a terminal, one log line per epoch otherwise;
+//! and the same progress passed to the heartbeats, so the coordinator's status shows it.
 
 use std::time::Instant;
 
+use fedtune_common::logging::TRAIN;
 use fedtune_common::train::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -44,7 +46,9 @@ impl ProgressView {
         if let Some(line) = p.epoch_line() {
             match self {
                 Self::Bar(pb) => pb.println(line),
-                Self::Log { name, round, .. } => tracing::info!("{name} round {round} {line}"),
+                Self::Log { name, round, .. } => {
+                    tracing::info!(target: TRAIN, "{name} round {round} {line}")
+                }
             }
             return;
         }
@@ -65,6 +69,7 @@ impl ProgressView {
                 *steps += 1;
                 if p.step == p.steps_per_epoch {
                     tracing::info!(
+                        target: TRAIN,
                         "{name} round {round} epoch {}/{}: mean loss {:.4} over {} steps in {:.1} s",
                         p.epoch,
                         p.epochs,
@@ -85,4 +90,23 @@ impl ProgressView {
             pb.finish_and_clear();
         }
     }
+}
+
+/// Passes the trainer's progress to the heartbeat, waking it only when an epoch starts or
+/// ends (not at every step).
+pub(crate) fn report_training(
+    tx: &tokio::sync::watch::Sender<Option<fedtune_proto::TrainingProgress>>,
+    task_id: &str,
+    p: &Progress,
+) {
+    tx.send_if_modified(|now| {
+        let wake = p.validation.is_some() || now.as_ref().is_none_or(|n| n.epoch != p.epoch);
+        *now = Some(fedtune_proto::TrainingProgress {
+            task_id: task_id.to_string(),
+            epoch: p.epoch,
+            epochs: p.epochs,
+            loss: Some(p.loss).filter(|l| l.is_finite()),
+        });
+        wake
+    });
 }

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fedtune_common::device::DeviceChoice;
+use fedtune_common::logging::NET;
 use fedtune_common::spec_wire;
 use fedtune_common::wire::{EncodedTensors, MAX_CHUNK_BYTES, Payload};
 use fedtune_proto::federation_client::FederationClient;
-use fedtune_proto::{self as pb, PROTOCOL_VERSION, task::Kind};
+use fedtune_proto::{self as pb, task::Kind};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
@@ -22,8 +23,9 @@ use crate::connection::{Backoff, endpoint, refused, transient};
 use crate::evaluate_task::{EvalData, evaluate_round};
 use crate::fine_tune::{self, LocalUpdate, Split};
 use crate::frozen_cache::FrozenCache;
+use crate::join::{JoinError, join};
 use crate::local_data::{Columns, LocalData};
-use crate::progress::ProgressView;
+use crate::progress::{ProgressView, report_training};
 use crate::secure_agg::Contribution;
 use crate::task_config::{self, Caps};
 use crate::transfer::{
@@ -85,6 +87,8 @@ pub struct RunReport {
 
 pub(crate) struct Session {
     pub rpc: FederationClient<InterceptedService<Channel, ClientAuth>>,
+    /// The coordinator's id for this session (`c3`), next to the client's name in its lines.
+    pub client_id: String,
     pub token: String,
     pub heartbeat_every: Duration,
 }
@@ -295,88 +299,22 @@ fn after_task_error(
     };
     match e.downcast_ref::<Status>() {
         Some(st) if st.code() == Code::Unauthenticated => {
-            warn!("{what}: session lost ({e}); joining again");
+            warn!(target: NET, "{what}: session lost ({e}); joining again");
             *session = None;
             Ok(None)
         }
         Some(st) if transient(st) => {
-            warn!("{what}: {e:#}; asking for work again");
+            warn!(target: NET, "{what}: {e:#}; asking for work again");
             Ok(None)
         }
         // The task is gone (its attempt closed while this client was on it): the coordinator
         // has other work, or none, for it.
         Some(st) if refused(st) => {
-            warn!("{what}: {}; asking for work again", st.message());
+            warn!(target: NET, "{what}: {}; asking for work again", st.message());
             Ok(None)
         }
         _ => Err(e.context(what.to_string())),
     }
-}
-
-enum JoinError {
-    Retry(anyhow::Error),
-    Fatal(anyhow::Error),
-}
-
-async fn join(
-    endpoint: &Endpoint,
-    auth: &ClientAuth,
-    opts: &ClientOptions,
-    num_examples: u64,
-) -> Result<Session, JoinError> {
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| match crate::tls::explain(&e) {
-            // A certificate problem does not mend by retrying.
-            Some(why) => JoinError::Fatal(anyhow::anyhow!(
-                "cannot connect to {}: {why}",
-                opts.coordinator
-            )),
-            None => JoinError::Retry(anyhow::anyhow!("cannot connect: {e}")),
-        })?;
-    let mut rpc = FederationClient::with_interceptor(channel, auth.clone());
-    let req = pb::JoinRequest {
-        protocol_version: PROTOCOL_VERSION,
-        name: opts.name.clone(),
-        device: opts.device.to_string(),
-        num_examples,
-    };
-    let reply = match rpc.join(req).await {
-        Ok(r) => r.into_inner(),
-        // Under TLS 1.3 a refused client certificate shows only at the first call.
-        Err(st) if let Some(why) = crate::tls::explain(&st) => {
-            return Err(JoinError::Fatal(anyhow::anyhow!(
-                "{} cannot join {}: {why}",
-                opts.name,
-                opts.coordinator
-            )));
-        }
-        Err(st) if transient(&st) => {
-            let hint = if opts.coordinator.starts_with("http://") {
-                " (this client dials plaintext http://: if the coordinator serves TLS, use https:// with the client's kit)"
-            } else {
-                ""
-            };
-            return Err(JoinError::Retry(anyhow::anyhow!("{st}{hint}")));
-        }
-        Err(st) => {
-            return Err(JoinError::Fatal(anyhow::anyhow!(
-                "coordinator refused to let {} join: {}",
-                opts.name,
-                st.message()
-            )));
-        }
-    };
-    info!(
-        "{} joined {} as {} (run {})",
-        opts.name, opts.coordinator, reply.client_id, reply.run_id
-    );
-    Ok(Session {
-        rpc,
-        token: reply.session_token,
-        heartbeat_every: Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(1000))),
-    })
 }
 
 /// One Train task: download, fine-tune (heartbeating), upload (or, under secure aggregation,
@@ -394,7 +332,8 @@ async fn train_round(
         .context("coordinator asked for a model this client cannot build")?;
     // Heartbeats from download to upload, so a long transfer or training is never taken for
     // a dead client.
-    let _heartbeat = spawn_heartbeat(s, format!("round {}", task.round));
+    let (training_tx, training_rx) = tokio::sync::watch::channel(None);
+    let _heartbeat = spawn_heartbeat(s, format!("round {}", task.round), Some(training_rx));
     let download_started = std::time::Instant::now();
     let frozen = task
         .config
@@ -460,6 +399,7 @@ async fn train_round(
                 task.round,
                 opts.name.clone(),
             );
+            let task_id = task.task_id.clone();
             // Training is CPU/GPU-bound: keep it off the async threads so heartbeats flow.
             tokio::task::block_in_place(|| {
                 let mut view = ProgressView::new(bar, &name, round);
@@ -470,7 +410,10 @@ async fn train_round(
                     dropout,
                     Split::of(data, examples.as_ref()),
                     device,
-                    &mut |p| view.update(p),
+                    &mut |p| {
+                        view.update(p);
+                        report_training(&training_tx, &task_id, p);
+                    },
                 );
                 view.finish();
                 r
@@ -560,8 +503,9 @@ async fn train_round(
     let m = |k: &str| metrics.get(k).copied();
     let fmt = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| format!("{v:.d$}"));
     info!(
-        "{} round {} | down {:.2} MB in {:.1} s | {} epochs on {} examples in {:.1} s | train loss {} | val loss {} acc {} f1 {} | up {:.2} MB in {:.1} s | {}",
+        "{} ({}) round {} | down {:.2} MB in {:.1} s | {} epochs on {} examples in {:.1} s | train loss {} | val loss {} acc {} f1 {} | up {:.2} MB in {:.1} s | {}",
         opts.name,
+        s.client_id,
         task.round,
         bytes_down as f64 / 1e6,
         download_s,

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, bail};
+use fedtune_common::logging::NET;
 use fedtune_common::models::ModelSpec;
 use fedtune_common::tensors::{TensorSpec, check_specs};
 use fedtune_common::wire::{Assembler, EncodedTensors, Payload};
@@ -26,15 +27,41 @@ impl Drop for Heartbeat {
     }
 }
 
-pub(crate) fn spawn_heartbeat(s: &Session, activity: String) -> Heartbeat {
+/// How far local training is, for the heartbeats: the trainer updates it at every step and
+/// wakes the heartbeat when an epoch starts or ends.
+pub(crate) type TrainingWatch = tokio::sync::watch::Receiver<Option<pb::TrainingProgress>>;
+
+/// Sends Heartbeat every interval, and with `training` whenever the trainer marks a change,
+/// until dropped.
+pub(crate) fn spawn_heartbeat(
+    s: &Session,
+    activity: String,
+    mut training: Option<TrainingWatch>,
+) -> Heartbeat {
     let (mut rpc, token, every) = (s.rpc.clone(), s.token.clone(), s.heartbeat_every);
     Heartbeat(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
-            tick.tick().await;
+            let changed = async {
+                match training.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tick.tick() => {}
+                live = changed => {
+                    if !live {
+                        // The trainer is done with it: back to the interval alone.
+                        training = None;
+                        continue;
+                    }
+                }
+            }
             let req = pb::HeartbeatRequest {
                 session_token: token.clone(),
                 activity: activity.clone(),
+                training: training.as_ref().and_then(|rx| rx.borrow().clone()),
             };
             if let Err(e) = rpc.heartbeat(req).await {
                 tracing::debug!("heartbeat failed: {e}");
@@ -91,6 +118,7 @@ pub(crate) async fn download(
             {
                 let kept = partial.as_ref().map_or(0, Assembler::received);
                 warn!(
+                    target: NET,
                     "round {}: model download failed ({e}); retrying ({attempt}/{TRANSFER_ATTEMPTS}){}",
                     task.round,
                     if kept > 0 {
@@ -276,6 +304,7 @@ pub(crate) async fn upload(
             }
             Err(st) if attempt < TRANSFER_ATTEMPTS && transient(&st) => {
                 warn!(
+                    target: NET,
                     "round {}: upload failed ({}); retrying ({attempt}/{TRANSFER_ATTEMPTS})",
                     task.round,
                     st.message()
@@ -285,6 +314,7 @@ pub(crate) async fn upload(
             Err(st) if refused(&st) => {
                 // The round goes on without this update; so does this client.
                 warn!(
+                    target: NET,
                     "round {}: coordinator refused the update: {}",
                     task.round,
                     st.message()

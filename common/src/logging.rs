@@ -5,6 +5,13 @@ use tracing_subscriber::EnvFilter;
 // The format's name lives with the settings files that spell it.
 pub use fedtune_settings::LogFormat;
 
+/// The log target of local training (epochs, losses): `RUST_LOG=fedtune::train=warn` quiets
+/// it, `=debug` adds detail.
+pub const TRAIN: &str = "fedtune::train";
+/// The log target of the network side (connections, retries, TLS refusals, transfers), e.g.
+/// `RUST_LOG=info,fedtune::net=debug`.
+pub const NET: &str = "fedtune::net";
+
 /// Installs the global subscriber, writing to stderr. `RUST_LOG` overrides the default level
 /// (`info`). Calling it twice is harmless (the second call does nothing).
 pub fn init(format: LogFormat) {

@@ -105,6 +105,8 @@ pub struct Gate {
     tokens: Option<ClientTokens>,
     /// Session token → the identity that joined with it.
     bound: Mutex<HashMap<String, Identity>>,
+    /// Identities (certificate or token names) that may read the run's status.
+    admins: HashSet<String>,
 }
 
 impl Gate {
@@ -114,6 +116,35 @@ impl Gate {
             allow,
             tokens,
             bound: Mutex::new(HashMap::new()),
+            admins: HashSet::new(),
+        }
+    }
+
+    /// The identities that may call the `Admin` service when clients are authenticated.
+    pub fn with_admins(mut self, admins: &[String]) -> Self {
+        self.admins = admins.iter().cloned().collect();
+        self
+    }
+
+    /// A call to the `Admin` service (the run's status, every client's name and state): when
+    /// the coordinator authenticates clients, only an identity named in `admins` may make it;
+    /// otherwise anyone who may join may also read it.
+    pub fn admit_admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if !self.authenticated {
+            return Ok(());
+        }
+        match self.identify(request)? {
+            Some(id) if self.admins.contains(&id.name) => Ok(()),
+            Some(id) => {
+                warn!("refused a status request from `{}`: not an admin", id.name);
+                Err(Status::permission_denied(format!(
+                    "`{}` may not read the run's status: name it in the coordinator's `admins` (--admins)",
+                    id.name
+                )))
+            }
+            None => Err(Status::unauthenticated(
+                "the run's status needs an admin's client certificate or client token (one named in the coordinator's --admins)",
+            )),
         }
     }
 

@@ -6,6 +6,8 @@ use crate::dp_plan::{self, DpPlanArgs};
 use crate::embed_cmd::{self, EmbedArgs};
 use crate::pretrain::PretrainArgs;
 use crate::provision::{self, ProvisionPlan};
+use crate::report::{self, ReportArgs};
+use crate::status_cmd::{self, StatusArgs};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -37,6 +39,12 @@ enum Command {
     /// Plan a differentially private run: the noise multiplier for a target ε over a number of
     /// rounds, or the ε each round spends at a given multiplier.
     DpPlan(DpPlanArgs),
+    /// Where a running coordinator's run is and what every client is doing (its Admin
+    /// service); --watch keeps it on screen.
+    Status(StatusArgs),
+    /// Charts (PNG and SVG) and report.html / report.md of a run's rounds, from its
+    /// metrics.jsonl.
+    Report(ReportArgs),
     /// Client tokens, for devices that cannot hold a client certificate.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -116,6 +124,8 @@ pub fn main() -> anyhow::Result<()> {
             crate::pretrain::run(args)
         }
         Command::Embed(args) => embed_cmd::run(args),
+        Command::Status(args) => runtime.block_on(status_cmd::run(args)),
+        Command::Report(args) => report::run(args),
         Command::DpPlan(args) => dp_plan::run(args),
         Command::Token(TokenCommand::Add { name, file }) => {
             let token = crate::tokens::add(&file, &name)?;

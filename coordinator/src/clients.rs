@@ -1,6 +1,9 @@
-//! Who joined, their sessions, and whether they are still alive.
+//! Who joined, their sessions, whether they are still alive, and what each is doing as far
+//! as the coordinator can tell (for `fedtune-coordinator status`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
@@ -17,6 +20,56 @@ pub struct ClientInfo {
     /// Training and evaluation rounds it was selected for (sampling favours the least used).
     pub times_trained: u64,
     pub times_evaluated: u64,
+    /// Its latest model download and update upload (how far each got), and the last word on
+    /// its training it sent with a heartbeat.
+    pub download: Option<Arc<Transfer>>,
+    pub upload: Option<Arc<Transfer>>,
+    pub training: Option<TrainingProgress>,
+}
+
+/// How far one model download or update upload of a task is: the transport advances it chunk
+/// by chunk without taking the state lock.
+#[derive(Debug)]
+pub struct Transfer {
+    pub task_id: String,
+    pub total: u64,
+    done: AtomicU64,
+}
+
+impl Transfer {
+    pub fn new(task_id: &str, total: u64) -> Arc<Self> {
+        Arc::new(Self {
+            task_id: task_id.to_string(),
+            total,
+            done: AtomicU64::new(0),
+        })
+    }
+
+    /// The bytes up to `offset` are through (a resumed download starts past zero).
+    pub fn reached(&self, offset: u64) {
+        self.done.fetch_max(offset, Ordering::Relaxed);
+    }
+
+    pub fn add(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// 0..1; 1 for an empty transfer.
+    pub fn fraction(&self) -> f64 {
+        if self.total == 0 {
+            return 1.0;
+        }
+        (self.done.load(Ordering::Relaxed) as f64 / self.total as f64).min(1.0)
+    }
+}
+
+/// A client's own account of its local training (sent with its heartbeats).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingProgress {
+    pub task_id: String,
+    pub epoch: u32,
+    pub epochs: u32,
+    pub loss: Option<f64>,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +110,9 @@ impl Clients {
                 told_finished: false,
                 times_trained: 0,
                 times_evaluated: 0,
+                download: None,
+                upload: None,
+                training: None,
             },
         );
         (id, token)
@@ -84,6 +140,20 @@ impl Clients {
         let id = self.id_by_token.remove(token)?;
         self.revoked.insert(id.clone());
         Some(id)
+    }
+
+    /// Every client's latest session (the one status shows), by join order, and whether it
+    /// is live.
+    pub fn latest_sessions(&self, timeout: Duration) -> Vec<(&ClientInfo, bool)> {
+        let now = Instant::now();
+        let mut v: Vec<_> = self
+            .latest
+            .values()
+            .filter_map(|id| self.by_id.get(id))
+            .map(|c| (c, self.is_live(c, now, timeout)))
+            .collect();
+        v.sort_by_key(|(c, _)| c.id[1..].parse::<u64>().unwrap_or(u64::MAX));
+        v
     }
 
     /// Heard from within `timeout`, not revoked, and the latest session of its name.

@@ -398,6 +398,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("global model: {}", summary.global_path.display());
     println!("metrics:      {}", summary.metrics_path.display());
+    if let Some(run_dir) = summary.metrics_path.parent() {
+        match crate::report::write(run_dir, &run_dir.join("report")) {
+            Ok(written) => println!("report:       {}", written.html.display()),
+            Err(e) => println!("report:       not written: {e:#}"),
+        }
+    }
     if !failed.is_empty() {
         bail!("some clients did not finish cleanly: {}", failed.join("; "));
     }

@@ -24,6 +24,7 @@ pub mod journal;
 pub mod limits;
 pub mod pretrain;
 pub mod provision;
+pub mod report;
 pub mod round;
 pub mod round_record;
 pub mod run_dir;
@@ -31,7 +32,10 @@ pub mod run_identity;
 pub mod run_start;
 pub mod secure_agg;
 pub mod service;
+pub mod status_cmd;
+pub mod status_view;
 pub mod strategy;
+pub mod telemetry;
 pub mod tls;
 pub mod tokens;
 pub mod watched;
@@ -43,6 +47,7 @@ use anyhow::Context;
 use fedtune_common::models::hf_bert;
 use fedtune_common::pretrained;
 use fedtune_common::tensors::TensorSet;
+use fedtune_proto::admin_server::AdminServer;
 use fedtune_proto::federation_server::FederationServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -54,7 +59,7 @@ use crate::evaluation::{ServerEval, TextColumns};
 use crate::hf_export::HfSources;
 use crate::round::{Federation, RunSummary, Start};
 use crate::run_start::RunStart;
-use crate::service::FederationService;
+use crate::service::{AdminService, FederationService};
 use crate::strategy::dp::Private;
 use crate::strategy::layout::Layout;
 use crate::strategy::{BuiltIn, Strategy};
@@ -179,9 +184,8 @@ pub async fn serve_until(
         .cloned()
         .collect();
     let mut strategy: Box<dyn Strategy> = Box::new(BuiltIn::new(cfg.strategy.clone(), &trainable));
-    let mut strategy_name = cfg.strategy.kind.to_string();
+    let strategy_name = cfg.strategy_name();
     if let Some(dp) = &cfg.privacy {
-        strategy_name = format!("{strategy_name}+dp-{}", dp.mode.name());
         strategy = Box::new(Private::new(
             strategy,
             dp.clone(),
@@ -294,18 +298,31 @@ pub async fn serve_until(
                 .map(tokens::ClientTokens::open)
                 .transpose()?;
             (
-                Gate::new(files.client_ca.is_some(), allow, tokens),
+                Gate::new(files.client_ca.is_some(), allow, tokens).with_admins(&files.admins),
                 Some(tls),
             )
         }
     };
     let engine = Arc::new(Federation::new(cfg.clone(), specs));
+    let metrics_endpoint = match cfg.metrics_listen {
+        Some(addr) => {
+            let listener = telemetry::http::bind(addr).await?;
+            info!(
+                "metrics on http://{}/metrics (and /healthz, /readyz)",
+                listener.local_addr()?
+            );
+            Some(telemetry::http::spawn(listener, engine.clone()))
+        }
+        None => None,
+    };
     let admission = Arc::new(limits::Admission::new(cfg.limits));
-    let service = FederationServer::new(FederationService::new(
-        engine.clone(),
-        Arc::new(gate),
-        admission,
-    ));
+    let gate = Arc::new(gate);
+    let admin = AdminServer::new(AdminService::new(engine.clone(), gate.clone()));
+    let service = FederationServer::new(FederationService::new(engine.clone(), gate, admission));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<FederationServer<FederationService>>()
+        .await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
@@ -313,7 +330,26 @@ pub async fn serve_until(
         .max_frame_size(MAX_FRAME)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(service);
+        .add_service(service)
+        .add_service(admin)
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
+    // gRPC health follows readiness: NOT_SERVING once the run has finished or is stopping.
+    let health_follows = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            while engine.ready() {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            health
+                .set_not_serving::<FederationServer<FederationService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        })
+    };
     let stopped = async {
         let _ = stop_rx.await;
     };
@@ -341,5 +377,18 @@ pub async fn serve_until(
     let _ = stop_tx.send(());
     // Open long-polls end with the server; give it a moment, then stop regardless.
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    health_follows.abort();
+    if let Some(endpoint) = metrics_endpoint {
+        endpoint.abort();
+    }
     result
+}
+
+/// gRPC server reflection over fedtune's services and grpc.health.v1, so that tools such as
+/// grpcurl, Postman or evans list and call them without the .proto files (v1 and v1alpha: tools
+/// still differ in which they ask for).
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(fedtune_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use fedtune_common::tensors::check_specs;
 use fedtune_common::wire::{Assembler, WireError};
 use fedtune_common::wire_masked::masked_assembler;
+use fedtune_proto::admin_server::Admin as AdminRpc;
 use fedtune_proto::federation_server::Federation as FederationRpc;
 use fedtune_proto::{self as pb, model_frame, submit_reply::Outcome, update_frame};
 use tokio_stream::{Stream, StreamExt};
@@ -16,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::{Denial, Gate, Identity, peer_identity};
 use crate::limits::Admission;
 use crate::round::{Federation, Refusal, SubmitOutcome, UpdateClaim};
+use crate::telemetry::{Metrics, RefusalReason};
 
 pub struct FederationService {
     engine: Arc<Federation>,
@@ -30,6 +32,29 @@ impl FederationService {
             gate,
             admission,
         }
+    }
+}
+
+/// The `Admin` service: the run's status for operators, behind the gate's admin check.
+pub struct AdminService {
+    engine: Arc<Federation>,
+    gate: Arc<Gate>,
+}
+
+impl AdminService {
+    pub fn new(engine: Arc<Federation>, gate: Arc<Gate>) -> Self {
+        Self { engine, gate }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminRpc for AdminService {
+    async fn get_status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::RunStatus>, Status> {
+        self.gate.admit_admin(&request)?;
+        Ok(Response::new(self.engine.status()))
     }
 }
 
@@ -54,6 +79,13 @@ impl From<Refusal> for Status {
     }
 }
 
+/// The answer to a taken training update, counted.
+fn update_reply(metrics: &Metrics, outcome: SubmitOutcome, task_id: &str) -> pb::SubmitReply {
+    metrics.update_taken(matches!(outcome, SubmitOutcome::Duplicate { .. }));
+    reply(outcome, task_id)
+}
+
+/// The answer to a taken result.
 fn reply(outcome: SubmitOutcome, task_id: &str) -> pb::SubmitReply {
     match outcome {
         SubmitOutcome::Accepted => pb::SubmitReply {
@@ -77,14 +109,19 @@ impl FederationRpc for FederationService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinReply>, Status> {
-        self.admission.join_attempt(request.remote_addr())?;
-        let who = self.gate.admit(&request)?;
+        self.admission
+            .join_attempt(request.remote_addr())
+            .map_err(self.counted(RefusalReason::Limit))?;
+        let who = self
+            .gate
+            .admit(&request)
+            .map_err(self.counted(RefusalReason::Unauthorized))?;
         let mut join = request.into_inner();
         if let Some(who) = &who {
             // Under mutual TLS the certificate names the client, whatever it calls itself.
             join.name = who.name.clone();
         }
-        let reply = self.engine.join(&join)?;
+        let reply = self.engine.join(&join).map_err(|r| self.refuse(r))?;
         self.gate.bind(&reply.session_token, who);
         Ok(Response::new(reply))
     }
@@ -97,7 +134,8 @@ impl FederationRpc for FederationService {
         Ok(Response::new(
             self.engine
                 .next_task(&request.get_ref().session_token)
-                .await?,
+                .await
+                .map_err(|r| self.refuse(r))?,
         ))
     }
 
@@ -110,13 +148,21 @@ impl FederationRpc for FederationService {
         self.check(&request, &request.get_ref().session_token)?;
         let peer = peer_name(&request);
         let req = request.into_inner();
-        let slot = self.admission.stream(
-            &req.session_token,
-            &format!("{peer}, task `{}`", req.task_id),
-        )?;
-        let (broadcast, stats) =
-            self.engine
-                .model_for(&req.session_token, &req.task_id, req.frozen_hash)?;
+        let slot = self
+            .admission
+            .stream(
+                &req.session_token,
+                &format!("{peer}, task `{}`", req.task_id),
+            )
+            .map_err(self.counted(RefusalReason::Limit))?;
+        let crate::round::Download {
+            encoded: broadcast,
+            stats,
+            progress,
+        } = self
+            .engine
+            .model_for(&req.session_token, &req.task_id, req.frozen_hash)
+            .map_err(|r| self.refuse(r))?;
         let manifest = pb::ModelFrame {
             frame: Some(model_frame::Frame::Manifest(broadcast.manifest.clone())),
         };
@@ -148,6 +194,7 @@ impl FederationRpc for FederationService {
             }
             let chunk = broadcast.chunks[i].clone();
             stats.count_bytes_down(chunk.data.len() as u64);
+            progress.reached(chunk.offset + chunk.data.len() as u64);
             Ok(pb::ModelFrame {
                 frame: Some(model_frame::Frame::Chunk(chunk)),
             })
@@ -178,12 +225,16 @@ impl FederationRpc for FederationService {
             Some(Err(e)) => return Err(e),
             None => return Err(Status::invalid_argument("empty update stream")),
         };
-        let caller = self.revoke_if_token_deleted(caller, &header.session_token)?;
-        self.admit_caller(caller, &header.session_token)?;
-        let _slot = self.admission.stream(
-            &header.session_token,
-            &format!("{peer}, task `{}`", header.task_id),
-        )?;
+        self.revoke_if_token_deleted(caller, &header.session_token)
+            .and_then(|caller| self.admit_caller(caller, &header.session_token))
+            .map_err(self.counted(RefusalReason::Unauthorized))?;
+        let _slot = self
+            .admission
+            .stream(
+                &header.session_token,
+                &format!("{peer}, task `{}`", header.task_id),
+            )
+            .map_err(self.counted(RefusalReason::Limit))?;
         let task_id = header.task_id.clone();
         let manifest = header.manifest.ok_or_else(|| {
             Status::invalid_argument(format!("update for task `{task_id}` has no manifest"))
@@ -194,10 +245,16 @@ impl FederationRpc for FederationService {
             model_version: header.model_version,
             num_examples: header.num_examples,
             metrics: header.metrics,
+            total_bytes: manifest.total_bytes,
         };
-        let ticket = match self.engine.begin_upload(claim)? {
+        let metrics = self.engine.metrics.clone();
+        let ticket = match self
+            .engine
+            .begin_upload(claim)
+            .map_err(|r| self.refuse(r))?
+        {
             Ok(ticket) => ticket,
-            Err(outcome) => return Ok(Response::new(reply(outcome, &task_id))),
+            Err(outcome) => return Ok(Response::new(update_reply(&metrics, outcome, &task_id))),
         };
 
         // At most UPLOAD_SLOTS updates are staged at once: memory stays O(model).
@@ -218,6 +275,7 @@ impl FederationRpc for FederationService {
             Ok(a) => a,
             Err(e) => {
                 self.engine.abort_upload(ticket, invalid(&e));
+                metrics.refused(RefusalReason::Invalid);
                 return Err(Status::invalid_argument(format!(
                     "update for task `{task_id}` refused: {e}"
                 )));
@@ -227,6 +285,7 @@ impl FederationRpc for FederationService {
             && let Err(e) = check_specs(assembler.specs(), self.engine.update_specs())
         {
             self.engine.abort_upload(ticket, invalid(&e));
+            metrics.refused(RefusalReason::Invalid);
             return Err(Status::invalid_argument(format!(
                 "update for task `{task_id}` refused: {e}"
             )));
@@ -237,6 +296,7 @@ impl FederationRpc for FederationService {
                     frame: Some(update_frame::Frame::Chunk(c)),
                 }) => c,
                 Ok(_) => {
+                    metrics.refused(RefusalReason::Invalid);
                     self.engine
                         .abort_upload(ticket, invalid(&"a second header in one update stream"));
                     return Err(Status::invalid_argument(format!(
@@ -264,16 +324,21 @@ impl FederationRpc for FederationService {
         let received = started.elapsed();
         let engine = self.engine.clone();
         let outcome = tokio::task::spawn_blocking(move || {
+            let refuse = |r: Refusal| {
+                metrics.refused(r.reason());
+                Status::from(r)
+            };
             if masked.is_some() {
                 // Masked words look uniformly random: there is nothing to check but their count.
                 return engine
                     .commit_masked(ticket, &payload)
-                    .map(|o| reply(o, &task_id))
-                    .map_err(Status::from);
+                    .map(|o| update_reply(&metrics, o, &task_id))
+                    .map_err(refuse);
             }
             let checked_at = std::time::Instant::now();
             if let Err(e) = payload.check_finite() {
                 engine.abort_upload(ticket, Some(e.to_string()));
+                metrics.refused(RefusalReason::Invalid);
                 return Err(Status::invalid_argument(format!(
                     "update for task `{task_id}` refused: {e}"
                 )));
@@ -285,7 +350,9 @@ impl FederationRpc for FederationService {
                 payload.bytes.len(),
                 checked_at.elapsed() - checked
             );
-            outcome.map(|o| reply(o, &task_id)).map_err(Status::from)
+            outcome
+                .map(|o| update_reply(&metrics, o, &task_id))
+                .map_err(refuse)
         })
         .await
         .map_err(|e| Status::internal(format!("aggregation task failed: {e}")))??;
@@ -298,7 +365,10 @@ impl FederationRpc for FederationService {
     ) -> Result<Response<pb::SubmitReply>, Status> {
         let r = request.get_ref();
         self.check(&request, &r.session_token)?;
-        let outcome = self.engine.evaluation_report(&r.session_token, r)?;
+        let outcome = self
+            .engine
+            .evaluation_report(&r.session_token, r)
+            .map_err(|e| self.refuse(e))?;
         Ok(Response::new(reply(outcome, &r.task_id)))
     }
 
@@ -309,7 +379,10 @@ impl FederationRpc for FederationService {
         self.check(&request, &request.get_ref().session_token)?;
         let msg = request.into_inner();
         let task_id = msg.task_id.clone();
-        let outcome = self.engine.secagg_message(msg)?;
+        let outcome = self
+            .engine
+            .secagg_message(msg)
+            .map_err(|r| self.refuse(r))?;
         Ok(Response::new(reply(outcome, &task_id)))
     }
 
@@ -318,7 +391,10 @@ impl FederationRpc for FederationService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         self.check(&request, &request.get_ref().session_token)?;
-        self.engine.heartbeat(&request.get_ref().session_token)?;
+        let req = request.get_ref();
+        self.engine
+            .heartbeat(&req.session_token, req.training.as_ref())
+            .map_err(|r| self.refuse(r))?;
         Ok(Response::new(pb::HeartbeatReply {}))
     }
 }
@@ -335,12 +411,39 @@ fn peer_name<T>(request: &Request<T>) -> String {
 }
 
 impl FederationService {
+    /// A refusal of the engine as a gRPC status, counted by reason, and told in a WARN line
+    /// where the engine has not told it already (late and invalid updates, a full federation).
+    fn refuse(&self, r: Refusal) -> Status {
+        self.engine.metrics.refused(r.reason());
+        match &r {
+            Refusal::UnknownSession
+            | Refusal::UnknownTask(_)
+            | Refusal::NotYourTask { .. }
+            | Refusal::WrongKind { .. }
+            | Refusal::TaskFailed { .. }
+            | Refusal::ProtocolMismatch { .. } => {
+                tracing::warn!(target: fedtune_common::logging::NET, "refused a request: {r}");
+            }
+            _ => {}
+        }
+        r.into()
+    }
+
+    /// Counts a refusal the gate or the limits made, then passes their status on.
+    fn counted(&self, reason: RefusalReason) -> impl Fn(Status) -> Status + '_ {
+        move |status| {
+            self.engine.metrics.refused(reason);
+            status
+        }
+    }
+
     /// The gate's check of a call made with `token`; a client taken off the allow-list, or
     /// whose client token was deleted, also loses its session, so the open round stops
     /// waiting for it.
     fn check<T>(&self, request: &Request<T>, token: &str) -> Result<(), Status> {
-        let caller = self.revoke_if_token_deleted(self.gate.identify(request), token)?;
-        self.admit_caller(caller, token)
+        self.revoke_if_token_deleted(self.gate.identify(request), token)
+            .and_then(|caller| self.admit_caller(caller, token))
+            .map_err(self.counted(RefusalReason::Unauthorized))
     }
 
     /// `identified` (the gate's answer to who calls with session `token`); when the caller
@@ -383,10 +486,12 @@ impl FederationService {
             | WireError::OutOfOrder { .. }
             | WireError::Truncated { .. } => {
                 self.engine.abort_upload(ticket, None);
+                self.engine.metrics.refused(RefusalReason::Corrupt);
                 Status::data_loss(msg)
             }
             _ => {
                 self.engine.abort_upload(ticket, Some(e.to_string()));
+                self.engine.metrics.refused(RefusalReason::Invalid);
                 Status::invalid_argument(msg)
             }
         }

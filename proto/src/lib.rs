@@ -7,6 +7,9 @@
 
 tonic::include_proto!("fedtune.v1");
 
+/// The encoded descriptors of `fedtune.proto`, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fedtune_descriptor");
+
 /// Bumped on any incompatible change of the messages or their meaning. Join refuses a mismatch
 /// with a message that names both versions.
 pub const PROTOCOL_VERSION: u32 = 3;

@@ -21,6 +21,7 @@ const KIND: FileKind = FileKind {
 #[serde(default, deny_unknown_fields)]
 pub struct ServeFile {
     pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
     pub rounds: u64,
     #[serde(alias = "min_clients")]
     pub min_available_clients: usize,
@@ -42,6 +43,7 @@ pub struct ServeFile {
     pub client_ca: Option<PathBuf>,
     pub allowed_clients: Option<PathBuf>,
     pub client_tokens: Option<PathBuf>,
+    pub admins: Vec<String>,
     pub insecure: bool,
     pub max_clients: Option<usize>,
     pub max_streams_per_client: Option<usize>,
@@ -158,6 +160,7 @@ impl Default for ServeFile {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: None,
             rounds: 5,
             min_available_clients: 2,
             available_timeout: Duration::from_secs(30 * 60),
@@ -177,6 +180,7 @@ impl Default for ServeFile {
             client_ca: None,
             allowed_clients: None,
             client_tokens: None,
+            admins: Vec::new(),
             insecure: false,
             max_clients: None,
             max_streams_per_client: None,

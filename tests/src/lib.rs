@@ -3,6 +3,7 @@
 
 pub mod fault_proxy;
 pub mod raw;
+pub mod scrape;
 pub mod scripted;
 
 use std::path::{Path, PathBuf};
@@ -183,6 +184,11 @@ impl Proc {
     }
 
     /// Waits for the process to exit, killing it after `timeout`.
+    /// The exit status if the process has ended, without waiting.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {

@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:50051; use 0.0.0.0:PORT for clients on other machines].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` over plain HTTP on this
+    /// address, e.g. 0.0.0.0:9090 [default: off].
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Number of federation rounds [default: 5].
     #[arg(long)]
     pub rounds: Option<u64>,
@@ -238,6 +242,8 @@ pub struct ServeArgs {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
     pub rounds: u64,
     pub policy: RoundPolicy,
     pub strategy: StrategySettings,
@@ -345,6 +351,7 @@ impl ServeArgs {
             client_ca: file.client_ca.clone(),
             allowed_clients: file.allowed_clients.clone(),
             client_tokens: file.client_tokens.clone(),
+            admins: file.admins.clone(),
             insecure: file.insecure,
             max_clients: file.max_clients,
             max_streams_per_client: file.max_streams_per_client,
@@ -456,6 +463,7 @@ impl ServeArgs {
         )?;
         let cfg = ServeConfig {
             listen: self.listen.unwrap_or(file.listen),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
             rounds: self.rounds.unwrap_or(file.rounds),
             policy,
             privacy,
@@ -538,6 +546,16 @@ impl ServeArgs {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+impl ServeConfig {
+    /// The strategy as logs and metrics name it: `fedavg`, or `fedavg+dp-central` under DP.
+    pub fn strategy_name(&self) -> String {
+        match &self.privacy {
+            Some(dp) => format!("{}+dp-{}", self.strategy.kind, dp.mode.name()),
+            None => self.strategy.kind.to_string(),
+        }
     }
 }
 

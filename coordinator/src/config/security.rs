@@ -30,6 +30,11 @@ pub struct SecurityArgs {
     /// add`): clients present one over TLS and are named by its owner; re-read when it changes.
     #[arg(long)]
     pub client_tokens: Option<PathBuf>,
+    /// With --client-ca or --client-tokens: identities (certificate or token names) that may
+    /// read the run's status (`fedtune-coordinator status`), comma-separated [default: none;
+    /// without client authentication status is open to whoever may join].
+    #[arg(long, value_delimiter = ',')]
+    pub admins: Vec<String>,
     /// Serve plaintext HTTP/2 without TLS: anyone who reaches the port can read the model and
     /// submit updates. For a trusted network or a local test only.
     #[arg(long)]
@@ -53,6 +58,7 @@ pub struct SecurityFile {
     pub client_ca: Option<PathBuf>,
     pub allowed_clients: Option<PathBuf>,
     pub client_tokens: Option<PathBuf>,
+    pub admins: Vec<String>,
     pub insecure: bool,
     pub max_clients: Option<usize>,
     pub max_streams_per_client: Option<usize>,
@@ -105,6 +111,8 @@ pub struct TlsFiles {
     pub allowed_clients: Option<PathBuf>,
     /// Bearer tokens naming clients without certificates.
     pub client_tokens: Option<PathBuf>,
+    /// Authenticated identities that may call the `Admin` service.
+    pub admins: Vec<String>,
 }
 
 impl Security {
@@ -139,6 +147,20 @@ pub fn resolve(
     let allowed_clients = pick(&args.allowed_clients, &file.allowed_clients);
     let client_tokens = pick(&args.client_tokens, &file.client_tokens);
     let insecure = args.insecure || file.insecure;
+    let admins = if args.admins.is_empty() {
+        file.admins.clone()
+    } else {
+        args.admins.clone()
+    };
+    if admins.iter().any(|a| a.trim().is_empty()) {
+        bail!("`admins`: an empty name; list certificate or token names, e.g. --admins ops,alice");
+    }
+    let authenticated = client_ca.is_some() || client_tokens.is_some();
+    if !admins.is_empty() && (insecure || !authenticated) {
+        bail!(
+            "`admins` names authenticated identities, so it needs `client_ca` (mutual TLS) or `client_tokens`; without them status is open to whoever may join"
+        );
+    }
     if insecure {
         if client_tokens.is_some() {
             bail!(
@@ -173,5 +195,6 @@ pub fn resolve(
         client_ca,
         allowed_clients,
         client_tokens,
+        admins,
     }))
 }

@@ -232,6 +232,7 @@ fn tls_paths_in_the_config_file_are_relative_to_it() {
             client_ca: Some(dir.path().join("ca.pem")),
             allowed_clients: None,
             client_tokens: None,
+            admins: Vec::new(),
         })
     );
     assert!(cfg.security.is_mutual());

@@ -27,7 +27,8 @@ impl Federation {
                 let reason = format!(
                     "the coordinator was stopped ({why}); it continues this run when started again"
                 );
-                lock(&self.state).phase = Phase::Stopping { reason };
+                lock(&self.state).enter(Phase::Stopping { reason });
+                self.metrics.set_phase(PhaseName::Stopping);
                 self.changed.notify_waiters();
                 return Ok(RunSummary {
                     records: Vec::new(),
@@ -46,7 +47,8 @@ impl Federation {
             Ok(_) => format!("all {} rounds done", self.cfg.rounds),
             Err(e) => format!("the coordinator stopped the run: {e:#}"),
         };
-        lock(&self.state).phase = Phase::Finished { reason };
+        lock(&self.state).enter(Phase::Finished { reason });
+        self.metrics.set_phase(PhaseName::Finished);
         self.changed.notify_waiters();
         self.wait_for_goodbyes().await;
         result
@@ -81,6 +83,7 @@ impl Federation {
                         Vec::new()
                     }
                     None => {
+                        self.metrics.waiting(round);
                         self.wait_for_clients(round).await?;
                         self.candidates(false)
                     }
@@ -147,7 +150,9 @@ impl Federation {
                         )
                     }
                 };
+                self.metrics.training(round, attempt, plan.clients.len());
                 self.wait_for_reports(serial, round, true).await;
+                self.metrics.set_phase(PhaseName::Aggregating);
                 let agg_started = Instant::now();
                 let secure = match self.cfg.secure_agg {
                     Some(_) => Some(self.secure_aggregate(serial, round).await),
@@ -235,6 +240,7 @@ impl Federation {
                     &eval_clients,
                     None,
                 );
+                self.metrics.set_phase(PhaseName::Evaluating);
                 self.wait_for_reports(serial, round, false).await;
                 let closed = self.close_phase(serial, round);
                 eval_bytes_down = closed.stats.bytes_down.load(Ordering::Relaxed);
@@ -335,6 +341,7 @@ impl Federation {
                 self.cfg.log_format,
                 self.cfg.security == crate::config::Security::Insecure,
             );
+            self.metrics.round_completed(&record);
             records.push(record);
         }
         Ok(RunSummary {

@@ -30,7 +30,7 @@ use tokio::sync::{Notify, Semaphore};
 use tracing::{info, warn};
 
 pub use crate::broadcast::Broadcast;
-use crate::clients::Clients;
+use crate::clients::{Clients, TrainingProgress, Transfer};
 use crate::config::{OnRoundFailure, ServeConfig};
 use crate::evaluation::ServerEval;
 use crate::journal::{AttemptHeader, Journal, JournalTask, Journaled};
@@ -39,6 +39,7 @@ use crate::run_dir::RunDir;
 use crate::strategy::{
     AggregateError, Aggregator, Candidate, EndRun, EvalReport, FitPlan, LocalDp, Strategy,
 };
+use crate::telemetry::{Metrics, PhaseName, RefusalReason};
 
 mod engine;
 mod phases;
@@ -46,6 +47,7 @@ mod reopen;
 mod requests;
 mod secure;
 mod secure_requests;
+mod status;
 
 use secure::{SecAggPhase, SecAggSlot};
 
@@ -113,6 +115,25 @@ pub enum Refusal {
     Stopping,
 }
 
+impl Refusal {
+    /// The refusal as `fedtune_refused_total` counts it.
+    pub fn reason(&self) -> RefusalReason {
+        match self {
+            Self::ProtocolMismatch { .. } => RefusalReason::Unauthorized,
+            Self::UnknownSession => RefusalReason::UnknownSession,
+            Self::Full { .. } => RefusalReason::Limit,
+            Self::UnknownTask(_) => RefusalReason::UnknownTask,
+            Self::NotYourTask { .. } => RefusalReason::NotYourTask,
+            Self::RoundClosed { .. } | Self::AttemptClosed { .. } => RefusalReason::Late,
+            Self::WrongKind { .. } | Self::InvalidUpdate { .. } => RefusalReason::Invalid,
+            Self::UploadInProgress(_) | Self::TaskFailed { .. } => RefusalReason::TaskState,
+            Self::Internal { .. } => RefusalReason::Internal,
+            Self::SecAgg { .. } => RefusalReason::SecureAggregation,
+            Self::Stopping => RefusalReason::Stopping,
+        }
+    }
+}
+
 /// An update's claims, before its tensors arrive.
 pub struct UpdateClaim {
     pub token: String,
@@ -120,6 +141,8 @@ pub struct UpdateClaim {
     pub model_version: u64,
     pub num_examples: u64,
     pub metrics: HashMap<String, f64>,
+    /// The update's size as its manifest states it (for `status`'s progress).
+    pub total_bytes: u64,
 }
 
 /// Permission to stream one upload, from `begin_upload` to `commit_upload` / `abort_upload`.
@@ -132,6 +155,7 @@ pub struct UploadTicket {
     num_examples: u64,
     metrics: HashMap<String, f64>,
     stats: Arc<RoundStats>,
+    progress: Arc<Transfer>,
     /// Secure aggregation: the participant whose masked update this is, and its length in
     /// words; `None` for a plain update.
     masked: Option<(u32, usize)>,
@@ -140,12 +164,21 @@ pub struct UploadTicket {
 impl UploadTicket {
     pub fn count_bytes_up(&self, n: u64) {
         self.stats.count_bytes_up(n);
+        self.progress.add(n);
     }
 
     /// The number of words of a masked update (secure aggregation); `None` for a plain one.
     pub fn masked_words(&self) -> Option<usize> {
         self.masked.map(|(_, len)| len)
     }
+}
+
+/// A model download the service streams: the encoded model, the round's byte counts, and how
+/// far this client got (for `status`).
+pub struct Download {
+    pub encoded: Arc<EncodedTensors>,
+    pub stats: Arc<RoundStats>,
+    pub progress: Arc<Transfer>,
 }
 
 /// What an accepted or repeated upload got.
@@ -227,6 +260,9 @@ struct OpenPhase {
     /// When it opened (an attempt opened again after a restart fails the tasks whose
     /// clients have not joined again 60 s later).
     opened: Instant,
+    /// When it closes at the latest (the round deadline, or the end of the grace period),
+    /// once the engine waits for it.
+    deadline: Option<Instant>,
 }
 
 enum Phase {
@@ -264,11 +300,21 @@ impl Issued {
 struct State {
     clients: Clients,
     phase: Phase,
+    /// When `phase` was entered (for `status`).
+    phase_since: Instant,
     /// Every task id ever issued.
     issued: HashMap<String, Issued>,
     /// Task ids whose result was counted, with their round: a repeat is answered DUPLICATE.
     counted: HashMap<String, u64>,
     current_round: u64,
+}
+
+impl State {
+    /// Enters `phase`; returns the one it leaves.
+    fn enter(&mut self, phase: Phase) -> Phase {
+        self.phase_since = Instant::now();
+        std::mem::replace(&mut self.phase, phase)
+    }
 }
 
 struct RoundAggregate {
@@ -297,6 +343,9 @@ pub struct Federation {
     /// `state`).
     secagg: Mutex<Option<SecAggSlot>>,
     next_serial: AtomicU64,
+    /// What the engine and the service count for Prometheus (always kept; served with
+    /// `--metrics-listen`).
+    pub metrics: Arc<Metrics>,
     pub upload_slots: Semaphore,
     /// The open training attempt's journal (`None` under secure aggregation).
     journal: Option<Journal>,
@@ -344,6 +393,7 @@ impl Federation {
             state: Mutex::new(State {
                 clients: Clients::default(),
                 phase: Phase::Waiting { round: 1 },
+                phase_since: Instant::now(),
                 issued: HashMap::new(),
                 counted: HashMap::new(),
                 current_round: 0,
@@ -353,10 +403,23 @@ impl Federation {
             aggregate: Mutex::new(None),
             secagg: Mutex::new(None),
             next_serial: AtomicU64::new(1),
+            metrics: Arc::new(Metrics::new(
+                &cfg.strategy_name(),
+                &cfg.model.kind.to_string(),
+                cfg.rounds,
+            )),
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
             journal: cfg.secure_agg.is_none().then(|| Journal::new(&cfg.out)),
             cfg,
         }
+    }
+
+    /// Whether the run takes clients (`/readyz`): not once it has finished or is stopping.
+    pub fn ready(&self) -> bool {
+        !matches!(
+            lock(&self.state).phase,
+            Phase::Finished { .. } | Phase::Stopping { .. }
+        )
     }
 
     pub fn model_bytes(&self) -> u64 {
@@ -382,5 +445,17 @@ impl Federation {
             .policy
             .min_available_clients
             .max(self.cfg.strategy.min_fit_clients)
+    }
+}
+
+impl crate::telemetry::http::Probe for Federation {
+    fn ready(&self) -> bool {
+        Federation::ready(self)
+    }
+
+    fn scrape(&self) -> String {
+        let live = lock(&self.state).clients.live_count(LIVENESS_TIMEOUT);
+        self.metrics.set_live(live);
+        self.metrics.encode()
     }
 }

@@ -16,7 +16,7 @@ impl Federation {
         {
             let mut st = lock(&self.state);
             if !matches!(st.phase, Phase::Open(_)) {
-                st.phase = Phase::Waiting { round };
+                st.enter(Phase::Waiting { round });
             }
         }
         fedtune_common::crash_point::reached("waiting");
@@ -131,7 +131,7 @@ impl Federation {
             Self::weigh_participants(s, &st.clients);
         }
         st.current_round = round;
-        st.phase = Phase::Open(Box::new(OpenPhase {
+        st.enter(Phase::Open(Box::new(OpenPhase {
             serial,
             kind,
             round,
@@ -143,7 +143,8 @@ impl Federation {
             stats: Arc::new(RoundStats::default()),
             secagg,
             opened: Instant::now(),
-        }));
+            deadline: None,
+        })));
         let live = st.clients.live_count(LIVENESS_TIMEOUT);
         drop(guard);
         match kind {
@@ -198,6 +199,7 @@ impl Federation {
                 if open.serial != serial {
                     return;
                 }
+                open.deadline = Some(deadline.into_std());
                 for (id, task) in open.tasks.iter_mut() {
                     if task.status != TaskStatus::Assigned {
                         continue;
@@ -261,7 +263,7 @@ impl Federation {
     /// Stops accepting results for phase `serial`; returns what it gathered.
     pub(super) fn close_phase(&self, serial: u64, round: u64) -> Closed {
         let mut st = lock(&self.state);
-        let phase = std::mem::replace(&mut st.phase, Phase::Closing { round });
+        let phase = st.enter(Phase::Closing { round });
         let names: HashMap<String, String> = match &phase {
             Phase::Open(open) => open
                 .tasks

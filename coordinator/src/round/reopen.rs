@@ -169,7 +169,7 @@ impl Federation {
             );
         }
         st.current_round = round;
-        st.phase = Phase::Open(Box::new(OpenPhase {
+        st.enter(Phase::Open(Box::new(OpenPhase {
             serial,
             kind,
             round,
@@ -181,7 +181,8 @@ impl Federation {
             stats: Arc::new(RoundStats::default()),
             secagg: None,
             opened: Instant::now(),
-        }));
+            deadline: None,
+        })));
         drop(guard);
         let (n, counted) = (journaled.header.tasks.len(), journaled.accepted.len());
         match &journaled.closed {

@@ -37,6 +37,7 @@ impl Federation {
         if let Some(said) = given_back {
             info!("{said}");
         }
+        self.metrics.joined();
         self.progress.notify_waiters();
         Ok(pb::JoinReply {
             protocol_version: PROTOCOL_VERSION,
@@ -66,12 +67,23 @@ impl Federation {
         self.progress.notify_waiters();
     }
 
-    pub fn heartbeat(&self, token: &str) -> Result<(), Refusal> {
-        lock(&self.state)
-            .clients
-            .touch(token)
-            .map(|_| ())
-            .ok_or(Refusal::UnknownSession)
+    /// The client is alive; while it trains, it says how far (shown by `status`).
+    pub fn heartbeat(
+        &self,
+        token: &str,
+        training: Option<&pb::TrainingProgress>,
+    ) -> Result<(), Refusal> {
+        let mut st = lock(&self.state);
+        let client = st.clients.touch(token).ok_or(Refusal::UnknownSession)?;
+        if let Some(t) = training {
+            client.training = Some(TrainingProgress {
+                task_id: t.task_id.clone(),
+                epoch: t.epoch,
+                epochs: t.epochs,
+                loss: t.loss.filter(|l| l.is_finite()),
+            });
+        }
+        Ok(())
     }
 
     /// Long-poll: returns a task as soon as there is one for this client, or Wait after
@@ -252,12 +264,22 @@ impl Federation {
         token: &str,
         task_id: &str,
         frozen_hash: u64,
-    ) -> Result<(Arc<EncodedTensors>, Arc<RoundStats>), Refusal> {
+    ) -> Result<Download, Refusal> {
         let mut st = lock(&self.state);
         let st = &mut *st;
         let (issued, _) = Self::task_of(st, token, task_id)?;
         let open = Self::open_for(&mut st.phase, st.current_round, issued.key(), task_id)?;
-        Ok((open.broadcast.for_client(frozen_hash), open.stats.clone()))
+        let encoded = open.broadcast.for_client(frozen_hash);
+        let progress = Transfer::new(task_id, encoded.manifest.total_bytes);
+        let stats = open.stats.clone();
+        if let Some(c) = st.clients.by_id_mut(&issued.client_id) {
+            c.download = Some(progress.clone());
+        }
+        Ok(Download {
+            encoded,
+            stats,
+            progress,
+        })
     }
 
     /// Checks an update's header before any tensor bytes are accepted.
@@ -289,6 +311,10 @@ impl Federation {
         let Some(task) = open.tasks.get_mut(&issued.client_id) else {
             return Err(Refusal::UnknownTask(task_id));
         };
+        let progress = Transfer::new(&task_id, claim.total_bytes);
+        if let Some(c) = st.clients.by_id_mut(&issued.client_id) {
+            c.upload = Some(progress.clone());
+        }
         if let Some(s) = &open.secagg {
             let masked = Self::masked_upload_check(s, task, &issued, &claim, open.model_version)?;
             return Ok(Ok(UploadTicket {
@@ -300,6 +326,7 @@ impl Federation {
                 num_examples: claim.num_examples,
                 metrics: claim.metrics,
                 stats: open.stats.clone(),
+                progress,
                 masked: Some(masked),
             }));
         }
@@ -352,6 +379,7 @@ impl Federation {
             num_examples: claim.num_examples,
             metrics: claim.metrics,
             stats: open.stats.clone(),
+            progress,
             masked: None,
         }))
     }

@@ -4,6 +4,7 @@
 //! `Connected` for the resulting `TlsStream`, so the service still sees the peer's address
 //! and certificate.
 
+use fedtune_common::logging::NET;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ pub fn incoming(
                 Ok(conn) => conn,
                 Err(e) => {
                     // Out of file descriptors and the like: say so, give the system a moment.
-                    warn!("accepting a connection failed: {e}");
+                    warn!(target: NET, "accepting a connection failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -187,6 +187,7 @@ mod tests {
             client_ca: Some(kits.join("coordinator/ca.pem")),
             allowed_clients: None,
             client_tokens: None,
+            admins: Vec::new(),
         }
     }
 
@@ -279,6 +280,7 @@ mod tests {
             client_ca: Some(live.join("ca.pem")),
             allowed_clients: None,
             client_tokens: None,
+            admins: Vec::new(),
         })
         .unwrap();
         let first = Arc::as_ptr(&tls.current());

@@ -3,6 +3,7 @@
 //! for one reason are logged once a minute with a count, so that a misconfigured device
 //! retrying in a loop (or a scanner) cannot flood the log.
 
+use fedtune_common::logging::NET;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -159,6 +160,7 @@ impl Refusals {
                 String::new()
             };
             warn!(
+                target: NET,
                 "refused a TLS connection from {peer}: {}{more}",
                 refusal.why
             );

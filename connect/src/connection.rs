@@ -8,10 +8,10 @@ use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use tracing::warn;
 
-pub(crate) const BACKOFF_START: Duration = Duration::from_millis(500);
+pub const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-pub(crate) fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+pub fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
     let uri: tonic::transport::Uri = url.parse().with_context(|| {
         format!("invalid coordinator URL `{url}` (expected e.g. https://10.0.0.5:50051)")
     })?;
@@ -33,7 +33,7 @@ pub(crate) fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
         .max_frame_size(Some((1 << 20) + (64 << 10))))
 }
 
-pub(crate) fn transient(s: &Status) -> bool {
+pub fn transient(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable
@@ -49,21 +49,21 @@ pub(crate) fn transient(s: &Status) -> bool {
 
 /// The coordinator refused the request for good (a late, repeated or unknown task): retrying
 /// cannot help, and the run goes on without it.
-pub(crate) fn refused(s: &Status) -> bool {
+pub fn refused(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::FailedPrecondition | Code::InvalidArgument | Code::NotFound
     )
 }
 
-pub(crate) struct Backoff {
+pub struct Backoff {
     next: Duration,
     down_since: Option<tokio::time::Instant>,
     give_up_after: Duration,
 }
 
 impl Backoff {
-    pub(crate) fn new(give_up_after: Duration) -> Self {
+    pub fn new(give_up_after: Duration) -> Self {
         Self {
             next: BACKOFF_START,
             down_since: None,
@@ -71,17 +71,13 @@ impl Backoff {
         }
     }
 
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.next = BACKOFF_START;
         self.down_since = None;
     }
 
     /// Sleeps before the next attempt; fails once the coordinator has been away too long.
-    pub(crate) async fn wait(
-        &mut self,
-        what: &str,
-        err: &dyn std::fmt::Display,
-    ) -> anyhow::Result<()> {
+    pub async fn wait(&mut self, what: &str, err: &dyn std::fmt::Display) -> anyhow::Result<()> {
         let since = *self
             .down_since
             .get_or_insert_with(tokio::time::Instant::now);
@@ -93,7 +89,9 @@ impl Backoff {
         }
         let jitter =
             Duration::from_millis(rand::random::<u64>() % (self.next.as_millis() as u64 / 4 + 1));
+        // The target is `fedtune_common::logging::NET` (this crate does not depend on common).
         warn!(
+            target: "fedtune::net",
             "{what}: {err}; retrying in {:.1} s",
             (self.next + jitter).as_secs_f64()
         );

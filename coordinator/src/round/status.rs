@@ -1,0 +1,113 @@
+//! `fedtune-coordinator status`: one snapshot of the run (round, phase, time in it, the
+//! deadline) and of every client's latest session with what it is doing, read under the state
+//! lock from what the engine already keeps.
+
+use crate::clients::ClientInfo;
+
+use super::*;
+
+impl Federation {
+    pub fn status(&self) -> pb::RunStatus {
+        let st = lock(&self.state);
+        let now = Instant::now();
+        let mut status = pb::RunStatus {
+            run_id: self.run_id.clone(),
+            rounds: self.cfg.rounds,
+            seconds_in_phase: now.duration_since(st.phase_since).as_secs_f64(),
+            min_clients: self.needed_clients() as u32,
+            rounds_completed: self.metrics.rounds_completed(),
+            ..Default::default()
+        };
+        let open = match &st.phase {
+            Phase::Waiting { round } => {
+                (status.phase, status.round) = ("waiting".into(), *round);
+                None
+            }
+            Phase::Open(open) => {
+                status.phase = match open.kind {
+                    PhaseKind::Evaluate => "evaluating",
+                    PhaseKind::Fit { .. } => "training",
+                }
+                .into();
+                (status.round, status.attempt) = (open.round, open.attempt);
+                status.seconds_to_deadline = open
+                    .deadline
+                    .map(|d| d.saturating_duration_since(now).as_secs_f64());
+                Some(open)
+            }
+            Phase::Closing { round } => {
+                (status.phase, status.round) = ("aggregating".into(), *round);
+                None
+            }
+            Phase::Finished { reason } | Phase::Stopping { reason } => {
+                let finished = matches!(st.phase, Phase::Finished { .. });
+                status.phase = if finished { "finished" } else { "stopping" }.into();
+                status.round = st.current_round;
+                status.reason = reason.clone();
+                None
+            }
+        };
+        status.clients = st
+            .clients
+            .latest_sessions(LIVENESS_TIMEOUT)
+            .into_iter()
+            .map(|(c, live)| client_status(c, live, open.map(|o| &**o), now))
+            .collect();
+        status
+    }
+}
+
+/// What client `c` is doing: its task in the open phase, how far its transfers got, and what
+/// its heartbeats said about training.
+fn client_status(
+    c: &ClientInfo,
+    live: bool,
+    open: Option<&OpenPhase>,
+    now: Instant,
+) -> pb::ClientStatus {
+    let mut s = pb::ClientStatus {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        device: c.device.clone(),
+        num_examples: c.num_examples,
+        seconds_since_heard: now.duration_since(c.last_seen).as_secs_f64(),
+        state: if live { "idle" } else { "gone" }.into(),
+        ..Default::default()
+    };
+    let Some((open, task)) = open.and_then(|o| Some((o, o.tasks.get(&c.id)?))) else {
+        return s;
+    };
+    s.task_id = task.task_id.clone();
+    let evaluating = open.kind == PhaseKind::Evaluate;
+    s.state = match &task.status {
+        TaskStatus::Reported => "reported".into(),
+        TaskStatus::Failed(why) => {
+            s.reason = why.clone();
+            "failed".into()
+        }
+        TaskStatus::Uploading => {
+            s.progress = of_task(&c.upload, &task.task_id).map(|t| t.fraction());
+            "uploading".into()
+        }
+        TaskStatus::Assigned => match (of_task(&c.download, &task.task_id), &c.training) {
+            (_, Some(t)) if t.task_id == task.task_id && !evaluating => {
+                (s.epoch, s.epochs, s.loss) = (t.epoch, t.epochs, t.loss);
+                "training".into()
+            }
+            (Some(d), _) if d.fraction() < 1.0 => {
+                s.progress = Some(d.fraction());
+                "downloading".into()
+            }
+            (Some(_), _) if evaluating => "evaluating".into(),
+            (Some(_), _) => "training".into(),
+            (None, _) if !live => "gone".into(),
+            (None, _) => "selected".into(),
+        },
+    };
+    s
+}
+
+/// The transfer `t` if it belongs to task `task_id` (not to an earlier one).
+fn of_task<'a>(t: &'a Option<Arc<Transfer>>, task_id: &str) -> Option<&'a Arc<Transfer>> {
+    t.as_ref().filter(|t| t.task_id == task_id)
+}
