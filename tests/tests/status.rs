@@ -218,3 +218,57 @@ async fn status_shows_each_client_where_it_is_mid_round() {
     }
     coordinator.expect_success(Duration::from_secs(30));
 }
+
+#[test]
+fn under_mutual_tls_only_the_named_admins_read_the_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let kits = fedtune_tests::kit_dir(&["ops", "site-a"]);
+    let mut args: Vec<String> = [
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--admins",
+        "ops",
+        "--model",
+        "synthetic:1000",
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(fedtune_tests::tls_serve_args());
+    let _coordinator = Proc::spawn("coordinator", coordinator_bin(), &args, dir.path());
+    let ask = |who: &str| {
+        let kit = kits.join("clients").join(who).join("client.toml");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = std::process::Command::new(coordinator_bin())
+                .args(["status", "--json", "--config", kit.to_str().unwrap()])
+                .args(["--coordinator", &format!("https://127.0.0.1:{port}")])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            // Until the coordinator listens, the connection is refused.
+            if out.status.success() || !stderr.contains("cannot connect") {
+                return (
+                    out.status.success(),
+                    String::from_utf8(out.stdout).unwrap(),
+                    stderr,
+                );
+            }
+            assert!(std::time::Instant::now() < deadline, "{stderr}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (ok, stdout, stderr) = ask("ops");
+    assert!(ok, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(status["phase"], "waiting", "{status}");
+    let (ok, _, stderr) = ask("site-a");
+    assert!(!ok);
+    assert!(
+        stderr.contains("`site-a` may not read the run's status") && stderr.contains("--admins"),
+        "{stderr}"
+    );
+}

@@ -401,3 +401,17 @@ fn secure_aggregation_defaults_tolerate_a_third_of_the_round_dropping() {
     };
     assert_eq!(sparse.graph(100), (4, 4));
 }
+
+#[test]
+fn admins_without_client_authentication_are_refused() {
+    let args = ServeArgs {
+        security: SecurityArgs {
+            insecure: true,
+            admins: vec!["ops".into()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let e = format!("{:#}", args.resolve().unwrap_err());
+    assert!(e.contains("`admins`") && e.contains("client_ca"), "{e}");
+}
