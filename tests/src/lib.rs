@@ -126,6 +126,23 @@ pub fn client_args(port: u16, data: &Path, name: &str, extra: &[&str]) -> Vec<St
     args
 }
 
+/// `serve --insecure` on 127.0.0.1:`port` writing to `out`, then `extra`: the coordinator of a
+/// test about something other than transport security (raw protocol clients speak plaintext).
+pub fn insecure_serve(port: u16, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "serve",
+        "--insecure",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--out",
+        &out.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

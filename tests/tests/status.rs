@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fedtune_proto as pb;
 use fedtune_tests::raw::{RawClient, pattern};
-use fedtune_tests::{Proc, free_port};
+use fedtune_tests::{Proc, free_port, insecure_serve};
 
 fedtune_tests::test_binaries!();
 
@@ -65,23 +65,20 @@ async fn status_shows_each_client_where_it_is_mid_round() {
     let mut coordinator = Proc::spawn(
         "coordinator",
         coordinator_bin(),
-        &[
-            "serve",
-            "--insecure",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--rounds",
-            "1",
-            "--min-clients",
-            "4",
-            "--local-epochs",
-            "3",
-            "--model",
-            "synthetic:1000",
-            "--out",
-            dir.path().join("out").to_str().unwrap(),
-        ]
-        .map(String::from),
+        &insecure_serve(
+            port,
+            &dir.path().join("out"),
+            &[
+                "--rounds",
+                "1",
+                "--min-clients",
+                "4",
+                "--local-epochs",
+                "3",
+                "--model",
+                "synthetic:1000",
+            ],
+        ),
         dir.path(),
     );
     let mut clients = Vec::new();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use fedtune_proto as pb;
 use fedtune_tests::raw::{RawClient, pattern};
 use fedtune_tests::scrape::{Scrape, get};
-use fedtune_tests::{Proc, client_shares, fashion_subset, free_port};
+use fedtune_tests::{Proc, client_shares, fashion_subset, free_port, insecure_serve};
 use tokio_stream::StreamExt;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -169,27 +169,24 @@ impl Run {
         let coordinator = Proc::spawn(
             "coordinator",
             coordinator_bin(),
-            &[
-                "serve",
-                "--insecure",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--metrics-listen",
-                &format!("127.0.0.1:{metrics_port}"),
-                "--rounds",
-                &ROUNDS.to_string(),
-                "--min-clients",
-                "2",
-                "--model",
-                "mlp",
-                "--eval-data",
-                eval.to_str().unwrap(),
-                "--fraction-evaluate",
-                "1",
-                "--out",
-                out.to_str().unwrap(),
-            ]
-            .map(String::from),
+            &insecure_serve(
+                port,
+                &out,
+                &[
+                    "--metrics-listen",
+                    &format!("127.0.0.1:{metrics_port}"),
+                    "--rounds",
+                    &ROUNDS.to_string(),
+                    "--min-clients",
+                    "2",
+                    "--model",
+                    "mlp",
+                    "--eval-data",
+                    eval.to_str().unwrap(),
+                    "--fraction-evaluate",
+                    "1",
+                ],
+            ),
             dir.path(),
         );
         let clients = shares
@@ -358,23 +355,20 @@ async fn readiness_and_grpc_health_turn_off_when_the_run_finishes() {
     let mut coordinator = Proc::spawn(
         "coordinator",
         coordinator_bin(),
-        &[
-            "serve",
-            "--insecure",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics_port}"),
-            "--rounds",
-            "1",
-            "--min-clients",
-            "1",
-            "--model",
-            "synthetic:1000",
-            "--out",
-            dir.path().join("out").to_str().unwrap(),
-        ]
-        .map(String::from),
+        &insecure_serve(
+            port,
+            &dir.path().join("out"),
+            &[
+                "--metrics-listen",
+                &format!("127.0.0.1:{metrics_port}"),
+                "--rounds",
+                "1",
+                "--min-clients",
+                "1",
+                "--model",
+                "synthetic:1000",
+            ],
+        ),
         dir.path(),
     );
     let mut client = RawClient::join_when_up(&url, "site-a", 10).await;
@@ -453,19 +447,16 @@ fn every_metric_the_grafana_dashboard_queries_is_exported() {
     let _coordinator = Proc::spawn(
         "coordinator",
         coordinator_bin(),
-        &[
-            "serve",
-            "--insecure",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics_port}"),
-            "--model",
-            "synthetic:1000",
-            "--out",
-            dir.path().join("out").to_str().unwrap(),
-        ]
-        .map(String::from),
+        &insecure_serve(
+            port,
+            &dir.path().join("out"),
+            &[
+                "--metrics-listen",
+                &format!("127.0.0.1:{metrics_port}"),
+                "--model",
+                "synthetic:1000",
+            ],
+        ),
         dir.path(),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
