@@ -71,7 +71,7 @@ fn client_status(
         device: c.device.clone(),
         num_examples: c.num_examples,
         seconds_since_heard: now.duration_since(c.last_seen).as_secs_f64(),
-        state: if live { "idle" } else { "gone" }.into(),
+        state: if live { "waiting" } else { "gone" }.into(),
         ..Default::default()
     };
     let Some((open, task)) = open.and_then(|o| Some((o, o.tasks.get(&c.id)?))) else {
