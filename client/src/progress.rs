@@ -99,14 +99,21 @@ pub(crate) fn report_training(
     task_id: &str,
     p: &Progress,
 ) {
-    tx.send_if_modified(|now| {
-        let wake = p.validation.is_some() || now.as_ref().is_none_or(|n| n.epoch != p.epoch);
-        *now = Some(fedtune_proto::TrainingProgress {
-            task_id: task_id.to_string(),
-            epoch: p.epoch,
-            epochs: p.epochs,
-            loss: Some(p.loss).filter(|l| l.is_finite()),
-        });
-        wake
+    let loss = Some(p.loss).filter(|l| l.is_finite());
+    tx.send_if_modified(|now| match now {
+        // A step within the same epoch: the loss only, no wake-up.
+        Some(n) if n.epoch == p.epoch && p.validation.is_none() => {
+            n.loss = loss;
+            false
+        }
+        _ => {
+            *now = Some(fedtune_proto::TrainingProgress {
+                task_id: task_id.to_string(),
+                epoch: p.epoch,
+                epochs: p.epochs,
+                loss,
+            });
+            true
+        }
     });
 }

@@ -79,6 +79,24 @@ impl From<Refusal> for Status {
     }
 }
 
+/// A refusal of the engine as a gRPC status, counted by reason, and told in a WARN line where
+/// the engine has not told it already (late and invalid updates, a full federation).
+fn refused(metrics: &Metrics, r: Refusal) -> Status {
+    metrics.refused(r.reason());
+    match &r {
+        Refusal::UnknownSession
+        | Refusal::UnknownTask(_)
+        | Refusal::NotYourTask { .. }
+        | Refusal::WrongKind { .. }
+        | Refusal::TaskFailed { .. }
+        | Refusal::ProtocolMismatch { .. } => {
+            tracing::warn!(target: fedtune_common::logging::NET, "refused a request: {r}");
+        }
+        _ => {}
+    }
+    r.into()
+}
+
 /// The answer to a taken training update, counted.
 fn update_reply(metrics: &Metrics, outcome: SubmitOutcome, task_id: &str) -> pb::SubmitReply {
     metrics.update_taken(matches!(outcome, SubmitOutcome::Duplicate { .. }));
@@ -275,7 +293,6 @@ impl FederationRpc for FederationService {
             Ok(a) => a,
             Err(e) => {
                 self.engine.abort_upload(ticket, invalid(&e));
-                metrics.refused(RefusalReason::Invalid);
                 return Err(Status::invalid_argument(format!(
                     "update for task `{task_id}` refused: {e}"
                 )));
@@ -285,7 +302,6 @@ impl FederationRpc for FederationService {
             && let Err(e) = check_specs(assembler.specs(), self.engine.update_specs())
         {
             self.engine.abort_upload(ticket, invalid(&e));
-            metrics.refused(RefusalReason::Invalid);
             return Err(Status::invalid_argument(format!(
                 "update for task `{task_id}` refused: {e}"
             )));
@@ -296,7 +312,6 @@ impl FederationRpc for FederationService {
                     frame: Some(update_frame::Frame::Chunk(c)),
                 }) => c,
                 Ok(_) => {
-                    metrics.refused(RefusalReason::Invalid);
                     self.engine
                         .abort_upload(ticket, invalid(&"a second header in one update stream"));
                     return Err(Status::invalid_argument(format!(
@@ -324,10 +339,7 @@ impl FederationRpc for FederationService {
         let received = started.elapsed();
         let engine = self.engine.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let refuse = |r: Refusal| {
-                metrics.refused(r.reason());
-                Status::from(r)
-            };
+            let refuse = |r: Refusal| refused(&metrics, r);
             if masked.is_some() {
                 // Masked words look uniformly random: there is nothing to check but their count.
                 return engine
@@ -338,7 +350,6 @@ impl FederationRpc for FederationService {
             let checked_at = std::time::Instant::now();
             if let Err(e) = payload.check_finite() {
                 engine.abort_upload(ticket, Some(e.to_string()));
-                metrics.refused(RefusalReason::Invalid);
                 return Err(Status::invalid_argument(format!(
                     "update for task `{task_id}` refused: {e}"
                 )));
@@ -411,22 +422,8 @@ fn peer_name<T>(request: &Request<T>) -> String {
 }
 
 impl FederationService {
-    /// A refusal of the engine as a gRPC status, counted by reason, and told in a WARN line
-    /// where the engine has not told it already (late and invalid updates, a full federation).
     fn refuse(&self, r: Refusal) -> Status {
-        self.engine.metrics.refused(r.reason());
-        match &r {
-            Refusal::UnknownSession
-            | Refusal::UnknownTask(_)
-            | Refusal::NotYourTask { .. }
-            | Refusal::WrongKind { .. }
-            | Refusal::TaskFailed { .. }
-            | Refusal::ProtocolMismatch { .. } => {
-                tracing::warn!(target: fedtune_common::logging::NET, "refused a request: {r}");
-            }
-            _ => {}
-        }
-        r.into()
+        refused(&self.engine.metrics, r)
     }
 
     /// Counts a refusal the gate or the limits made, then passes their status on.
@@ -491,7 +488,6 @@ impl FederationService {
             }
             _ => {
                 self.engine.abort_upload(ticket, Some(e.to_string()));
-                self.engine.metrics.refused(RefusalReason::Invalid);
                 Status::invalid_argument(msg)
             }
         }

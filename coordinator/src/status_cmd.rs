@@ -98,12 +98,18 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 async fn ask(admin: &mut Admin, url: &str) -> anyhow::Result<pb::RunStatus> {
-    match admin.get_status(pb::StatusRequest {}).await {
-        Ok(r) => Ok(r.into_inner()),
-        Err(status) => Err(match tls::explain(&status) {
-            Some(why) => anyhow::anyhow!("{url}: {why}"),
-            None => anyhow::anyhow!("{url}: {}", status.message()),
-        }),
+    admin
+        .get_status(pb::StatusRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|status| refused(url, &status))
+}
+
+/// The coordinator's refusal (or a TLS failure) in one line that names it.
+fn refused(url: &str, status: &tonic::Status) -> anyhow::Error {
+    match tls::explain(status) {
+        Some(why) => anyhow::anyhow!("{url}: {why}"),
+        None => anyhow::anyhow!("{url}: {}", status.message()),
     }
 }
 
@@ -122,9 +128,7 @@ async fn watch_lines(admin: &mut Admin, url: &str, every: Duration) -> anyhow::R
             Err(e) if e.code() == tonic::Code::Unavailable => {
                 eprintln!("{url}: unavailable ({}); asking again", e.message());
             }
-            Err(_) => {
-                ask(admin, url).await?;
-            }
+            Err(e) => return Err(refused(url, &e)),
         }
         tokio::time::sleep(every).await;
     }

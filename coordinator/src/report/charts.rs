@@ -53,6 +53,18 @@ fn series(rounds: &[Round], label: &'static str, value: impl Fn(&Round) -> Optio
     }
 }
 
+/// The three evaluations of one figure (`accuracy`, `f1`, `loss`): the server's on
+/// `--eval-data`, the federated one (clients measuring the global model), and the clients' own
+/// validation of their local models.
+fn evaluations(rounds: &[Round], figure: &str) -> Vec<Series> {
+    let (eval, fed) = (format!("eval_{figure}"), format!("fed_eval_{figure}"));
+    vec![
+        series(rounds, "server-side (--eval-data)", |r| r.server(&eval)),
+        series(rounds, "federated (clients, global model)", |r| r.num(&fed)),
+        series(rounds, "clients' own validation", |r| r.clients(&eval)),
+    ]
+}
+
 /// The charts of a run; a figure no round recorded is left out, and so is a chart with none.
 pub fn charts(rounds: &[Round]) -> Vec<Chart> {
     let mb = |key: &'static str| move |r: &Round| r.num(key).map(|b| b / 1e6);
@@ -62,42 +74,23 @@ pub fn charts(rounds: &[Round]) -> Vec<Chart> {
             name: "accuracy",
             title: "Accuracy per round",
             y_label: "accuracy",
-            series: vec![
-                series(rounds, "server-side (--eval-data)", |r| {
-                    r.server("eval_accuracy")
-                }),
-                series(rounds, "federated (clients, global model)", |r| {
-                    r.num("fed_eval_accuracy")
-                }),
-                series(rounds, "clients' own validation", |r| {
-                    r.clients("eval_accuracy")
-                }),
-            ],
+            series: evaluations(rounds, "accuracy"),
         },
         Chart {
             name: "f1",
             title: "Macro F1 per round",
             y_label: "macro F1",
-            series: vec![
-                series(rounds, "server-side (--eval-data)", |r| r.server("eval_f1")),
-                series(rounds, "federated (clients, global model)", |r| {
-                    r.num("fed_eval_f1")
-                }),
-                series(rounds, "clients' own validation", |r| r.clients("eval_f1")),
-            ],
+            series: evaluations(rounds, "f1"),
         },
         Chart {
             name: "loss",
             title: "Loss per round",
             y_label: "loss",
-            series: vec![
-                series(rounds, "training (clients)", |r| r.num("train_loss")),
-                series(rounds, "server-side evaluation", |r| r.server("eval_loss")),
-                series(rounds, "federated evaluation", |r| r.num("fed_eval_loss")),
-                series(rounds, "clients' own validation", |r| {
-                    r.clients("eval_loss")
-                }),
-            ],
+            series: std::iter::once(series(rounds, "training (clients)", |r| {
+                r.num("train_loss")
+            }))
+            .chain(evaluations(rounds, "loss"))
+            .collect(),
         },
         Chart {
             name: "bytes",

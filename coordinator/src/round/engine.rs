@@ -28,7 +28,6 @@ impl Federation {
                     "the coordinator was stopped ({why}); it continues this run when started again"
                 );
                 lock(&self.state).enter(Phase::Stopping { reason });
-                self.metrics.set_phase(PhaseName::Stopping);
                 self.changed.notify_waiters();
                 return Ok(RunSummary {
                     records: Vec::new(),
@@ -48,7 +47,6 @@ impl Federation {
             Err(e) => format!("the coordinator stopped the run: {e:#}"),
         };
         lock(&self.state).enter(Phase::Finished { reason });
-        self.metrics.set_phase(PhaseName::Finished);
         self.changed.notify_waiters();
         self.wait_for_goodbyes().await;
         result
@@ -83,7 +81,6 @@ impl Federation {
                         Vec::new()
                     }
                     None => {
-                        self.metrics.waiting(round);
                         self.wait_for_clients(round).await?;
                         self.candidates(false)
                     }
@@ -150,9 +147,7 @@ impl Federation {
                         )
                     }
                 };
-                self.metrics.training(round, attempt, plan.clients.len());
                 self.wait_for_reports(serial, round, true).await;
-                self.metrics.set_phase(PhaseName::Aggregating);
                 let agg_started = Instant::now();
                 let secure = match self.cfg.secure_agg {
                     Some(_) => Some(self.secure_aggregate(serial, round).await),
@@ -240,7 +235,6 @@ impl Federation {
                     &eval_clients,
                     None,
                 );
-                self.metrics.set_phase(PhaseName::Evaluating);
                 self.wait_for_reports(serial, round, false).await;
                 let closed = self.close_phase(serial, round);
                 eval_bytes_down = closed.stats.bytes_down.load(Ordering::Relaxed);

@@ -454,8 +454,8 @@ impl crate::telemetry::http::Probe for Federation {
     }
 
     fn scrape(&self) -> String {
-        let live = lock(&self.state).clients.live_count(LIVENESS_TIMEOUT);
-        self.metrics.set_live(live);
+        let now = lock(&self.state).now();
+        self.metrics.set_now(now);
         self.metrics.encode()
     }
 }

@@ -387,6 +387,9 @@ impl Federation {
     /// An upload that did not complete: `failure` marks the task failed for the round (invalid
     /// content); `None` lets the client retry (a broken stream).
     pub fn abort_upload(&self, ticket: UploadTicket, failure: Option<String>) {
+        if failure.is_some() {
+            self.metrics.refused(RefusalReason::Invalid);
+        }
         if ticket.masked.is_some() {
             // A masked update's task stays reported (its keys are in the protocol); a broken
             // stream may be retried, an invalid one fails the task.

@@ -3,57 +3,67 @@
 //! lock from what the engine already keeps.
 
 use crate::clients::ClientInfo;
+use crate::telemetry::Now;
 
 use super::*;
+
+impl State {
+    /// Where the run is: the phase as status and the metrics name it, the round, and the open
+    /// training attempt with its selected clients.
+    pub(super) fn now(&self) -> Now {
+        let (phase, round, training) = match &self.phase {
+            Phase::Waiting { round } => (PhaseName::Waiting, *round, None),
+            Phase::Open(open) => match open.kind {
+                PhaseKind::Evaluate => (PhaseName::Evaluating, open.round, None),
+                PhaseKind::Fit { .. } => (
+                    PhaseName::Training,
+                    open.round,
+                    Some((open.attempt, open.tasks.len())),
+                ),
+            },
+            Phase::Closing { round } => (PhaseName::Aggregating, *round, None),
+            Phase::Finished { .. } => (PhaseName::Finished, self.current_round, None),
+            Phase::Stopping { .. } => (PhaseName::Stopping, self.current_round, None),
+        };
+        Now {
+            phase,
+            round,
+            training,
+            live: self.clients.live_count(LIVENESS_TIMEOUT),
+        }
+    }
+}
 
 impl Federation {
     pub fn status(&self) -> pb::RunStatus {
         let st = lock(&self.state);
         let now = Instant::now();
-        let mut status = pb::RunStatus {
+        let where_ = st.now();
+        let (reason, open) = match &st.phase {
+            Phase::Finished { reason } | Phase::Stopping { reason } => (reason.clone(), None),
+            Phase::Open(open) => (String::new(), Some(&**open)),
+            _ => (String::new(), None),
+        };
+        pb::RunStatus {
             run_id: self.run_id.clone(),
+            round: where_.round,
             rounds: self.cfg.rounds,
+            attempt: open.map_or(0, |o| o.attempt),
+            phase: where_.phase.as_str().into(),
             seconds_in_phase: now.duration_since(st.phase_since).as_secs_f64(),
+            seconds_to_deadline: open
+                .and_then(|o| o.deadline)
+                .map(|d| d.saturating_duration_since(now).as_secs_f64()),
             min_clients: self.needed_clients() as u32,
             rounds_completed: self.metrics.rounds_completed(),
-            ..Default::default()
-        };
-        let open = match &st.phase {
-            Phase::Waiting { round } => {
-                (status.phase, status.round) = ("waiting".into(), *round);
-                None
-            }
-            Phase::Open(open) => {
-                status.phase = match open.kind {
-                    PhaseKind::Evaluate => "evaluating",
-                    PhaseKind::Fit { .. } => "training",
-                }
-                .into();
-                (status.round, status.attempt) = (open.round, open.attempt);
-                status.seconds_to_deadline = open
-                    .deadline
-                    .map(|d| d.saturating_duration_since(now).as_secs_f64());
-                Some(open)
-            }
-            Phase::Closing { round } => {
-                (status.phase, status.round) = ("aggregating".into(), *round);
-                None
-            }
-            Phase::Finished { reason } | Phase::Stopping { reason } => {
-                let finished = matches!(st.phase, Phase::Finished { .. });
-                status.phase = if finished { "finished" } else { "stopping" }.into();
-                status.round = st.current_round;
-                status.reason = reason.clone();
-                None
-            }
-        };
-        status.clients = st
-            .clients
-            .latest_sessions(LIVENESS_TIMEOUT)
-            .into_iter()
-            .map(|(c, live)| client_status(c, live, open.map(|o| &**o), now))
-            .collect();
-        status
+            reason,
+            clients: st
+                .clients
+                .latest_sessions(LIVENESS_TIMEOUT)
+                .into_iter()
+                .map(|(c, live)| client_status(c, live, open, now))
+                .collect(),
+        }
     }
 }
 

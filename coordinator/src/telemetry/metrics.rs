@@ -111,14 +111,37 @@ macro_rules! label_values {
     };
 }
 
-label_values!(PhaseName {
-    Waiting => "waiting",
-    Training => "training",
-    Aggregating => "aggregating",
-    Evaluating => "evaluating",
-    Finished => "finished",
-    Stopping => "stopping",
-});
+impl PhaseName {
+    /// The name status shows and `fedtune_phase{phase}` carries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Training => "training",
+            Self::Aggregating => "aggregating",
+            Self::Evaluating => "evaluating",
+            Self::Finished => "finished",
+            Self::Stopping => "stopping",
+        }
+    }
+}
+
+impl EncodeLabelValue for PhaseName {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+/// Where the run is now, read from the round engine's state at each scrape (so the metrics
+/// and `status` say the same, and the engine keeps no second account of its phase).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub phase: PhaseName,
+    pub round: u64,
+    /// The open training attempt and the clients selected for it; `None` outside one (the
+    /// gauges keep the last attempt's).
+    pub training: Option<(u32, usize)>,
+    pub live: usize,
+}
 label_values!(RefusalReason {
     Late => "late",
     Invalid => "invalid",
@@ -345,7 +368,12 @@ impl Metrics {
             m.dp_epsilon.clone(),
         );
         m.rounds.set(rounds as i64);
-        m.set_phase(PhaseName::Waiting);
+        m.set_now(Now {
+            phase: PhaseName::Waiting,
+            round: 1,
+            training: None,
+            live: 0,
+        });
         m.zero_every_series();
         Self {
             registry: root,
@@ -389,25 +417,19 @@ impl Metrics {
         out
     }
 
-    pub fn set_phase(&self, now: PhaseName) {
+    /// The gauges of where the run is, from the engine's state.
+    pub fn set_now(&self, now: Now) {
         for p in PHASES {
             self.phase
                 .get_or_create(&PhaseLabels { phase: p })
-                .set((p == now) as i64);
+                .set((p == now.phase) as i64);
         }
-    }
-
-    /// A training attempt opened with `selected` clients.
-    pub fn training(&self, round: u64, attempt: u32, selected: usize) {
-        self.round.set(round as i64);
-        self.attempt.set(i64::from(attempt));
-        self.clients_selected.set(selected as i64);
-        self.set_phase(PhaseName::Training);
-    }
-
-    pub fn waiting(&self, round: u64) {
-        self.round.set(round as i64);
-        self.set_phase(PhaseName::Waiting);
+        self.round.set(now.round as i64);
+        if let Some((attempt, selected)) = now.training {
+            self.attempt.set(i64::from(attempt));
+            self.clients_selected.set(selected as i64);
+        }
+        self.clients_live.set(now.live as i64);
     }
 
     pub fn rounds_completed(&self) -> u64 {
@@ -416,10 +438,6 @@ impl Metrics {
 
     pub fn joined(&self) {
         self.clients_joined.inc();
-    }
-
-    pub fn set_live(&self, live: usize) {
-        self.clients_live.set(live as i64);
     }
 
     pub fn update_taken(&self, duplicate: bool) {
@@ -439,7 +457,6 @@ impl Metrics {
     pub fn round_completed(&self, r: &RoundRecord) {
         let _consistent = self.consistent.lock().unwrap_or_else(|p| p.into_inner());
         self.rounds_completed.inc();
-        self.round.set(r.round as i64);
         self.round_duration.observe(r.round_ms as f64 / 1000.0);
         self.aggregation_duration
             .observe(r.aggregate_ms as f64 / 1000.0);
@@ -500,7 +517,12 @@ mod tests {
     #[test]
     fn exactly_one_phase_is_set() {
         let m = Metrics::new("fedavg", "mlp", 3);
-        m.set_phase(PhaseName::Evaluating);
+        m.set_now(Now {
+            phase: PhaseName::Evaluating,
+            round: 2,
+            training: None,
+            live: 4,
+        });
         let text = m.encode();
         assert_eq!(
             value(&text, "fedtune_phase{phase=\"evaluating\"}"),
