@@ -37,5 +37,5 @@ grep -c "on cuda:0" "$out/demo.log" | sed 's/^/clients that joined on cuda:0: /'
 
 echo
 echo "== (c) CNN train step on cuda:0: fedtune vs PyTorch"
-python3 deploy/gpu_step_compare.py --fedtune "$bin/fedtune-client" --data "$data" --batch-sizes 64,256 --steps 200 || status=1
+python3 deploy/step_compare.py --device cuda:0 --fedtune "$bin/fedtune-client" --data "$data" --batch-sizes 64,256 --steps 200 || status=1
 exit $status

@@ -482,8 +482,13 @@ async fn train_round(
             }
         });
     }
-    let encoded = EncodedTensors::encode(&delta, task.model_version, MAX_CHUNK_BYTES)?;
-    drop(delta);
+    // The chunks are views of the delta itself: no second model-sized copy.
+    let encoded = EncodedTensors::share(
+        &std::sync::Arc::new(delta),
+        |_| true,
+        task.model_version,
+        MAX_CHUNK_BYTES,
+    )?;
     let upload_started = std::time::Instant::now();
     let (accepted, bytes_up, message) =
         match upload(s, &task, &encoded, num_examples, &metrics).await {

@@ -14,7 +14,7 @@
 //!   client's and the coordinator's side), without transport.
 
 pub mod augment;
-pub use fedtune_formats::{checkpoint, pretrained, tensors, wire};
+pub use fedtune_formats::{blocks, checkpoint, pretrained, tensors, wire};
 pub mod crash_point;
 pub mod data;
 pub mod device;

@@ -28,8 +28,8 @@ pub fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
+        .initial_stream_window_size(Some(2 << 20))
+        .initial_connection_window_size(Some(4 << 20))
         .max_frame_size(Some((1 << 20) + (64 << 10))))
 }
 

@@ -15,8 +15,15 @@ pub struct Broadcast {
 }
 
 impl Broadcast {
-    pub fn encode(global: &TensorSet, version: u64, frozen: &[String]) -> anyhow::Result<Self> {
-        let full = Arc::new(EncodedTensors::encode(global, version, MAX_CHUNK_BYTES)?);
+    /// The broadcast of `global` without copying it: chunks are views of its tensors, so the
+    /// global model and what every client downloads are one copy in memory.
+    pub fn share(global: &Arc<TensorSet>, version: u64, frozen: &[String]) -> anyhow::Result<Self> {
+        let full = Arc::new(EncodedTensors::share(
+            global,
+            |_| true,
+            version,
+            MAX_CHUNK_BYTES,
+        )?);
         if frozen.is_empty() {
             return Ok(Self {
                 full,
@@ -25,11 +32,11 @@ impl Broadcast {
             });
         }
         let is_frozen = |n: &str| frozen.iter().any(|f| f == n);
-        let trainable = global.select(|n| !is_frozen(n));
         Ok(Self {
             full,
-            trainable: Some(Arc::new(EncodedTensors::encode(
-                &trainable,
+            trainable: Some(Arc::new(EncodedTensors::share(
+                global,
+                |n| !is_frozen(n),
                 version,
                 MAX_CHUNK_BYTES,
             )?)),

@@ -45,6 +45,10 @@ enum Command {
     /// Charts (PNG and SVG) and report.html / report.md of a run's rounds, from its
     /// metrics.jsonl.
     Report(ReportArgs),
+    /// Measure this machine (memory copy, TCP loopback), the FedAvg fold kernel and federations
+    /// of synthetic models as real processes: round time, throughput, peak memory, against
+    /// the targets; a table and a JSON file.
+    Bench(crate::bench::BenchArgs),
     /// Client tokens, for devices that cannot hold a client certificate.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -126,6 +130,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Embed(args) => embed_cmd::run(args),
         Command::Status(args) => runtime.block_on(status_cmd::run(args)),
         Command::Report(args) => report::run(args),
+        Command::Bench(args) => runtime.block_on(crate::bench::run(args)),
         Command::DpPlan(args) => dp_plan::run(args),
         Command::Token(TokenCommand::Add { name, file }) => {
             let token = crate::tokens::add(&file, &name)?;

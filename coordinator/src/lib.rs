@@ -10,6 +10,7 @@
 //!   [`pretrain`]: central pre-training, the starting point of a fine-tuning run.
 
 pub mod auth;
+pub mod bench;
 pub mod broadcast;
 pub mod cli;
 pub mod clients;
@@ -38,6 +39,7 @@ pub mod strategy;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;
+pub mod upload;
 pub mod watched;
 
 use std::sync::Arc;
@@ -65,9 +67,10 @@ use crate::strategy::layout::Layout;
 use crate::strategy::{BuiltIn, Strategy};
 
 /// HTTP/2 flow-control windows: the defaults (64 KiB) halve throughput for large models even
-/// on loopback.
-pub const STREAM_WINDOW: u32 = 8 << 20;
-pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// on loopback; larger than these, what clients park in the coordinator's buffers (an upload
+/// waiting for its slot, a download ahead of its reader) grows by megabytes per client.
+pub const STREAM_WINDOW: u32 = 2 << 20;
+pub const CONNECTION_WINDOW: u32 = 4 << 20;
 /// HTTP/2 frames large enough that a 1 MiB chunk is a handful of frames, not 64.
 pub const MAX_FRAME: u32 = (1 << 20) + (64 << 10);
 /// Transport keep-alive, so idle connections through NATs and load balancers stay open.

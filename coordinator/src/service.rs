@@ -18,6 +18,7 @@ use crate::auth::{Denial, Gate, Identity, peer_identity};
 use crate::limits::Admission;
 use crate::round::{Federation, Refusal, SubmitOutcome, UpdateClaim};
 use crate::telemetry::{Metrics, RefusalReason};
+use crate::upload::{Guarded, StageFailure, Staging};
 
 pub struct FederationService {
     engine: Arc<Federation>,
@@ -275,6 +276,9 @@ impl FederationRpc for FederationService {
             Err(outcome) => return Ok(Response::new(update_reply(&metrics, outcome, &task_id))),
         };
 
+        // From here on, an RPC dropped before the upload is committed or refused (its
+        // connection closed while it waited) gives the task back to its client.
+        let mut ticket = Guarded::new(self.engine.clone(), ticket);
         // At most UPLOAD_SLOTS updates are staged at once: memory stays O(model).
         let _slot = self
             .engine
@@ -284,15 +288,18 @@ impl FederationRpc for FederationService {
             .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
         let invalid = |e: &dyn std::fmt::Display| Some(e.to_string());
         let masked = ticket.masked_words();
+        // A plain update is checked as it arrives and staged to its journal file (nothing
+        // model-sized in memory); a masked one (no journal) is assembled in memory.
         let assembler = match masked {
             // Secure aggregation: one tensor of masked u32 words of the round's length.
             Some(words) => masked_assembler(manifest, words),
+            None if self.engine.stages_uploads() => Assembler::verifier(manifest),
             None => Assembler::new(manifest, self.engine.model_bytes()),
         };
         let mut assembler = match assembler {
             Ok(a) => a,
             Err(e) => {
-                self.engine.abort_upload(ticket, invalid(&e));
+                self.engine.abort_upload(ticket.take(), invalid(&e));
                 return Err(Status::invalid_argument(format!(
                     "update for task `{task_id}` refused: {e}"
                 )));
@@ -301,69 +308,138 @@ impl FederationRpc for FederationService {
         if masked.is_none()
             && let Err(e) = check_specs(assembler.specs(), self.engine.update_specs())
         {
-            self.engine.abort_upload(ticket, invalid(&e));
+            self.engine.abort_upload(ticket.take(), invalid(&e));
             return Err(Status::invalid_argument(format!(
                 "update for task `{task_id}` refused: {e}"
             )));
         }
+        let staging = match masked {
+            Some(_) => None,
+            None => match self
+                .engine
+                .stage_upload(assembler.specs(), assembler.manifest().checksum)
+            {
+                Ok(file) => file.map(|f| Staging::start(f, assembler.specs())),
+                Err(e) => {
+                    return Err(refused(
+                        &metrics,
+                        self.engine.staging_failed(ticket.take(), &e),
+                    ));
+                }
+            },
+        };
+        let abandon = |staging: Option<Staging>| async move {
+            if let Some(s) = staging {
+                s.abandon().await;
+            }
+        };
+        let mut writer_stopped = false;
         while let Some(frame) = frames.next().await {
             let chunk = match frame {
                 Ok(pb::UpdateFrame {
                     frame: Some(update_frame::Frame::Chunk(c)),
                 }) => c,
                 Ok(_) => {
-                    self.engine
-                        .abort_upload(ticket, invalid(&"a second header in one update stream"));
+                    abandon(staging).await;
+                    self.engine.abort_upload(
+                        ticket.take(),
+                        invalid(&"a second header in one update stream"),
+                    );
                     return Err(Status::invalid_argument(format!(
                         "update for task `{task_id}`: a second header in one stream"
                     )));
                 }
                 Err(e) => {
                     // A broken stream: the client may retry the same task.
-                    self.engine.abort_upload(ticket, None);
+                    abandon(staging).await;
+                    self.engine.abort_upload(ticket.take(), None);
                     return Err(e);
                 }
             };
             ticket.count_bytes_up(chunk.data.len() as u64);
             if let Err(e) = assembler.push(&chunk) {
-                return Err(self.wire_failure(ticket, &task_id, e));
+                abandon(staging).await;
+                return Err(self.wire_failure(ticket.take(), &task_id, e));
             }
             if chunk.offset == 0 {
                 fedtune_common::crash_point::reached("upload");
             }
+            if let Some(s) = &staging
+                && !s.push(chunk.data).await
+            {
+                // The writer stopped: finishing says why.
+                writer_stopped = true;
+                break;
+            }
         }
-        let payload = match assembler.finish() {
-            Ok(p) => p,
-            Err(e) => return Err(self.wire_failure(ticket, &task_id, e)),
-        };
         let received = started.elapsed();
         let engine = self.engine.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let refuse = |r: Refusal| refused(&metrics, r);
-            if masked.is_some() {
-                // Masked words look uniformly random: there is nothing to check but their count.
-                return engine
-                    .commit_masked(ticket, &payload)
+        let Some(staging) = staging else {
+            // Assembled in memory: masked, or no journal to stage to.
+            let payload = match assembler.finish() {
+                Ok(p) => p,
+                Err(e) => return Err(self.wire_failure(ticket.take(), &task_id, e)),
+            };
+            let outcome = tokio::task::spawn_blocking(move || {
+                let refuse = |r: Refusal| refused(&metrics, r);
+                if masked.is_some() {
+                    // Masked words look uniformly random: nothing to check but their count.
+                    return engine
+                        .commit_masked(ticket.take(), &payload)
+                        .map(|o| update_reply(&metrics, o, &task_id))
+                        .map_err(refuse);
+                }
+                if let Err(e) = payload.check_finite() {
+                    engine.abort_upload(ticket.take(), Some(e.to_string()));
+                    return Err(Status::invalid_argument(format!(
+                        "update for task `{task_id}` refused: {e}"
+                    )));
+                }
+                engine
+                    .commit_upload(ticket.take(), &payload, None)
                     .map(|o| update_reply(&metrics, o, &task_id))
-                    .map_err(refuse);
-            }
-            let checked_at = std::time::Instant::now();
-            if let Err(e) = payload.check_finite() {
-                engine.abort_upload(ticket, Some(e.to_string()));
+                    .map_err(refuse)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("aggregation task failed: {e}")))??;
+            return Ok(Response::new(outcome));
+        };
+        if !writer_stopped && let Err(e) = assembler.verify_end() {
+            staging.abandon().await;
+            return Err(self.wire_failure(ticket.take(), &task_id, e));
+        }
+        let staged = match staging.finish().await {
+            Ok(staged) => staged,
+            Err(StageFailure::NonFinite(e)) => {
+                self.engine.abort_upload(ticket.take(), invalid(&e));
                 return Err(Status::invalid_argument(format!(
                     "update for task `{task_id}` refused: {e}"
                 )));
             }
-            let checked = checked_at.elapsed();
-            let outcome = engine.commit_upload(ticket, &payload);
+            Err(StageFailure::Io(e)) => {
+                return Err(refused(
+                    &metrics,
+                    self.engine.staging_failed(ticket.take(), &e),
+                ));
+            }
+            Err(StageFailure::Abandoned) => {
+                self.engine.abort_upload(ticket.take(), None);
+                return Err(Status::internal("the upload was abandoned"));
+            }
+        };
+        let staged_at = std::time::Instant::now();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let file = staged.file_name().to_string();
+            let outcome = engine.commit_upload(ticket.take(), &staged, Some(file));
             tracing::debug!(
-                "update `{task_id}`: {} bytes received in {received:?}, checked in {checked:?}, folded in {:?}",
-                payload.bytes.len(),
-                checked_at.elapsed() - checked
+                "update `{task_id}`: {} bytes received and staged in {received:?} (+{:?} to sync), folded in {:?}",
+                assembler.received(),
+                staged_at.duration_since(started + received),
+                staged_at.elapsed()
             );
             outcome
                 .map(|o| update_reply(&metrics, o, &task_id))
-                .map_err(refuse)
+                .map_err(|r| refused(&metrics, r))
         })
         .await
         .map_err(|e| Status::internal(format!("aggregation task failed: {e}")))??;

@@ -4,6 +4,7 @@
 //! files (safetensors, PyTorch `.pt`), and IDX / CSV / image-folder data.
 //! `fedtune-common` re-exports each module under the same name.
 
+pub mod blocks;
 pub mod checkpoint;
 pub mod data;
 pub mod pretrained;

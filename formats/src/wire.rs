@@ -5,6 +5,8 @@
 //! receiving side ([`Assembler`]) checks every chunk as it arrives (order, size, checksum) and
 //! the whole payload at the end, and refuses to allocate more than the caller expects.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use fedtune_proto as pb;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
@@ -97,8 +99,103 @@ impl EncodedTensors {
         Ok(Self { manifest, chunks })
     }
 
+    /// Encodes the tensors of `set` that `keep` selects without copying them: each chunk of a
+    /// large tensor is a view of the tensor itself (little-endian f32 is the wire's form), so
+    /// the global model and its broadcast are one copy in memory. Tensors smaller than a
+    /// chunk are packed together (copied: they are small). While any chunk lives, `set` is
+    /// shared; on a big-endian machine every chunk is copied.
+    pub fn share(
+        set: &Arc<TensorSet>,
+        keep: impl Fn(&str) -> bool,
+        model_version: u64,
+        chunk_size: usize,
+    ) -> Result<Self, WireError> {
+        if chunk_size == 0 || chunk_size > MAX_CHUNK_BYTES {
+            return Err(WireError::BadChunkSize(
+                chunk_size.min(u32::MAX as usize) as u32
+            ));
+        }
+        let mut chunks = Vec::new();
+        let mut whole = Xxh3::new();
+        let mut offset = 0u64;
+        let mut pack = Vec::new();
+        let mut push = |data: Bytes, chunks: &mut Vec<pb::Chunk>, offset: &mut u64| {
+            whole.update(&data);
+            let len = data.len() as u64;
+            chunks.push(pb::Chunk {
+                offset: *offset,
+                checksum: xxh3_64(&data),
+                data,
+            });
+            *offset += len;
+        };
+        let mut infos = Vec::new();
+        for (index, t) in set.tensors().iter().enumerate() {
+            if !keep(&t.name) {
+                continue;
+            }
+            infos.push(tensor_info(t));
+            let len = t.data.len() * 4;
+            if len < chunk_size || cfg!(target_endian = "big") {
+                // Small tensors run on across chunks, so a model of small tensors is chunked
+                // exactly as `encode` chunks it.
+                extend_le(&mut pack, &t.data);
+                while pack.len() >= chunk_size {
+                    let rest = pack.split_off(chunk_size);
+                    push(
+                        Bytes::from(std::mem::replace(&mut pack, rest)),
+                        &mut chunks,
+                        &mut offset,
+                    );
+                }
+                continue;
+            }
+            if !pack.is_empty() {
+                push(
+                    Bytes::from(std::mem::take(&mut pack)),
+                    &mut chunks,
+                    &mut offset,
+                );
+            }
+            for start in (0..len).step_by(chunk_size) {
+                let view = TensorBytes {
+                    set: set.clone(),
+                    index,
+                    range: start..(start + chunk_size).min(len),
+                };
+                push(Bytes::from_owner(view), &mut chunks, &mut offset);
+            }
+        }
+        if !pack.is_empty() {
+            push(Bytes::from(pack), &mut chunks, &mut offset);
+        }
+        let manifest = pb::Manifest {
+            tensors: infos,
+            total_bytes: offset,
+            checksum: whole.digest(),
+            chunk_size: chunk_size as u32,
+            model_version,
+        };
+        Ok(Self { manifest, chunks })
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.manifest.total_bytes
+    }
+}
+
+/// A byte range of one tensor of a shared set: the owner of a zero-copy chunk.
+struct TensorBytes {
+    set: Arc<TensorSet>,
+    index: usize,
+    range: std::ops::Range<usize>,
+}
+
+impl AsRef<[u8]> for TensorBytes {
+    fn as_ref(&self) -> &[u8] {
+        // Only built on little-endian machines, where the values' bytes are the wire's.
+        let values: &[f32] = &self.set.tensors()[self.index].data;
+        &bytemuck::cast_slice(values)[self.range.clone()]
     }
 }
 
@@ -186,7 +283,10 @@ pub fn manifest_specs(manifest: &pb::Manifest) -> Result<Vec<TensorSpec>, WireEr
 pub struct Assembler {
     manifest: pb::Manifest,
     specs: Vec<TensorSpec>,
-    buf: Vec<u8>,
+    /// The payload so far; `None` when the caller keeps the checked chunks itself
+    /// ([`Assembler::verifier`]).
+    buf: Option<Vec<u8>>,
+    received: u64,
     hasher: Xxh3,
 }
 
@@ -205,7 +305,22 @@ impl Assembler {
         Ok(Self {
             manifest,
             specs,
-            buf,
+            buf: Some(buf),
+            received: 0,
+            hasher: Xxh3::new(),
+        })
+    }
+
+    /// Checks a chunked payload as it arrives without keeping it: the caller keeps each chunk
+    /// [`Assembler::push`] accepted (e.g. streams it to disk) and calls
+    /// [`Assembler::verify_end`] at the end. Nothing model-sized is allocated.
+    pub fn verifier(manifest: pb::Manifest) -> Result<Self, WireError> {
+        let specs = manifest_specs(&manifest)?;
+        Ok(Self {
+            manifest,
+            specs,
+            buf: None,
+            received: 0,
             hasher: Xxh3::new(),
         })
     }
@@ -219,11 +334,11 @@ impl Assembler {
     }
 
     pub fn received(&self) -> u64 {
-        self.buf.len() as u64
+        self.received
     }
 
     pub fn push(&mut self, chunk: &pb::Chunk) -> Result<(), WireError> {
-        let expected = self.buf.len() as u64;
+        let expected = self.received;
         if chunk.offset != expected {
             return Err(WireError::OutOfOrder {
                 expected,
@@ -250,26 +365,34 @@ impl Assembler {
             });
         }
         self.hasher.update(&chunk.data);
-        self.buf.extend_from_slice(&chunk.data);
+        if let Some(buf) = &mut self.buf {
+            buf.extend_from_slice(&chunk.data);
+        }
+        self.received += len as u64;
         Ok(())
     }
 
-    /// Ends the stream: every byte arrived and the whole-payload checksum matches.
-    pub fn finish(self) -> Result<Payload, WireError> {
-        let received = self.buf.len() as u64;
-        if received != self.manifest.total_bytes {
+    /// Ends a stream: every byte arrived and the whole-payload checksum matches.
+    pub fn verify_end(&self) -> Result<(), WireError> {
+        if self.received != self.manifest.total_bytes {
             return Err(WireError::Truncated {
-                received,
+                received: self.received,
                 total: self.manifest.total_bytes,
             });
         }
         if self.hasher.digest() != self.manifest.checksum {
             return Err(WireError::PayloadChecksum);
         }
+        Ok(())
+    }
+
+    /// Ends the stream and returns the payload (an assembler made by [`Assembler::new`]).
+    pub fn finish(self) -> Result<Payload, WireError> {
+        self.verify_end()?;
         Ok(Payload {
+            bytes: self.buf.unwrap_or_default(),
             manifest: self.manifest,
             specs: self.specs,
-            bytes: self.buf,
         })
     }
 }
@@ -372,6 +495,33 @@ mod tests {
                     .all(|(x, y)| x.to_bits() == y.to_bits())
             );
         }
+    }
+
+    #[test]
+    fn a_shared_set_is_the_same_payload_as_an_encoded_one_whatever_the_chunk_size() {
+        let set = Arc::new(odd_set());
+        for chunk in [MAX_CHUNK_BYTES, 1 << 16, 4096, 28, 5] {
+            let enc = EncodedTensors::encode(&set, 3, chunk).unwrap();
+            let shared = EncodedTensors::share(&set, |_| true, 3, chunk).unwrap();
+            assert_eq!(shared.manifest, enc.manifest, "chunk {chunk}");
+            let mut asm = Assembler::new(shared.manifest.clone(), u64::MAX).unwrap();
+            for c in &shared.chunks {
+                assert!(c.data.len() <= chunk);
+                asm.push(c).unwrap();
+            }
+            let payload = asm.finish().unwrap();
+            let want: Vec<u8> = enc.chunks.iter().flat_map(|c| c.data.to_vec()).collect();
+            assert_eq!(payload.bytes, want, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_shared_subset_holds_only_the_kept_tensors() {
+        let set = Arc::new(odd_set());
+        let shared = EncodedTensors::share(&set, |n| n != "big", 1, 1 << 12).unwrap();
+        let want = set.select(|n| n != "big");
+        let enc = EncodedTensors::encode(&want, 1, 1 << 12).unwrap();
+        assert_eq!(shared.manifest, enc.manifest);
     }
 
     #[test]

@@ -59,7 +59,8 @@ impl Federation {
         mut run_dir: RunDir,
         server_eval: Option<Arc<ServerEval>>,
     ) -> anyhow::Result<RunSummary> {
-        let mut global = start.global;
+        // Shared with the round's broadcast (its chunks are views of it): one copy.
+        let mut global = Arc::new(start.global);
         let mut records = Vec::new();
         // The broadcast of the current global model, when evaluation or a failed attempt
         // already encoded it.
@@ -102,7 +103,7 @@ impl Federation {
                 let broadcast = match encoded.take() {
                     Some(b) => b,
                     None => Arc::new(tokio::task::block_in_place(|| {
-                        Broadcast::encode(&global, model_version, &self.cfg.frozen)
+                        Broadcast::share(&global, model_version, &self.cfg.frozen)
                     })?),
                 };
                 let mut plan = strategy.configure_fit(round, attempt, &candidates);
@@ -209,7 +210,10 @@ impl Federation {
             // The server step.
             if let Some(combined) = combined {
                 let (s, g) = tokio::task::spawn_blocking(move || {
-                    strategy.apply(&mut global, &combined);
+                    // The round's broadcast is gone by now, so this is the only owner and
+                    // the model is updated in place (a download still streaming the old
+                    // version would make this a copy).
+                    strategy.apply(Arc::make_mut(&mut global), &combined);
                     (strategy, global)
                 })
                 .await?;
@@ -222,7 +226,7 @@ impl Federation {
             let mut eval_bytes_down = 0;
             if !eval_clients.is_empty() {
                 let broadcast = Arc::new(tokio::task::block_in_place(|| {
-                    Broadcast::encode(&global, round, &self.cfg.frozen)
+                    Broadcast::share(&global, round, &self.cfg.frozen)
                 })?);
                 // Clients train on this same model next round: encode it once.
                 encoded = Some(broadcast.clone());

@@ -48,6 +48,7 @@ mod requests;
 mod secure;
 mod secure_requests;
 mod status;
+mod uploads;
 
 use secure::{SecAggPhase, SecAggSlot};
 
@@ -424,6 +425,12 @@ impl Federation {
 
     pub fn model_bytes(&self) -> u64 {
         self.model_bytes
+    }
+
+    /// Whether plain updates are journaled (all but secure aggregation's): they are then
+    /// staged to their journal file as they arrive.
+    pub fn stages_uploads(&self) -> bool {
+        self.journal.is_some()
     }
 
     pub fn specs(&self) -> &[TensorSpec] {

@@ -10,7 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fedtune_common::wire::{Payload, decode_le_vec};
+use fedtune_common::blocks::Blocks;
+use fedtune_common::wire::decode_le_vec;
 
 use super::AggregateError;
 use super::layout::Layout;
@@ -67,11 +68,11 @@ impl UpdateBuffer {
             .count()
     }
 
-    pub fn push(&mut self, delta: &Payload, num_examples: u64) -> Result<(), AggregateError> {
+    pub fn push(&mut self, delta: &dyn Blocks, num_examples: u64) -> Result<(), AggregateError> {
         let bytes = self.layout.len() as u64 * 4;
         let stored = if self.in_memory + bytes <= self.memory_budget {
             self.in_memory += bytes;
-            Stored::Memory(self.layout.flatten(delta))
+            Stored::Memory(self.layout.flatten(delta)?)
         } else {
             let spill = |source| AggregateError::Spill {
                 path: self.spill_dir.clone(),
@@ -80,11 +81,14 @@ impl UpdateBuffer {
             std::fs::create_dir_all(&self.spill_dir).map_err(spill)?;
             let file = tempfile::tempfile_in(&self.spill_dir).map_err(spill)?;
             file.set_len(bytes).map_err(spill)?;
-            for (range, data) in self.layout.place(delta) {
-                // Payload bytes are already little-endian f32: written as they are.
-                file.write_all_at(data, range.start as u64 * 4)
-                    .map_err(spill)?;
-            }
+            let mut written = Ok(());
+            self.layout.place(delta, &mut |range, data| {
+                // Update bytes are already little-endian f32: written as they are.
+                if written.is_ok() {
+                    written = file.write_all_at(data, range.start as u64 * 4);
+                }
+            })?;
+            written.map_err(spill)?;
             if self.spilled() == 0 {
                 tracing::info!(
                     "robust aggregation: updates past the {} MiB memory budget go to {}",

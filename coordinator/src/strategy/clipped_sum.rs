@@ -4,9 +4,12 @@
 
 use std::sync::{Arc, Mutex};
 
+use fedtune_common::blocks::Blocks;
 use fedtune_common::dp::clip::clip_factor;
 use fedtune_common::dp::noise::add_gaussian;
-use fedtune_common::wire::{Payload, decode_le};
+use fedtune_common::wire::decode_le;
+
+use super::mean::fold_le;
 use rand::rngs::StdRng;
 
 use super::layout::Layout;
@@ -38,16 +41,16 @@ impl Aggregator for ClippedSum {
     fn accept(
         &mut self,
         _source: &str,
-        delta: &Payload,
+        delta: &dyn Blocks,
         _num_examples: u64,
     ) -> Result<(), AggregateError> {
-        let norm = self
-            .layout
-            .place(delta)
-            .flat_map(|(_, bytes)| decode_le(bytes))
-            .map(|v| f64::from(v) * f64::from(v))
-            .sum::<f64>()
-            .sqrt();
+        let mut squares = 0.0f64;
+        self.layout.place(delta, &mut |_, bytes| {
+            squares += decode_le(bytes)
+                .map(|v| f64::from(v) * f64::from(v))
+                .sum::<f64>();
+        })?;
+        let norm = squares.sqrt();
         let factor = clip_factor(norm, self.clip);
         // Shaved so that rounding never leaves a clipped update above C.
         let f = if factor < 1.0 {
@@ -55,11 +58,10 @@ impl Aggregator for ClippedSum {
         } else {
             1.0
         };
-        for (range, bytes) in self.layout.place(delta) {
-            for (acc, d) in self.sum[range].iter_mut().zip(decode_le(bytes)) {
-                *acc += f * d;
-            }
-        }
+        let sum = &mut self.sum;
+        self.layout.place(delta, &mut |range, bytes| {
+            fold_le(&mut sum[range], bytes, f)
+        })?;
         if norm <= self.clip {
             self.tally
                 .lock()

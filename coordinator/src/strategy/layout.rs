@@ -4,8 +4,9 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
+use fedtune_common::blocks::Blocks;
 use fedtune_common::tensors::{NamedTensor, TensorError, TensorSet, TensorSpec};
-use fedtune_common::wire::{Payload, decode_le};
+use fedtune_common::wire::decode_le;
 
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -42,26 +43,30 @@ impl Layout {
         self.ranges.get(name).cloned()
     }
 
-    /// Each tensor of a verified payload with its place in the flat vector (tensors the layout
-    /// does not know are skipped: the round engine refused them before).
-    pub fn place<'a>(
-        &'a self,
-        delta: &'a Payload,
-    ) -> impl Iterator<Item = (Range<usize>, &'a [u8])> + 'a {
-        delta
-            .tensors()
-            .filter_map(|(spec, bytes)| self.range(&spec.name).map(|r| (r, bytes)))
+    /// Calls `f` with each block of a verified update and its place in the flat vector
+    /// (tensors the layout does not know are skipped: the round engine refused them before).
+    pub fn place(
+        &self,
+        delta: &dyn Blocks,
+        f: &mut dyn FnMut(Range<usize>, &[u8]),
+    ) -> std::io::Result<()> {
+        delta.for_each_block(&mut |spec, first, bytes| {
+            if let Some(r) = self.range(&spec.name) {
+                let start = r.start + first;
+                f(start..start + bytes.len() / 4, bytes);
+            }
+        })
     }
 
-    /// Decodes a verified payload into a flat vector.
-    pub fn flatten(&self, delta: &Payload) -> Vec<f32> {
+    /// Decodes a verified update into a flat vector.
+    pub fn flatten(&self, delta: &dyn Blocks) -> std::io::Result<Vec<f32>> {
         let mut flat = vec![0.0; self.len];
-        for (range, bytes) in self.place(delta) {
+        self.place(delta, &mut |range, bytes| {
             for (dst, v) in flat[range].iter_mut().zip(decode_le(bytes)) {
                 *dst = v;
             }
-        }
-        flat
+        })?;
+        Ok(flat)
     }
 
     /// `global[i] += scale * delta[i]` for every value.

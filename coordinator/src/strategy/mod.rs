@@ -37,8 +37,8 @@ pub mod server_opt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use fedtune_common::blocks::Blocks;
 use fedtune_common::tensors::{TensorError, TensorSet, TensorSpec};
-use fedtune_common::wire::Payload;
 
 use self::buffer::UpdateBuffer;
 use self::layout::Layout;
@@ -59,6 +59,8 @@ pub enum AggregateError {
         needed: usize,
         got: usize,
     },
+    #[error("cannot read an accepted update back: {0}")]
+    Read(#[from] std::io::Error),
     #[error("cannot spill buffered updates to {}: {source}", path.display())]
     Spill {
         path: PathBuf,
@@ -73,7 +75,7 @@ pub trait Aggregator: Send {
     fn accept(
         &mut self,
         source: &str,
-        delta: &Payload,
+        delta: &dyn Blocks,
         num_examples: u64,
     ) -> Result<(), AggregateError>;
 

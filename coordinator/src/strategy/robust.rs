@@ -12,7 +12,7 @@
 
 use super::buffer::UpdateBuffer;
 use super::{AggregateError, Aggregator};
-use fedtune_common::wire::Payload;
+use fedtune_common::blocks::Blocks;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rule {
@@ -42,7 +42,7 @@ impl Aggregator for Robust {
     fn accept(
         &mut self,
         source: &str,
-        delta: &Payload,
+        delta: &dyn Blocks,
         num_examples: u64,
     ) -> Result<(), AggregateError> {
         self.buffer.push(delta, num_examples)?;

@@ -2,7 +2,7 @@
 
 use super::*;
 use fedtune_common::tensors::NamedTensor;
-use fedtune_common::wire::{Assembler, EncodedTensors};
+use fedtune_common::wire::{Assembler, EncodedTensors, Payload};
 
 /// A model of two tensors: `a` (2 values) and `b` (1 value).
 pub(super) fn global(a: [f32; 2], b: f32) -> TensorSet {

@@ -4,8 +4,8 @@
 //! - `round.json`: the attempt (round, attempt, the checksum of the model it trains, the live
 //!   clients it was drawn from) and its tasks with the name of the client holding each;
 //!   written when the attempt opens;
-//! - `u<N>.safetensors`: each accepted update as it arrived, checksummed and synced **before**
-//!   the client hears Accepted;
+//! - `u<N>.safetensors`: each update, written while it arrives (`staged`), checked and synced
+//!   **before** the client hears Accepted; the aggregator folds it from there;
 //! - `accepted.jsonl`: one line per accepted update (task, client, examples, metrics, file),
 //!   appended and synced after its file: the line is the update's commit point. A torn last
 //!   line is an update whose client never heard Accepted; it re-sends it;
@@ -27,9 +27,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use fedtune_common::checkpoint;
 use fedtune_common::tensors::TensorSpec;
-use fedtune_common::wire::Payload;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
+
+mod staged;
+pub use staged::{StagedUpdate, StagedWriter};
 
 pub const JOURNAL_DIR: &str = "journal";
 const ROUND_FILE: &str = "round.json";
@@ -81,6 +83,29 @@ pub struct Journal {
     dir: PathBuf,
     accepted: Mutex<Option<File>>,
     next_file: AtomicU64,
+    next_trash: AtomicU64,
+    /// The threads deleting cleared folders: joined when the journal is dropped, so a
+    /// finished run leaves none behind.
+    removers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        for remover in std::mem::take(&mut *lock(&self.removers)) {
+            let _ = remover.join();
+        }
+    }
+}
+
+/// A cleared journal folder on its way out: `journal.cleared-<pid>-<n>`.
+const TRASH_SUFFIX: &str = ".cleared-";
+
+fn remove_trash(path: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!("cannot remove {}: {e}", path.display());
+    }
 }
 
 impl Journal {
@@ -89,12 +114,15 @@ impl Journal {
             dir: out.join(JOURNAL_DIR),
             accepted: Mutex::new(None),
             next_file: AtomicU64::new(1),
+            next_trash: AtomicU64::new(1),
+            removers: Mutex::new(Vec::new()),
         }
     }
 
     /// Starts the journal of a new attempt, replacing any earlier one.
     pub fn begin(&self, header: &AttemptHeader) -> anyhow::Result<()> {
         self.clear()?;
+        self.remove_leftovers();
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create {}", self.dir.display()))?;
         write_json_atomically(&self.dir.join(ROUND_FILE), header)?;
@@ -142,19 +170,14 @@ impl Journal {
         Ok(())
     }
 
-    /// Writes an update's tensors (synced); returns its file name. Called before the update
-    /// is counted, outside the coordinator's locks.
-    pub fn write_update(&self, update: &Payload) -> anyhow::Result<String> {
+    /// Starts the file of an update of `specs` (in the order they arrive) whose payload
+    /// hashes to `checksum`. Called when its upload starts, outside the coordinator's locks.
+    pub fn stage(&self, specs: &[TensorSpec], checksum: u64) -> anyhow::Result<StagedWriter> {
         let name = format!(
             "u{}.safetensors",
             self.next_file.fetch_add(1, Ordering::Relaxed)
         );
-        let tensors: Vec<(&str, &[usize], &[u8])> = update
-            .tensors()
-            .map(|(spec, bytes)| (spec.name.as_str(), spec.shape.as_slice(), bytes))
-            .collect();
-        checkpoint::save_le(&tensors, HashMap::new(), &self.dir.join(&name))?;
-        Ok(name)
+        StagedWriter::create(&self.dir, name, specs, checksum)
     }
 
     /// Removes an update file whose update was not counted after all.
@@ -188,12 +211,42 @@ impl Journal {
 
     /// Removes the journal: the round it held was checkpointed, or will run again from the
     /// start.
+    ///
+    /// The folder is renamed away at once and deleted on another thread: unlinking a round's
+    /// update files (hundreds of megabytes each) would otherwise hold up the next round.
+    /// Folders left by a crash in between are deleted when the next journal starts.
     pub fn clear(&self) -> anyhow::Result<()> {
         *lock(&self.accepted) = None;
-        match std::fs::remove_dir_all(&self.dir) {
-            Ok(()) => Ok(()),
+        let n = self.next_trash.fetch_add(1, Ordering::Relaxed);
+        let trash = self.dir.with_file_name(format!(
+            "{JOURNAL_DIR}{TRASH_SUFFIX}{}-{n}",
+            std::process::id()
+        ));
+        match std::fs::rename(&self.dir, &trash) {
+            Ok(()) => {
+                let mut removers = lock(&self.removers);
+                removers.retain(|r| !r.is_finished());
+                removers.push(std::thread::spawn(move || remove_trash(&trash)));
+                Ok(())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot remove {}", self.dir.display())),
+        }
+    }
+
+    /// Deletes journal folders that an earlier process set aside but did not finish deleting.
+    fn remove_leftovers(&self) {
+        let Some(out) = self.dir.parent() else { return };
+        let Ok(entries) = std::fs::read_dir(out) else {
+            return;
+        };
+        let own = format!("{JOURNAL_DIR}{TRASH_SUFFIX}{}-", std::process::id());
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{JOURNAL_DIR}{TRASH_SUFFIX}")) && !name.starts_with(&own)
+            {
+                remove_trash(&e.path());
+            }
         }
     }
 
@@ -252,30 +305,13 @@ impl Journal {
         }))
     }
 
-    /// An accepted update's tensors, checked against its checksum and the update's tensors.
+    /// An accepted update's file, checked against its checksum and the update's tensors.
     pub fn read_update(
         &self,
         accepted: &Accepted,
         specs: &[TensorSpec],
-    ) -> anyhow::Result<Payload> {
-        let path = self.dir.join(&accepted.file);
-        let (set, _) = checkpoint::load(&path)?;
-        set.check_matches(specs)
-            .with_context(|| format!("{} does not hold an update of this model", path.display()))?;
-        let mut bytes = Vec::with_capacity(specs.iter().map(|s| s.num_elements() * 4).sum());
-        for spec in specs {
-            let t = set
-                .get(&spec.name)
-                .with_context(|| format!("{}: no tensor `{}`", path.display(), spec.name))?;
-            for v in &t.data {
-                bytes.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        Ok(Payload {
-            manifest: Default::default(),
-            specs: specs.to_vec(),
-            bytes,
-        })
+    ) -> anyhow::Result<StagedUpdate> {
+        StagedUpdate::open(&self.dir.join(&accepted.file), specs)
     }
 }
 
@@ -356,7 +392,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedtune_common::blocks::Blocks;
     use fedtune_common::tensors::{NamedTensor, TensorSet};
+    use fedtune_common::wire::Payload;
 
     fn model() -> TensorSet {
         TensorSet::new(vec![
@@ -399,16 +437,34 @@ mod tests {
         }
     }
 
-    fn accept(j: &Journal, task: &str, v: f32) {
-        let file = j.write_update(&update(v)).unwrap();
+    /// Stages an update as an upload does, in pieces that do not fall on value boundaries.
+    fn stage(j: &Journal, u: &Payload) -> StagedUpdate {
+        let checksum = xxhash_rust::xxh3::xxh3_64(&u.bytes);
+        let mut w = j.stage(&u.specs, checksum).unwrap();
+        for piece in u.bytes.chunks(7) {
+            w.write(piece).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn read_back(u: &dyn Blocks) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        u.for_each_block(&mut |_, _, b| bytes.extend_from_slice(b))
+            .unwrap();
+        bytes
+    }
+
+    fn accept(j: &Journal, task: &str, v: f32) -> String {
+        let file = stage(j, &update(v)).file_name().to_string();
         j.record(&Accepted {
             task_id: task.into(),
             client: task.into(),
             num_examples: 3,
             metrics: HashMap::new(),
-            file,
+            file: file.clone(),
         })
         .unwrap();
+        file
     }
 
     #[test]
@@ -422,7 +478,45 @@ mod tests {
         assert_eq!(back.accepted.len(), 1);
         assert!(back.closed.is_none());
         let u = j.read_update(&back.accepted[0], &model().specs()).unwrap();
-        assert_eq!(u.bytes, update(0.25).bytes);
+        assert_eq!(read_back(&u), update(0.25).bytes);
+    }
+
+    #[test]
+    fn an_update_file_whose_data_changed_is_refused_at_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        j.begin(&header(2, M)).unwrap();
+        let file = accept(&j, "r2-a", 0.25);
+        let path = dir.path().join(JOURNAL_DIR).join(&file);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let back = j.load(2, M).unwrap().expect("a journal");
+        let err = j
+            .read_update(&back.accepted[0], &model().specs())
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("does not match its checksum"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn an_upload_that_breaks_off_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        j.begin(&header(2, M)).unwrap();
+        let u = update(1.0);
+        let mut w = j.stage(&u.specs, 0).unwrap();
+        w.write(&u.bytes[..10]).unwrap();
+        drop(w);
+        let files: Vec<_> = std::fs::read_dir(dir.path().join(JOURNAL_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('u'))
+            .collect();
+        assert!(files.is_empty(), "{files:?}");
     }
 
     #[test]

@@ -1,11 +1,16 @@
-"""Times one training step of fedtune's built-in CNN in PyTorch and in fedtune (burn + libtorch)
-on the same GPU, and prints both and their ratio.
+"""Times one training step of fedtune's built-in CNN in PyTorch (eager) and in fedtune on the same
+device, and prints both and their ratio against the target.
+
+  --device cuda:0: fedtune on `cuda:0` (burn + libtorch) against PyTorch on the GPU (target 1.2x);
+  --device cpu: fedtune on `libtorch` (target 1.2x) and on `flex` (pure Rust, target 2x)
+                against PyTorch on the CPU. A fedtune device the binary was not built for is
+                reported as such.
 
 The PyTorch model mirrors fedtune's `cnn` (common/src/models/cnn.rs): conv 3x3 (16, same) ->
 ReLU -> max-pool 2 -> conv 3x3 (32, same) -> ReLU -> max-pool 2 -> linear 1568->128 -> ReLU ->
 dropout 0.1 -> linear 128->10; Adam (lr 1e-3), cross-entropy. Each step does what fedtune's
 does: copy a normalised batch from host memory to the GPU, forward, backward, optimiser step, and
-read the loss back (which synchronises).
+read the loss back (which synchronises). Both sides use the machine's default thread count.
 """
 import argparse
 import gzip
@@ -43,8 +48,9 @@ class Cnn(nn.Module):
         return self.fc2(x)
 
 
-def torch_step_ms(images, labels, batch, steps, warmup=5):
-    dev = torch.device("cuda:0")
+def torch_step_ms(images, labels, batch, steps, device, warmup=5):
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     model = Cnn().to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -63,21 +69,22 @@ def torch_step_ms(images, labels, batch, steps, warmup=5):
 
     for i in range(warmup):
         step(i)
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for i in range(steps):
         step(warmup + i)
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) * 1e3 / steps
 
 
-def fedtune_step_ms(binary, data, batches, steps):
+def fedtune_step_ms(binary, data, batches, steps, device):
     run = subprocess.run(
-        [binary, "bench-step", "--data", data, "--model", "cnn", "--device", "cuda:0",
+        [binary, "bench-step", "--data", data, "--model", "cnn", "--device", device,
          "--batch-sizes", ",".join(map(str, batches)), "--steps", str(steps)],
         capture_output=True, text=True)
     if run.returncode != 0:
-        raise SystemExit(f"fedtune bench-step failed ({run.returncode}):\n{run.stderr}")
+        print(f"fedtune on {device}: not measured ({run.stderr.strip().splitlines()[-1:]})")
+        return {}
     out = run.stdout
     print(out.strip())
     return {int(b): float(ms) for b, ms in re.findall(r"batch=(\d+) steps=\d+ mean_ms=([\d.]+)", out)}
@@ -89,18 +96,28 @@ def main():
     ap.add_argument("--data", required=True)
     ap.add_argument("--batch-sizes", default="64,256")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--device", default="cuda:0", help="cuda:N or cpu")
     a = ap.parse_args()
     batches = [int(b) for b in a.batch_sizes.split(",")]
     images = read_idx(f"{a.data}/train-images-idx3-ubyte.gz")
     labels = read_idx(f"{a.data}/train-labels-idx1-ubyte.gz")
-    fed = fedtune_step_ms(a.fedtune, a.data, batches, a.steps)
-    print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    print(f"{'batch':>6} {'fedtune ms/step':>16} {'pytorch ms/step':>16} {'fedtune/pytorch':>16}")
+    if a.device == "cpu":
+        targets = {"libtorch": 1.2, "flex": 2.0}
+        print(f"CPU: {torch.get_num_threads()} threads, torch {torch.__version__}")
+    else:
+        targets = {a.device: 1.2}
+        print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    fed = {d: fedtune_step_ms(a.fedtune, a.data, batches, a.steps, d) for d in targets}
+    print(f"{'batch':>6} {'fedtune device':>15} {'fedtune ms/step':>16} {'pytorch ms/step':>16} {'fedtune/pytorch':>16}  target")
+    status = 0
     for b in batches:
-        t = torch_step_ms(images, labels, b, a.steps)
-        f = fed.get(b, float("nan"))
-        print(f"{b:>6} {f:>16.3f} {t:>16.3f} {f / t:>16.2f}")
+        t = torch_step_ms(images, labels, b, a.steps, a.device)
+        for d, limit in targets.items():
+            f = fed[d].get(b, float("nan"))
+            verdict = "PASS" if f / t <= limit else ("not measured" if f != f else "SHORT")
+            print(f"{b:>6} {d:>15} {f:>16.3f} {t:>16.3f} {f / t:>16.2f}  <= {limit} {verdict}")
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
