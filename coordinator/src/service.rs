@@ -279,7 +279,8 @@ impl FederationRpc for FederationService {
         // From here on, an RPC dropped before the upload is committed or refused (its
         // connection closed while it waited) gives the task back to its client.
         let mut ticket = Guarded::new(self.engine.clone(), ticket);
-        // At most UPLOAD_SLOTS updates are staged at once: memory stays O(model).
+        // At most UPLOAD_SLOTS uploads are received at once: masked ones are assembled in
+        // memory, plain ones keep a few chunks in flight to their journal file.
         let _slot = self
             .engine
             .upload_slots

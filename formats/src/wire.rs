@@ -67,11 +67,7 @@ impl EncodedTensors {
         model_version: u64,
         chunk_size: usize,
     ) -> Result<Self, WireError> {
-        if chunk_size == 0 || chunk_size > MAX_CHUNK_BYTES {
-            return Err(WireError::BadChunkSize(
-                chunk_size.min(u32::MAX as usize) as u32
-            ));
-        }
+        check_chunk_size(chunk_size)?;
         let mut payload = Vec::with_capacity(set.byte_len());
         for t in set.tensors() {
             extend_le(&mut payload, &t.data);
@@ -110,11 +106,7 @@ impl EncodedTensors {
         model_version: u64,
         chunk_size: usize,
     ) -> Result<Self, WireError> {
-        if chunk_size == 0 || chunk_size > MAX_CHUNK_BYTES {
-            return Err(WireError::BadChunkSize(
-                chunk_size.min(u32::MAX as usize) as u32
-            ));
-        }
+        check_chunk_size(chunk_size)?;
         let mut chunks = Vec::new();
         let mut whole = Xxh3::new();
         let mut offset = 0u64;
@@ -197,6 +189,15 @@ impl AsRef<[u8]> for TensorBytes {
         let values: &[f32] = &self.set.tensors()[self.index].data;
         &bytemuck::cast_slice(values)[self.range.clone()]
     }
+}
+
+fn check_chunk_size(chunk_size: usize) -> Result<(), WireError> {
+    if chunk_size == 0 || chunk_size > MAX_CHUNK_BYTES {
+        return Err(WireError::BadChunkSize(
+            chunk_size.min(u32::MAX as usize) as u32
+        ));
+    }
+    Ok(())
 }
 
 fn tensor_info(t: &NamedTensor) -> pb::TensorInfo {

@@ -205,20 +205,18 @@ pub fn targets(host: &Host, cells: &[Cell]) -> Vec<Target> {
                 met: ratio >= 0.5,
             });
         }
-        let coord_limit = 2.0 * c.model_bytes as f64 + 100.0 * MIB;
-        out.push(Target {
-            what: format!("{name}: coordinator peak RSS ≤ 2 × model + 100 MiB (MiB)"),
-            measured: c.coordinator_rss_bytes as f64 / MIB,
-            limit: coord_limit / MIB,
-            met: (c.coordinator_rss_bytes as f64) <= coord_limit,
-        });
-        let client_limit = 2.5 * c.model_bytes as f64 + 100.0 * MIB;
-        out.push(Target {
-            what: format!("{name}: client peak RSS ≤ 2.5 × model + 100 MiB (MiB)"),
-            measured: c.client_rss_bytes as f64 / MIB,
-            limit: client_limit / MIB,
-            met: (c.client_rss_bytes as f64) <= client_limit,
-        });
+        let rss = |who: &str, factor: f64, peak: u64| {
+            let limit = (factor * c.model_bytes as f64) / MIB + 100.0;
+            let measured = peak as f64 / MIB;
+            Target {
+                what: format!("{name}: {who} peak RSS ≤ {factor} × model + 100 MiB (MiB)"),
+                measured,
+                limit,
+                met: measured <= limit,
+            }
+        };
+        out.push(rss("coordinator", 2.0, c.coordinator_rss_bytes));
+        out.push(rss("client", 2.5, c.client_rss_bytes));
     }
     out
 }

@@ -62,7 +62,9 @@ pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
 const WAIT_LOG_EVERY: Duration = Duration::from_secs(5);
 /// After the last round, how long to keep answering so that clients learn the run is over.
 const FINISH_GRACE: Duration = Duration::from_secs(10);
-/// Uploads staged at once; each holds one model-sized buffer, so this bounds memory.
+/// Uploads received at once. A masked (secure aggregation) upload is assembled in memory, so
+/// this bounds memory there; plain uploads stream to their journal file, and this bounds the
+/// disk writers and what waiting clients park in HTTP/2 buffers.
 pub const UPLOAD_SLOTS: usize = 2;
 /// Batch size clients use to evaluate the global model.
 const EVAL_BATCH: u32 = 256;

@@ -43,25 +43,50 @@ impl Federation {
         if let Some(c) = st.clients.by_id_mut(&issued.client_id) {
             c.upload = Some(progress.clone());
         }
-        if let Some(s) = &open.secagg {
-            let masked = Self::masked_upload_check(s, task, &issued, &claim, open.model_version)?;
-            return Ok(Ok(UploadTicket {
-                task_id,
-                serial: issued.serial,
-                round: issued.round,
-                client_id: issued.client_id,
-                client_name,
-                num_examples: claim.num_examples,
-                metrics: claim.metrics,
-                stats: open.stats.clone(),
-                progress,
-                masked: Some(masked),
-            }));
+        let masked = match &open.secagg {
+            Some(s) => Some(Self::masked_upload_check(
+                s,
+                task,
+                &issued,
+                &claim,
+                open.model_version,
+            )?),
+            None => None,
+        };
+        if masked.is_none()
+            && let Some(duplicate) =
+                Self::admit_plain(task, &issued, &claim, open.model_version, &task_id)?
+        {
+            return Ok(Err(duplicate));
         }
-        let invalid = if claim.model_version != open.model_version {
+        Ok(Ok(UploadTicket {
+            task_id,
+            serial: issued.serial,
+            round: issued.round,
+            client_id: issued.client_id,
+            client_name,
+            num_examples: claim.num_examples,
+            metrics: claim.metrics,
+            stats: open.stats.clone(),
+            progress,
+            masked,
+        }))
+    }
+
+    /// A plain update's header against its task: the model version, examples and metrics it
+    /// claims (a bad one fails the task: it would fail the same way again), and the task's
+    /// state (already uploading or failed: refused; reported: a duplicate, `Some`).
+    fn admit_plain(
+        task: &mut TaskState,
+        issued: &Issued,
+        claim: &UpdateClaim,
+        model_version: u64,
+        task_id: &str,
+    ) -> Result<Option<SubmitOutcome>, Refusal> {
+        let invalid = if claim.model_version != model_version {
             Some(format!(
-                "computed against model version {}, the round's is {}",
-                claim.model_version, open.model_version
+                "computed against model version {}, the round's is {model_version}",
+                claim.model_version
             ))
         } else if claim.num_examples == 0 {
             Some("num_examples is 0; an update must come from at least one example".to_string())
@@ -72,6 +97,7 @@ impl Federation {
                 .find(|(_, v)| !v.is_finite())
                 .map(|(k, v)| format!("metric `{k}` is not finite ({v})"))
         };
+        let task_id = task_id.to_string();
         if let Some(reason) = invalid
             && task.status == TaskStatus::Assigned
         {
@@ -84,32 +110,19 @@ impl Federation {
             return Err(Refusal::InvalidUpdate { task_id, reason });
         }
         match &task.status {
-            TaskStatus::Uploading => return Err(Refusal::UploadInProgress(task_id)),
-            TaskStatus::Failed(reason) => {
-                return Err(Refusal::TaskFailed {
-                    task_id,
-                    reason: reason.clone(),
-                });
+            TaskStatus::Uploading => Err(Refusal::UploadInProgress(task_id)),
+            TaskStatus::Failed(reason) => Err(Refusal::TaskFailed {
+                task_id,
+                reason: reason.clone(),
+            }),
+            TaskStatus::Reported => Ok(Some(SubmitOutcome::Duplicate {
+                round: issued.round,
+            })),
+            TaskStatus::Assigned => {
+                task.status = TaskStatus::Uploading;
+                Ok(None)
             }
-            TaskStatus::Reported => {
-                return Ok(Err(SubmitOutcome::Duplicate {
-                    round: issued.round,
-                }));
-            }
-            TaskStatus::Assigned => task.status = TaskStatus::Uploading,
         }
-        Ok(Ok(UploadTicket {
-            task_id,
-            serial: issued.serial,
-            round: issued.round,
-            client_id: issued.client_id,
-            client_name,
-            num_examples: claim.num_examples,
-            metrics: claim.metrics,
-            stats: open.stats.clone(),
-            progress,
-            masked: None,
-        }))
     }
 
     /// An upload that did not complete: `failure` marks the task failed for the round (invalid
