@@ -423,10 +423,6 @@ impl FederationRpc for FederationService {
                     self.engine.staging_failed(ticket.take(), &e),
                 ));
             }
-            Err(StageFailure::Abandoned) => {
-                self.engine.abort_upload(ticket.take(), None);
-                return Err(Status::internal("the upload was abandoned"));
-            }
         };
         let staged_at = std::time::Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {

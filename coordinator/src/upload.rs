@@ -25,15 +25,14 @@ pub enum StageFailure {
     NonFinite(TensorError),
     /// The journal file could not be written: the coordinator's fault; the client may retry.
     Io(anyhow::Error),
-    /// The upload was given up (a broken stream, a bad chunk).
-    Abandoned,
 }
 
 /// An upload being staged to its journal file.
 pub struct Staging {
     tx: mpsc::Sender<Bytes>,
     abandoned: Arc<AtomicBool>,
-    writer: JoinHandle<Result<StagedUpdate, StageFailure>>,
+    /// `None`: the upload was abandoned (its file removed).
+    writer: JoinHandle<Result<Option<StagedUpdate>, StageFailure>>,
 }
 
 impl Staging {
@@ -50,9 +49,9 @@ impl Staging {
             }
             if given_up.load(Ordering::Acquire) {
                 // Dropping the unfinished file removes it.
-                return Err(StageFailure::Abandoned);
+                return Ok(None);
             }
-            file.finish().map_err(StageFailure::Io)
+            file.finish().map(Some).map_err(StageFailure::Io)
         });
         Self {
             tx,
@@ -70,11 +69,17 @@ impl Staging {
     /// Every chunk arrived and the payload checked out: the synced file, or why not.
     pub async fn finish(self) -> Result<StagedUpdate, StageFailure> {
         drop(self.tx);
-        self.writer.await.unwrap_or_else(|e| {
-            Err(StageFailure::Io(anyhow::anyhow!(
+        match self.writer.await {
+            Ok(Ok(Some(staged))) => Ok(staged),
+            Ok(Err(e)) => Err(e),
+            // Only `abandon` sets the flag, and it consumes the staging.
+            Ok(Ok(None)) => Err(StageFailure::Io(anyhow::anyhow!(
+                "the upload was abandoned"
+            ))),
+            Err(e) => Err(StageFailure::Io(anyhow::anyhow!(
                 "journal writer failed: {e}"
-            )))
-        })
+            ))),
+        }
     }
 
     /// The upload failed: its file is removed.

@@ -420,17 +420,7 @@ impl Payload {
 
     /// Checks that every value is finite, naming the first tensor and index that is not.
     pub fn check_finite(&self) -> Result<(), TensorError> {
-        for (spec, bytes) in self.tensors() {
-            if let Some((index, value)) = decode_le(bytes).enumerate().find(|(_, v)| !v.is_finite())
-            {
-                return Err(TensorError::NonFinite {
-                    name: spec.name.clone(),
-                    index,
-                    value,
-                });
-            }
-        }
-        Ok(())
+        crate::blocks::FiniteCheck::new(&self.specs).feed(&self.bytes)
     }
 
     pub fn into_tensor_set(self) -> Result<TensorSet, WireError> {

@@ -71,6 +71,27 @@ fn reap(child: &Child) -> anyhow::Result<Reaped> {
     })
 }
 
+/// A cell's processes: killed and reaped if the cell ends before they were reaped (an error
+/// starting one of them, or a failed coordinator), so no federation outlives its cell.
+struct Procs(Vec<Child>);
+
+impl Procs {
+    fn kill_all(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        self.kill_all();
+        for child in &mut self.0 {
+            let _ = child.wait();
+        }
+    }
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -103,6 +124,8 @@ pub fn run(setup: &Setup, params: u64, clients: usize) -> anyhow::Result<Cell> {
         .arg(format!("synthetic:{params}"))
         .args(["--rounds", &setup.rounds.to_string()])
         .args(["--min-clients", &clients.to_string()])
+        // Clients that never come (they failed to start) end the cell in a minute, not 30.
+        .args(["--available-timeout", "60s"])
         .arg("--out")
         .arg(&out)
         .args(&setup.serve_args)
@@ -111,7 +134,7 @@ pub fn run(setup: &Setup, params: u64, clients: usize) -> anyhow::Result<Cell> {
         .stderr(log("coordinator.log")?)
         .spawn()
         .with_context(|| format!("cannot start {}", setup.coordinator.display()))?;
-    let mut client_procs = Vec::with_capacity(clients);
+    let mut procs = Procs(vec![coordinator]);
     for i in 1..=clients {
         let child = Command::new(&setup.client)
             .args(["run", "--insecure", "--coordinator"])
@@ -123,10 +146,15 @@ pub fn run(setup: &Setup, params: u64, clients: usize) -> anyhow::Result<Cell> {
             .stderr(log(&format!("client{i}.log"))?)
             .spawn()
             .with_context(|| format!("cannot start {}", setup.client.display()))?;
-        client_procs.push(child);
+        procs.0.push(child);
     }
-    let coord = reap(&coordinator)?;
-    let reaped: Vec<Reaped> = client_procs.iter().map(reap).collect::<Result<_, _>>()?;
+    let coord = reap(&procs.0[0])?;
+    if !coord.ok {
+        // Its clients would retry for minutes: the cell has failed already.
+        procs.kill_all();
+    }
+    let reaped: Vec<Reaped> = procs.0[1..].iter().map(reap).collect::<Result<_, _>>()?;
+    procs.0.clear();
     if !coord.ok {
         bail!(
             "the coordinator of synthetic:{params} × {clients} failed; its log ({}) ends:\n{}",

@@ -183,8 +183,12 @@ impl StagedUpdate {
             ));
         }
         tensors.sort_by_key(|(o, _)| *o);
+        let (offsets, specs): (Vec<[u64; 2]>, Vec<TensorSpec>) = tensors.into_iter().unzip();
+        // The model's own names and shapes first: sizes computed below come from those.
+        check_specs(&specs, want)
+            .with_context(|| format!("{} does not hold an update of this model", path.display()))?;
         let mut end = 0;
-        for (o, s) in &tensors {
+        for (o, s) in offsets.iter().zip(&specs) {
             if o[0] != end || o[1] != o[0] + s.num_elements() as u64 * 4 {
                 bail!(
                     "{}: tensor `{}` is not where it should be",
@@ -202,9 +206,6 @@ impl StagedUpdate {
                 8 + n + end
             );
         }
-        let specs: Vec<TensorSpec> = tensors.into_iter().map(|(_, s)| s).collect();
-        check_specs(&specs, want)
-            .with_context(|| format!("{} does not hold an update of this model", path.display()))?;
         let update = Self {
             path: path.to_path_buf(),
             name: path
