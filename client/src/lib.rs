@@ -14,6 +14,7 @@
 pub mod attack;
 pub mod bench;
 pub mod cli;
+pub mod error_feedback;
 mod evaluate_task;
 pub mod fine_tune;
 pub mod frozen_cache;

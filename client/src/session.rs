@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use fedtune_common::codec::Codec;
 use fedtune_common::device::DeviceChoice;
 use fedtune_common::logging::NET;
 use fedtune_common::spec_wire;
-use fedtune_common::wire::{EncodedTensors, MAX_CHUNK_BYTES, Payload};
+use fedtune_common::wire::Payload;
 use fedtune_proto::federation_client::FederationClient;
 use fedtune_proto::{self as pb, task::Kind};
 use tonic::service::interceptor::InterceptedService;
@@ -20,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::attack::Attack;
 use crate::connection::{Backoff, endpoint, refused, transient};
+use crate::error_feedback::ErrorFeedback;
 use crate::evaluate_task::{EvalData, evaluate_round};
 use crate::fine_tune::{self, LocalUpdate, Split};
 use crate::frozen_cache::FrozenCache;
@@ -146,6 +148,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     let mut report = RunReport::default();
     let mut session: Option<Session> = None;
     let mut frozen_cache = FrozenCache::default();
+    let mut feedback = ErrorFeedback::default();
     // A task the coordinator sent while this client was inside secure aggregation.
     let mut handed_back: Option<pb::Task> = None;
     // An update not delivered because the coordinator was away: sent again first.
@@ -216,7 +219,11 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
         match task.kind {
             Some(Kind::Train(t)) => {
                 let round = t.round;
-                match train_round(s, t, &opts, data.as_ref(), &mut frozen_cache).await {
+                let held = Held {
+                    frozen: &mut frozen_cache,
+                    feedback: &mut feedback,
+                };
+                match train_round(s, t, &opts, data.as_ref(), held).await {
                     Ok((accepted, next)) => {
                         report.rounds_trained += 1;
                         report.updates_accepted += u64::from(accepted);
@@ -320,16 +327,25 @@ fn after_task_error(
 /// One Train task: download, fine-tune (heartbeating), upload (or, under secure aggregation,
 /// take part in its steps). Returns whether the update was counted, and a task the
 /// coordinator sent instead of the next secure step, if it did.
+/// What a client keeps between rounds.
+struct Held<'a> {
+    frozen: &'a mut FrozenCache,
+    feedback: &'a mut ErrorFeedback,
+}
+
 async fn train_round(
     s: &mut Session,
     task: pb::TrainTask,
     opts: &ClientOptions,
     data: Option<&LocalData>,
-    cache: &mut FrozenCache,
+    held: Held<'_>,
 ) -> anyhow::Result<(bool, Option<pb::Task>)> {
+    let cache = held.frozen;
     let spec_pb = task.model.clone().context("train task without a model")?;
     let spec = spec_wire::from_pb(&spec_pb)
         .context("coordinator asked for a model this client cannot build")?;
+    let codec = Codec::from_proto(task.upload.as_ref())
+        .context("the coordinator asked for an update encoding this client cannot produce")?;
     // Heartbeats from download to upload, so a long transfer or training is never taken for
     // a dead client.
     let (training_tx, training_rx) = tokio::sync::watch::channel(None);
@@ -352,7 +368,8 @@ async fn train_round(
     .await?;
     fedtune_common::crash_point::reached("train");
     let (bytes_down, download_s) = (
-        payload.bytes.len() as u64,
+        // As it travelled (compressed or not).
+        payload.manifest.total_bytes,
         download_started.elapsed().as_secs_f64(),
     );
     // The coordinator's order of the trainable tensors: a masked update is one flat vector.
@@ -482,21 +499,19 @@ async fn train_round(
             }
         });
     }
-    // The chunks are views of the delta itself: no second model-sized copy.
-    let encoded = EncodedTensors::share(
-        &std::sync::Arc::new(delta),
-        |_| true,
-        task.model_version,
-        MAX_CHUNK_BYTES,
-    )?;
+    let update = tokio::task::block_in_place(|| {
+        held.feedback
+            .encode(delta, codec, task.model_version, &opts.name)
+    })?;
     let upload_started = std::time::Instant::now();
     let (accepted, bytes_up, message) =
-        match upload(s, &task, &encoded, num_examples, &metrics).await {
+        match upload(s, &task, &update.encoded, num_examples, &metrics).await {
             Ok(r) => r,
             Err(e) => {
+                // Sent again later; what top-k left behind this time is not carried.
                 let pending = PendingUpload {
                     task,
-                    encoded,
+                    encoded: update.encoded,
                     num_examples,
                     metrics,
                     resent: 0,
@@ -505,10 +520,23 @@ async fn train_round(
             }
         };
     let upload_s = upload_started.elapsed().as_secs_f64();
+    let codec = update.codec;
+    if accepted {
+        held.feedback.counted(update);
+    }
+    let up_codec = match codec {
+        Codec::F32 => String::new(),
+        // What error feedback carries to the next round: visible, so it can be watched.
+        Codec::TopK(_) => format!(
+            " {codec} (unsent values carried: norm {:.4})",
+            held.feedback.carried_norm()
+        ),
+        c => format!(" {c}"),
+    };
     let m = |k: &str| metrics.get(k).copied();
     let fmt = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| format!("{v:.d$}"));
     info!(
-        "{} ({}) round {} | down {:.2} MB in {:.1} s | {} epochs on {} examples in {:.1} s | train loss {} | val loss {} acc {} f1 {} | up {:.2} MB in {:.1} s | {}",
+        "{} ({}) round {} | down {:.2} MB in {:.1} s | {} epochs on {} examples in {:.1} s | train loss {} | val loss {} acc {} f1 {} | up {:.2} MB{up_codec} in {:.1} s | {}",
         opts.name,
         s.client_id,
         task.round,

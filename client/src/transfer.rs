@@ -207,7 +207,9 @@ pub(crate) async fn try_download(
         match frame {
             pb::ModelFrame {
                 frame: Some(model_frame::Frame::Chunk(c)),
-            } => asm.push(&c)?,
+            } => {
+                asm.push(&c)?;
+            }
             _ => bail!("unexpected frame in the model stream"),
         }
     }

@@ -1,8 +1,8 @@
 //! What the coordinator and the client share.
 //!
 //! - [`tensors`]: named flat tensors, the currency between burn, the wire and aggregation.
-//! - [`wire`], [`spec_wire`]: the chunked tensor codec and the model spec on the wire (the only
-//!   modules that see gRPC types).
+//! - [`wire`], [`codec`], [`spec_wire`]: the chunked tensor codec, its compressed encodings and
+//!   the model spec on the wire (the only modules that see gRPC types).
 //! - [`params`]: burn modules <-> named tensors.
 //! - [`models`], [`data`], [`metrics`], [`train`], [`optim`], [`augment`], [`proximal`]: the ML
 //!   side; none of it knows about gRPC.
@@ -14,7 +14,7 @@
 //!   client's and the coordinator's side), without transport.
 
 pub mod augment;
-pub use fedtune_formats::{blocks, checkpoint, pretrained, tensors, wire};
+pub use fedtune_formats::{blocks, checkpoint, codec, pretrained, tensors, wire};
 pub mod crash_point;
 pub mod data;
 pub mod device;

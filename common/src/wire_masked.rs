@@ -47,6 +47,11 @@ pub fn masked_assembler(mut manifest: pb::Manifest, words: usize) -> Result<Asse
             t.name, t.dtype, t.shape
         )));
     }
+    if crate::codec::Codec::from_proto(manifest.compression.as_ref())? != crate::codec::Codec::F32 {
+        return Err(WireError::NotMasked(
+            "a compressed payload; a masked update travels as raw u32 words".to_string(),
+        ));
+    }
     // From here on the 4-byte values are handled as opaque words.
     manifest.tensors[0].dtype = pb::DType::DtypeF32 as i32;
     manifest_specs(&manifest)?;

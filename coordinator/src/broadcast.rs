@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use fedtune_common::codec::Codec;
 use fedtune_common::tensors::TensorSet;
 use fedtune_common::wire::{EncodedTensors, MAX_CHUNK_BYTES};
 
@@ -15,15 +16,23 @@ pub struct Broadcast {
 }
 
 impl Broadcast {
-    /// The broadcast of `global` without copying it: chunks are views of its tensors, so the
-    /// global model and what every client downloads are one copy in memory.
-    pub fn share(global: &Arc<TensorSet>, version: u64, frozen: &[String]) -> anyhow::Result<Self> {
-        let full = Arc::new(EncodedTensors::share(
-            global,
-            |_| true,
-            version,
-            MAX_CHUNK_BYTES,
-        )?);
+    /// The broadcast of `global`. In raw f32 it copies nothing: chunks are views of its
+    /// tensors, so the global model and what every client downloads are one copy in memory.
+    /// Compressed (`codec` fp16 or bf16), it is encoded once into a buffer of its own.
+    pub fn share(
+        global: &Arc<TensorSet>,
+        version: u64,
+        frozen: &[String],
+        codec: Codec,
+    ) -> anyhow::Result<Self> {
+        let encode = |keep: &dyn Fn(&str) -> bool| {
+            if codec == Codec::F32 {
+                EncodedTensors::share(global, keep, version, MAX_CHUNK_BYTES)
+            } else {
+                EncodedTensors::compress(global, keep, codec, version, MAX_CHUNK_BYTES)
+            }
+        };
+        let full = Arc::new(encode(&|_| true)?);
         if frozen.is_empty() {
             return Ok(Self {
                 full,
@@ -34,13 +43,9 @@ impl Broadcast {
         let is_frozen = |n: &str| frozen.iter().any(|f| f == n);
         Ok(Self {
             full,
-            trainable: Some(Arc::new(EncodedTensors::share(
-                global,
-                |n| !is_frozen(n),
-                version,
-                MAX_CHUNK_BYTES,
-            )?)),
-            frozen_hash: global.content_hash_of(is_frozen),
+            trainable: Some(Arc::new(encode(&|n| !is_frozen(n))?)),
+            // What clients hold is the frozen tensors as they arrive: rounded by the codec.
+            frozen_hash: global.content_hash_as(is_frozen, |v| codec.round(v)),
         })
     }
 

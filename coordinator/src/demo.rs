@@ -114,6 +114,9 @@ pub struct DemoArgs {
     /// Secure aggregation (see `serve --secure-aggregation`).
     #[command(flatten)]
     pub secure_agg: crate::config::SecureAggArgs,
+    /// Update and broadcast compression (see `serve --compress-up`, `--compress-down`).
+    #[command(flatten)]
+    pub compression: crate::config::CompressionArgs,
     /// Device of the clients: flex, libtorch or cuda:N.
     #[arg(long, default_value = "flex")]
     pub device: String,
@@ -271,6 +274,7 @@ pub(crate) fn serve_args(args: &DemoArgs, recipe: Recipe) -> anyhow::Result<Serv
         fraction_fit: Some(args.fraction_fit),
         privacy: args.privacy.clone(),
         secure_agg: args.secure_agg.clone(),
+        compression: args.compression.clone(),
         log_format: Some(LogFormat::Text),
         seed: Some(args.seed),
         // Each demo is a new federation; an earlier one in `--out` is moved aside.

@@ -46,6 +46,13 @@ pub struct RoundRecord {
     /// evaluation broadcast.
     pub bytes_down: u64,
     pub bytes_up: u64,
+    /// What the same transfers carried as raw f32: equal to `bytes_down` / `bytes_up` unless
+    /// they travel compressed (`compress_down`, `compress_up`).
+    pub bytes_down_fp32: u64,
+    pub bytes_up_fp32: u64,
+    /// How the global model and the updates travel: fp32, fp16, bf16, int8 or topk:FRACTION.
+    pub compress_down: String,
+    pub compress_up: String,
     /// What the same updates would weigh as full models (compare with `bytes_up` under
     /// freezing or LoRA).
     pub bytes_up_full: u64,
@@ -133,6 +140,10 @@ impl RoundRecord {
             fed_eval_f1 = r.fed_eval_f1,
             bytes_down = r.bytes_down,
             bytes_up = r.bytes_up,
+            bytes_down_fp32 = r.bytes_down_fp32,
+            bytes_up_fp32 = r.bytes_up_fp32,
+            compress_down = r.compress_down,
+            compress_up = r.compress_up,
             aggregate_ms = r.aggregate_ms,
             eval_ms = r.eval_ms,
             round_ms = r.round_ms,
@@ -178,13 +189,23 @@ impl RoundRecord {
             format!(" | ε {:.3} (δ {:.0e}, {clip})", p.epsilon, p.delta)
         });
         // Under freezing or LoRA, what full fine-tuning would have sent.
-        let full = if self.bytes_up_full > self.bytes_up {
+        let full = if self.bytes_up_full > self.bytes_up_fp32.max(self.bytes_up) {
             format!(" (full model {})", human_bytes(self.bytes_up_full))
         } else {
             String::new()
         };
+        // Compressed: the codec and the wire bytes against the same values in raw f32.
+        let codec = |name: &str, wire: u64, fp32: u64| {
+            if name == "fp32" || name.is_empty() {
+                String::new()
+            } else {
+                format!(" {name} ({:.2}× fp32)", wire as f64 / fp32.max(1) as f64)
+            }
+        };
+        let down = codec(&self.compress_down, self.bytes_down, self.bytes_down_fp32);
+        let up = codec(&self.compress_up, self.bytes_up, self.bytes_up_fp32);
         format!(
-            "round {:>w$}/{}{} | clients {}/{} ok, {} failed | train loss {:>6} | eval[{}] loss {:>6} acc {:>7} f1 {:>6}{fed}{privacy} | down {:>9} up {:>9}{full} | agg {:>4} ms | round {:>6.2} s",
+            "round {:>w$}/{}{} | clients {}/{} ok, {} failed | train loss {:>6} | eval[{}] loss {:>6} acc {:>7} f1 {:>6}{fed}{privacy} | down {:>9}{down} up {:>9}{up}{full} | agg {:>4} ms | round {:>6.2} s",
             self.round,
             self.rounds,
             if self.attempt > 1 {

@@ -19,6 +19,7 @@ use crate::limits::Admission;
 use crate::round::{Federation, Refusal, SubmitOutcome, UpdateClaim};
 use crate::telemetry::{Metrics, RefusalReason};
 use crate::upload::{Guarded, StageFailure, Staging};
+use fedtune_common::codec::Codec;
 
 pub struct FederationService {
     engine: Arc<Federation>,
@@ -204,6 +205,11 @@ impl FederationRpc for FederationService {
                     ))
                 })?
         };
+        // fp16 and bf16 carry each f32 in half its bytes.
+        let widen = match Codec::from_proto(broadcast.manifest.compression.as_ref()) {
+            Ok(Codec::F16 | Codec::Bf16) => 2,
+            _ => 1,
+        };
         let half = broadcast.chunks.len() / 2;
         let chunks = (first..broadcast.chunks.len()).map(move |i| {
             // The stream holds its slot until it is dropped (sent, or the client went away).
@@ -212,7 +218,8 @@ impl FederationRpc for FederationService {
                 fedtune_common::crash_point::reached("download");
             }
             let chunk = broadcast.chunks[i].clone();
-            stats.count_bytes_down(chunk.data.len() as u64);
+            let wire = chunk.data.len() as u64;
+            stats.count_down(wire, wire * widen);
             progress.reached(chunk.offset + chunk.data.len() as u64);
             Ok(pb::ModelFrame {
                 frame: Some(model_frame::Frame::Chunk(chunk)),
@@ -306,9 +313,22 @@ impl FederationRpc for FederationService {
                 )));
             }
         };
-        if masked.is_none()
-            && let Err(e) = check_specs(assembler.specs(), self.engine.update_specs())
-        {
+        let announced = self.engine.upload_codec();
+        let refusal = match masked {
+            Some(_) => None,
+            None => check_specs(assembler.specs(), self.engine.update_specs())
+                .err()
+                .map(|e| e.to_string())
+                .or_else(|| {
+                    (assembler.codec() != announced).then(|| {
+                        format!(
+                            "encoded as {}, but this run's tasks ask for {announced} (the coordinator's --compress-up); a client that ignores the task's `upload` encoding is older than this coordinator",
+                            assembler.codec()
+                        )
+                    })
+                }),
+        };
+        if let Some(e) = refusal {
             self.engine.abort_upload(ticket.take(), invalid(&e));
             return Err(Status::invalid_argument(format!(
                 "update for task `{task_id}` refused: {e}"
@@ -316,10 +336,12 @@ impl FederationRpc for FederationService {
         }
         let staging = match masked {
             Some(_) => None,
-            None => match self
-                .engine
-                .stage_upload(assembler.specs(), assembler.manifest().checksum)
-            {
+            None => match self.engine.stage_upload(
+                assembler.specs(),
+                // The manifest's checksum covers the file's bytes only when they are
+                // the wire's (not decoded).
+                (assembler.codec() == Codec::F32).then(|| assembler.manifest().checksum),
+            ) {
                 Ok(file) => file.map(|f| Staging::start(f, assembler.specs())),
                 Err(e) => {
                     return Err(refused(
@@ -358,15 +380,20 @@ impl FederationRpc for FederationService {
                 }
             };
             ticket.count_bytes_up(chunk.data.len() as u64);
-            if let Err(e) = assembler.push(&chunk) {
-                abandon(staging).await;
-                return Err(self.wire_failure(ticket.take(), &task_id, e));
-            }
+            // The chunk's values as f32 (decoded when the update is compressed).
+            let values = match assembler.push(&chunk) {
+                Ok(values) => values,
+                Err(e) => {
+                    abandon(staging).await;
+                    return Err(self.wire_failure(ticket.take(), &task_id, e));
+                }
+            };
+            ticket.count_decoded(values.len() as u64);
             if chunk.offset == 0 {
                 fedtune_common::crash_point::reached("upload");
             }
             if let Some(s) = &staging
-                && !s.push(chunk.data).await
+                && !s.push(values).await
             {
                 // The writer stopped: finishing says why.
                 writer_stopped = true;

@@ -238,6 +238,12 @@ impl TensorSet {
 
     /// [`TensorSet::content_hash`] of the tensors whose names `keep` accepts, without copying them.
     pub fn content_hash_of(&self, keep: impl Fn(&str) -> bool) -> u64 {
+        self.content_hash_as(keep, |v| v)
+    }
+
+    /// [`TensorSet::content_hash_of`] of the values as `value` maps them (e.g. rounded as a
+    /// receiver holds them after a lossy encoding), without copying them.
+    pub fn content_hash_as(&self, keep: impl Fn(&str) -> bool, value: impl Fn(f32) -> f32) -> u64 {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         for t in self.tensors.iter().filter(|t| keep(&t.name)) {
             h.update(t.name.as_bytes());
@@ -246,7 +252,7 @@ impl TensorSet {
                 h.update(&(*d as u64).to_le_bytes());
             }
             for v in &t.data {
-                h.update(&v.to_le_bytes());
+                h.update(&value(*v).to_le_bytes());
             }
         }
         h.digest()

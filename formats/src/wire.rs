@@ -1,9 +1,10 @@
-//! The tensor codec of the wire protocol: a manifest, then raw little-endian chunks.
+//! The tensor codec of the wire protocol: a manifest, then little-endian chunks.
 //!
 //! A tensor set is encoded once into one buffer ([`EncodedTensors`]); its chunks are `Bytes`
 //! slices of that buffer, so streaming the same broadcast to many clients copies nothing. The
 //! receiving side ([`Assembler`]) checks every chunk as it arrives (order, size, checksum) and
-//! the whole payload at the end, and refuses to allocate more than the caller expects.
+//! the whole payload at the end, and refuses to allocate more than the caller expects. A
+//! compressed payload ([`crate::codec`]) is checked the same way and decoded chunk by chunk.
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use bytes::Bytes;
 use fedtune_proto as pb;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
+use crate::codec::{ChunkPlan, Codec, CodecError, check_encoded_chunk_size};
 use crate::tensors::{NamedTensor, TensorError, TensorSet, TensorSpec};
 
 pub use fedtune_proto::MAX_CHUNK_BYTES;
@@ -19,6 +21,25 @@ pub use fedtune_proto::MAX_CHUNK_BYTES;
 pub enum WireError {
     #[error("chunk size {0} is outside 1..={MAX_CHUNK_BYTES} bytes")]
     BadChunkSize(u32),
+    #[error(
+        "chunk size {0} of a compressed payload is not a multiple of 8 within 8..={MAX_CHUNK_BYTES}"
+    )]
+    BadEncodedChunkSize(u32),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("chunk at offset {offset} has {len} bytes; its {codec} encoding is {expected} bytes")]
+    WrongChunkLength {
+        offset: u64,
+        len: usize,
+        expected: usize,
+        codec: String,
+    },
+    #[error("chunk at offset {offset} is not valid {codec}: {why}")]
+    BadEncoding {
+        offset: u64,
+        codec: String,
+        why: String,
+    },
     #[error("tensor `{name}` has dtype {dtype}; only f32 is supported")]
     UnsupportedDType { name: String, dtype: i32 },
     #[error("manifest says {declared} bytes but its tensors' shapes add up to {computed} bytes")]
@@ -91,6 +112,7 @@ impl EncodedTensors {
             checksum,
             chunk_size: chunk_size as u32,
             model_version,
+            compression: None,
         };
         Ok(Self { manifest, chunks })
     }
@@ -167,6 +189,7 @@ impl EncodedTensors {
             checksum: whole.digest(),
             chunk_size: chunk_size as u32,
             model_version,
+            compression: None,
         };
         Ok(Self { manifest, chunks })
     }
@@ -200,7 +223,7 @@ fn check_chunk_size(chunk_size: usize) -> Result<(), WireError> {
     Ok(())
 }
 
-fn tensor_info(t: &NamedTensor) -> pb::TensorInfo {
+pub(crate) fn tensor_info(t: &NamedTensor) -> pb::TensorInfo {
     pb::TensorInfo {
         name: t.name.clone(),
         shape: t.shape.iter().map(|&d| d as u64).collect(),
@@ -216,6 +239,23 @@ fn extend_le(out: &mut Vec<u8>, values: &[f32]) {
         for v in values {
             out.extend_from_slice(&v.to_le_bytes());
         }
+    }
+}
+
+/// Values as their little-endian bytes, without a copy on little-endian machines.
+fn f32_bytes(values: Vec<f32>) -> Bytes {
+    struct Values(Vec<f32>);
+    impl AsRef<[u8]> for Values {
+        fn as_ref(&self) -> &[u8] {
+            bytemuck::cast_slice(&self.0)
+        }
+    }
+    if cfg!(target_endian = "little") {
+        Bytes::from_owner(Values(values))
+    } else {
+        let mut out = Vec::with_capacity(values.len() * 4);
+        extend_le(&mut out, &values);
+        Bytes::from(out)
     }
 }
 
@@ -238,8 +278,25 @@ pub fn decode_le_vec(bytes: &[u8]) -> Vec<f32> {
 
 /// Checks a manifest's internal consistency and returns its tensors' specs.
 pub fn manifest_specs(manifest: &pb::Manifest) -> Result<Vec<TensorSpec>, WireError> {
-    if manifest.chunk_size == 0 || manifest.chunk_size as usize > MAX_CHUNK_BYTES {
-        return Err(WireError::BadChunkSize(manifest.chunk_size));
+    Ok(read_manifest(manifest)?.specs)
+}
+
+/// What a consistent manifest describes.
+struct ManifestFacts {
+    specs: Vec<TensorSpec>,
+    codec: Codec,
+    /// The values' bytes as f32 (what the receiver holds once decoded).
+    decoded_bytes: u64,
+}
+
+fn read_manifest(manifest: &pb::Manifest) -> Result<ManifestFacts, WireError> {
+    let codec = Codec::from_proto(manifest.compression.as_ref())?;
+    if codec == Codec::F32 {
+        if manifest.chunk_size == 0 || manifest.chunk_size as usize > MAX_CHUNK_BYTES {
+            return Err(WireError::BadChunkSize(manifest.chunk_size));
+        }
+    } else {
+        check_encoded_chunk_size(manifest.chunk_size as usize)?;
     }
     let mut computed: u64 = 0;
     let mut specs = Vec::with_capacity(manifest.tensors.len());
@@ -271,19 +328,45 @@ pub fn manifest_specs(manifest: &pb::Manifest) -> Result<Vec<TensorSpec>, WireEr
             shape,
         });
     }
+    let decoded_bytes = computed;
+    if codec != Codec::F32 {
+        computed = chunk_plan(&specs, manifest.chunk_size)
+            .encoded_total(codec)
+            .ok_or(WireError::SizeMismatch {
+                declared: manifest.total_bytes,
+                computed: u64::MAX,
+            })?;
+    }
     if computed != manifest.total_bytes {
         return Err(WireError::SizeMismatch {
             declared: manifest.total_bytes,
             computed,
         });
     }
-    Ok(specs)
+    Ok(ManifestFacts {
+        specs,
+        codec,
+        decoded_bytes,
+    })
+}
+
+/// The chunks of an encoded payload of `specs`.
+fn chunk_plan(specs: &[TensorSpec], chunk_size: u32) -> ChunkPlan {
+    // The shapes were checked to fit in u64 bytes.
+    let counts = specs
+        .iter()
+        .map(|s| s.shape.iter().map(|&d| d as u64).product())
+        .collect();
+    ChunkPlan::new(counts, chunk_size as usize / 4)
 }
 
 /// Receives a chunked payload, checking each chunk as it arrives.
 pub struct Assembler {
     manifest: pb::Manifest,
     specs: Vec<TensorSpec>,
+    codec: Codec,
+    /// Compressed payloads: the value counts of the chunks still to come.
+    plan: ChunkPlan,
     /// The payload so far; `None` when the caller keeps the checked chunks itself
     /// ([`Assembler::verifier`]).
     buf: Option<Vec<u8>>,
@@ -294,36 +377,37 @@ pub struct Assembler {
 impl Assembler {
     /// Starts receiving the payload `manifest` describes. `limit` is the most bytes the caller
     /// is prepared to hold: a manifest that declares more is refused before anything is allocated.
+    /// A compressed payload is held decoded, so `limit` bounds its f32 bytes.
     pub fn new(manifest: pb::Manifest, limit: u64) -> Result<Self, WireError> {
-        let specs = manifest_specs(&manifest)?;
-        if manifest.total_bytes > limit {
+        let facts = read_manifest(&manifest)?;
+        if facts.decoded_bytes > limit {
             return Err(WireError::TooLarge {
-                declared: manifest.total_bytes,
+                declared: facts.decoded_bytes,
                 limit,
             });
         }
-        let buf = Vec::with_capacity(manifest.total_bytes as usize);
-        Ok(Self {
+        let buf = Vec::with_capacity(facts.decoded_bytes as usize);
+        Ok(Self::with(manifest, facts, Some(buf)))
+    }
+
+    fn with(manifest: pb::Manifest, facts: ManifestFacts, buf: Option<Vec<u8>>) -> Self {
+        Self {
+            plan: chunk_plan(&facts.specs, manifest.chunk_size),
             manifest,
-            specs,
-            buf: Some(buf),
+            specs: facts.specs,
+            codec: facts.codec,
+            buf,
             received: 0,
             hasher: Xxh3::new(),
-        })
+        }
     }
 
     /// Checks a chunked payload as it arrives without keeping it: the caller keeps each chunk
     /// [`Assembler::push`] accepted (e.g. streams it to disk) and calls
     /// [`Assembler::verify_end`] at the end. Nothing model-sized is allocated.
     pub fn verifier(manifest: pb::Manifest) -> Result<Self, WireError> {
-        let specs = manifest_specs(&manifest)?;
-        Ok(Self {
-            manifest,
-            specs,
-            buf: None,
-            received: 0,
-            hasher: Xxh3::new(),
-        })
+        let facts = read_manifest(&manifest)?;
+        Ok(Self::with(manifest, facts, None))
     }
 
     pub fn specs(&self) -> &[TensorSpec] {
@@ -334,11 +418,19 @@ impl Assembler {
         &self.manifest
     }
 
+    /// Encoded bytes received so far (where a resumed stream goes on from).
     pub fn received(&self) -> u64 {
         self.received
     }
 
-    pub fn push(&mut self, chunk: &pb::Chunk) -> Result<(), WireError> {
+    /// How the payload's values travel.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Checks the next chunk and returns its values as raw little-endian f32 bytes (the
+    /// chunk's own bytes, without a copy, when the payload is not compressed).
+    pub fn push(&mut self, chunk: &pb::Chunk) -> Result<Bytes, WireError> {
         let expected = self.received;
         if chunk.offset != expected {
             return Err(WireError::OutOfOrder {
@@ -347,7 +439,23 @@ impl Assembler {
             });
         }
         let len = chunk.data.len();
-        if len == 0 || len > self.manifest.chunk_size as usize {
+        // A compressed chunk's length follows from its place in the payload.
+        let values = if self.codec == Codec::F32 {
+            None
+        } else {
+            self.plan.next()
+        };
+        if let Some(n) = values
+            && len != self.codec.encoded_len(n)
+        {
+            return Err(WireError::WrongChunkLength {
+                offset: chunk.offset,
+                len,
+                expected: self.codec.encoded_len(n),
+                codec: self.codec.to_string(),
+            });
+        }
+        if len == 0 || (values.is_none() && len > self.manifest.chunk_size as usize) {
             return Err(WireError::BadChunkLength {
                 offset: chunk.offset,
                 len,
@@ -365,12 +473,26 @@ impl Assembler {
                 offset: chunk.offset,
             });
         }
+        let decoded = match values {
+            None => chunk.data.clone(),
+            Some(n) => {
+                let mut out = Vec::with_capacity(n);
+                self.codec
+                    .decode_chunk(&chunk.data, n, &mut out)
+                    .map_err(|why| WireError::BadEncoding {
+                        offset: chunk.offset,
+                        codec: self.codec.to_string(),
+                        why,
+                    })?;
+                f32_bytes(out)
+            }
+        };
         self.hasher.update(&chunk.data);
         if let Some(buf) = &mut self.buf {
-            buf.extend_from_slice(&chunk.data);
+            buf.extend_from_slice(&decoded);
         }
         self.received += len as u64;
-        Ok(())
+        Ok(decoded)
     }
 
     /// Ends a stream: every byte arrived and the whole-payload checksum matches.
@@ -560,7 +682,9 @@ mod tests {
         let mut wrong = enc.manifest.clone();
         wrong.checksum ^= 1;
         let mut asm = Assembler::new(wrong, u64::MAX).unwrap();
-        enc.chunks.iter().for_each(|c| asm.push(c).unwrap());
+        enc.chunks.iter().for_each(|c| {
+            asm.push(c).unwrap();
+        });
         assert!(matches!(asm.finish(), Err(WireError::PayloadChecksum)));
     }
 }

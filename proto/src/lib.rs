@@ -12,7 +12,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fedt
 
 /// Bumped on any incompatible change of the messages or their meaning. Join refuses a mismatch
 /// with a message that names both versions.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest chunk of tensor bytes in one message: far below tonic's 4 MiB decode limit, so a
 /// model of any size travels without raising a limit.

@@ -110,6 +110,8 @@ pub struct ServeFile {
     pub secagg_bits: Option<u32>,
     #[serde(with = "humantime_serde")]
     pub secagg_step_timeout: Option<Duration>,
+    pub compress_up: Option<String>,
+    pub compress_down: Option<String>,
     pub resume: bool,
     pub log_format: LogFormat,
     pub seed: u64,
@@ -243,6 +245,8 @@ impl Default for ServeFile {
             secagg_clip: None,
             secagg_bits: None,
             secagg_step_timeout: None,
+            compress_up: None,
+            compress_down: None,
             resume: false,
             log_format: LogFormat::Text,
             seed: 42,

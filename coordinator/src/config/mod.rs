@@ -16,6 +16,7 @@ use fedtune_common::pretrained::{InitOptions, Remap};
 
 use crate::strategy::{StrategyKind, StrategySettings};
 
+mod compression;
 mod privacy;
 mod secure_agg;
 mod security;
@@ -26,6 +27,7 @@ mod validate;
 // flags and validating against the model happen here.
 pub use fedtune_settings::{InitFile, InitTable, OnRoundFailure, ServeFile};
 
+pub use compression::{Compression, CompressionArgs};
 pub use privacy::{PrivacyArgs, PrivacyFile};
 pub use secure_agg::{SecAggSettings, SecureAggArgs, SecureAggFile};
 pub use security::{Security, SecurityArgs, SecurityFile, TlsFiles};
@@ -73,6 +75,8 @@ pub struct ServeArgs {
     pub privacy: PrivacyArgs,
     #[command(flatten)]
     pub secure_agg: SecureAggArgs,
+    #[command(flatten)]
+    pub compression: CompressionArgs,
     /// Rename the file's keys: REGEX=REPLACEMENT (repeatable, applied in order; after the
     /// `[init.remap]` rules of the config file).
     #[arg(long = "init-remap", value_name = "REGEX=REPLACEMENT")]
@@ -251,6 +255,8 @@ pub struct ServeConfig {
     pub privacy: Option<crate::strategy::dp::DpSettings>,
     /// Secure aggregation of the training updates; `None` when off.
     pub secure_agg: Option<SecAggSettings>,
+    /// How updates and broadcasts are encoded on the wire.
+    pub compression: Compression,
     pub resume: bool,
     /// Start a new run, moving an earlier one in `out` aside.
     pub fresh: bool,
@@ -461,6 +467,12 @@ impl ServeArgs {
             &strategy,
             privacy.as_ref(),
         )?;
+        let compression = compression::resolve(
+            &self.compression,
+            file.compress_up.as_deref(),
+            file.compress_down.as_deref(),
+            secure_agg.is_some(),
+        )?;
         let cfg = ServeConfig {
             listen: self.listen.unwrap_or(file.listen),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
@@ -468,6 +480,7 @@ impl ServeArgs {
             policy,
             privacy,
             secure_agg,
+            compression,
             strategy,
             resume: self.resume || file.resume,
             fresh: self.fresh,

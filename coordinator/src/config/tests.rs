@@ -1,3 +1,4 @@
+use fedtune_common::codec::Codec;
 use fedtune_common::optim::OptimizerKind;
 
 use super::*;
@@ -274,9 +275,7 @@ fn dp_keys_from_file_and_flags() {
 
 #[test]
 fn dp_combinations_the_accountant_cannot_account_for_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("c.toml");
-    for (toml, wants) in [
+    refused_from_files(&[
         (
             "dp_clip = \"1.0\"",
             &["differential privacy is off", "dp_clip"][..],
@@ -322,24 +321,12 @@ fn dp_combinations_the_accountant_cannot_account_for_are_refused() {
             "dp = \"central\"\ndp_clip = \"1\"\ndp_noise_multiplier = 1.0\ndp_delta = 1.5",
             &["dp_delta", "(0, 1)"],
         ),
-    ] {
-        std::fs::write(&p, format!("insecure = true\n{toml}\n")).unwrap();
-        let args = ServeArgs {
-            config: Some(p.clone()),
-            ..Default::default()
-        };
-        let e = format!("{:#}", args.resolve().unwrap_err());
-        for want in wants {
-            assert!(e.contains(want), "{toml:?}: `{want}` not in: {e}");
-        }
-    }
+    ]);
 }
 
 #[test]
 fn secure_aggregation_combinations_it_cannot_serve_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("c.toml");
-    for (toml, wants) in [
+    refused_from_files(&[
         (
             "secagg_threshold = 3",
             &["secure aggregation is off", "secagg_threshold"][..],
@@ -368,17 +355,7 @@ fn secure_aggregation_combinations_it_cannot_serve_are_refused() {
             "secure_aggregation = true\nsecagg_step_timeout = \"0s\"",
             &["secagg_step_timeout"],
         ),
-    ] {
-        std::fs::write(&p, format!("insecure = true\n{toml}\n")).unwrap();
-        let args = ServeArgs {
-            config: Some(p.clone()),
-            ..Default::default()
-        };
-        let e = format!("{:#}", args.resolve().unwrap_err());
-        for want in wants {
-            assert!(e.contains(want), "{toml:?}: `{want}` not in: {e}");
-        }
-    }
+    ]);
 }
 
 #[test]
@@ -414,4 +391,63 @@ fn admins_without_client_authentication_are_refused() {
     };
     let e = format!("{:#}", args.resolve().unwrap_err());
     assert!(e.contains("`admins`") && e.contains("client_ca"), "{e}");
+}
+
+#[test]
+fn compression_keys_are_read_and_settings_it_cannot_serve_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(
+        &p,
+        "insecure = true\ncompress_up = \"topk:0.05\"\ncompress_down = \"bf16\"\n",
+    )
+    .unwrap();
+    let from_file = |up: Option<&str>| ServeArgs {
+        config: Some(p.clone()),
+        compression: CompressionArgs {
+            compress_up: up.map(String::from),
+            compress_down: None,
+        },
+        ..Default::default()
+    };
+    let c = from_file(None).resolve().unwrap().compression;
+    assert_eq!((c.up, c.down), (Codec::TopK(0.05), Codec::Bf16));
+    // The flag wins over the file.
+    let c = from_file(Some("int8")).resolve().unwrap().compression;
+    assert_eq!((c.up, c.down), (Codec::Int8, Codec::Bf16));
+    refused_from_files(&[
+        (
+            "compress_up = \"int4\"",
+            &[
+                "invalid `compress_up`",
+                "fp32, fp16, bf16, int8 or topk:FRACTION",
+            ][..],
+        ),
+        ("compress_up = \"topk:0.9\"", &["(0, 0.5]"]),
+        (
+            "compress_down = \"int8\"",
+            &["invalid `compress_down`", "fp32, fp16 or bf16"],
+        ),
+        (
+            "compress_up = \"int8\"\nsecure_aggregation = true",
+            &["--compress-up int8 cannot combine with --secure-aggregation"],
+        ),
+    ]);
+}
+
+/// Each TOML snippet (after `insecure = true`) is refused with a message holding every `wants`.
+fn refused_from_files(cases: &[(&str, &[&str])]) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    for (toml, wants) in cases {
+        std::fs::write(&p, format!("insecure = true\n{toml}\n")).unwrap();
+        let args = ServeArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let e = format!("{:#}", args.resolve().unwrap_err());
+        for want in *wants {
+            assert!(e.contains(want), "{toml:?}: `{want}` not in: {e}");
+        }
+    }
 }

@@ -171,8 +171,12 @@ impl Journal {
     }
 
     /// Starts the file of an update of `specs` (in the order they arrive) whose payload
-    /// hashes to `checksum`. Called when its upload starts, outside the coordinator's locks.
-    pub fn stage(&self, specs: &[TensorSpec], checksum: u64) -> anyhow::Result<StagedWriter> {
+    /// hashes to `checksum` (`None`: hashed as written, for updates decoded on arrival). Called when its upload starts, outside the coordinator's locks.
+    pub fn stage(
+        &self,
+        specs: &[TensorSpec],
+        checksum: Option<u64>,
+    ) -> anyhow::Result<StagedWriter> {
         let name = format!(
             "u{}.safetensors",
             self.next_file.fetch_add(1, Ordering::Relaxed)
@@ -437,9 +441,10 @@ mod tests {
         }
     }
 
-    /// Stages an update as an upload does, in pieces that do not fall on value boundaries.
-    fn stage(j: &Journal, u: &Payload) -> StagedUpdate {
-        let checksum = xxhash_rust::xxh3::xxh3_64(&u.bytes);
+    /// Stages an update as an upload does, in pieces that do not fall on value boundaries;
+    /// with its checksum given first (raw f32) or computed as written (decoded).
+    fn stage(j: &Journal, u: &Payload, checksum_first: bool) -> StagedUpdate {
+        let checksum = checksum_first.then(|| xxhash_rust::xxh3::xxh3_64(&u.bytes));
         let mut w = j.stage(&u.specs, checksum).unwrap();
         for piece in u.bytes.chunks(7) {
             w.write(piece).unwrap();
@@ -455,7 +460,11 @@ mod tests {
     }
 
     fn accept(j: &Journal, task: &str, v: f32) -> String {
-        let file = stage(j, &update(v)).file_name().to_string();
+        accept_staged(j, task, v, true)
+    }
+
+    fn accept_staged(j: &Journal, task: &str, v: f32, checksum_first: bool) -> String {
+        let file = stage(j, &update(v), checksum_first).file_name().to_string();
         j.record(&Accepted {
             task_id: task.into(),
             client: task.into(),
@@ -468,17 +477,19 @@ mod tests {
     }
 
     #[test]
-    fn an_accepted_update_reads_back_as_it_arrived() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::new(dir.path());
-        j.begin(&header(2, M)).unwrap();
-        accept(&j, "r2-a", 0.25);
-        let back = j.load(2, M).unwrap().expect("a journal");
-        assert_eq!(back.header, header(2, M));
-        assert_eq!(back.accepted.len(), 1);
-        assert!(back.closed.is_none());
-        let u = j.read_update(&back.accepted[0], &model().specs()).unwrap();
-        assert_eq!(read_back(&u), update(0.25).bytes);
+    fn an_accepted_update_reads_back_as_it_arrived_with_its_checksum_given_or_computed() {
+        for checksum_first in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let j = Journal::new(dir.path());
+            j.begin(&header(2, M)).unwrap();
+            accept_staged(&j, "r2-a", 0.25, checksum_first);
+            let back = j.load(2, M).unwrap().expect("a journal");
+            assert_eq!(back.header, header(2, M));
+            assert_eq!(back.accepted.len(), 1);
+            assert!(back.closed.is_none());
+            let u = j.read_update(&back.accepted[0], &model().specs()).unwrap();
+            assert_eq!(read_back(&u), update(0.25).bytes);
+        }
     }
 
     #[test]
@@ -508,7 +519,7 @@ mod tests {
         let j = Journal::new(dir.path());
         j.begin(&header(2, M)).unwrap();
         let u = update(1.0);
-        let mut w = j.stage(&u.specs, 0).unwrap();
+        let mut w = j.stage(&u.specs, Some(0)).unwrap();
         w.write(&u.bytes[..10]).unwrap();
         drop(w);
         let files: Vec<_> = std::fs::read_dir(dir.path().join(JOURNAL_DIR))

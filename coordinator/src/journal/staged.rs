@@ -3,8 +3,9 @@
 //! and verified the file is synced, and the aggregator folds it by reading it back in blocks.
 //!
 //! The file is a plain safetensors file whose tensors lie in the order the client sent them,
-//! with the payload's xxh3 (over the data section, as the manifest declared it) in its
-//! metadata: read back at restart, it is checked against that before it counts again.
+//! with the payload's xxh3 (over the data section: as the manifest declared it, or as written
+//! when the update arrived compressed and was decoded) in its metadata: read back at restart,
+//! it is checked against that before it counts again.
 
 use std::fs::File;
 use std::io::Write;
@@ -33,6 +34,8 @@ pub struct StagedWriter {
     data_start: u64,
     written: u64,
     total: u64,
+    /// Hashing the data as it is written, when no checksum was known at creation.
+    hasher: Option<Xxh3>,
     finished: bool,
 }
 
@@ -43,6 +46,11 @@ pub struct StagedUpdate {
     name: String,
     specs: Vec<TensorSpec>,
     data_start: u64,
+}
+
+/// Where the checksum's 16 hex digits start in the file (see [`header`]).
+fn checksum_at() -> u64 {
+    8 + format!("{{\"__metadata__\":{{\"{PAYLOAD_KEY}\":\"").len() as u64
 }
 
 /// The safetensors header of an update of `specs` in that order, padded to 8 bytes.
@@ -69,17 +77,18 @@ fn header(specs: &[TensorSpec], checksum: u64) -> Vec<u8> {
 }
 
 impl StagedWriter {
-    /// Creates `dir/name` for an update of `specs` whose payload hashes to `checksum`.
+    /// Creates `dir/name` for an update of `specs` whose payload hashes to `checksum`; `None`:
+    /// the writer hashes the bytes it is given and records that when it finishes.
     pub(super) fn create(
         dir: &Path,
         name: String,
         specs: &[TensorSpec],
-        checksum: u64,
+        checksum: Option<u64>,
     ) -> anyhow::Result<Self> {
         let path = dir.join(&name);
         let mut file =
             File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        let head = header(specs, checksum);
+        let head = header(specs, checksum.unwrap_or(0));
         file.write_all(&head)
             .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(Self {
@@ -90,6 +99,7 @@ impl StagedWriter {
             data_start: head.len() as u64,
             written: 0,
             total: specs.iter().map(|s| s.num_elements() as u64 * 4).sum(),
+            hasher: checksum.is_none().then(Xxh3::new),
             finished: false,
         })
     }
@@ -99,6 +109,9 @@ impl StagedWriter {
         self.file
             .write_all(bytes)
             .with_context(|| format!("cannot write {}", self.path.display()))?;
+        if let Some(h) = &mut self.hasher {
+            h.update(bytes);
+        }
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -112,6 +125,12 @@ impl StagedWriter {
                 self.written,
                 self.total
             );
+        }
+        if let Some(h) = &self.hasher {
+            let digits = format!("{:016x}", h.digest());
+            self.file
+                .write_all_at(digits.as_bytes(), checksum_at())
+                .with_context(|| format!("cannot write {}", self.path.display()))?;
         }
         self.file
             .sync_data()

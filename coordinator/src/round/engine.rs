@@ -103,7 +103,12 @@ impl Federation {
                 let broadcast = match encoded.take() {
                     Some(b) => b,
                     None => Arc::new(tokio::task::block_in_place(|| {
-                        Broadcast::share(&global, model_version, &self.cfg.frozen)
+                        Broadcast::share(
+                            &global,
+                            model_version,
+                            &self.cfg.frozen,
+                            self.cfg.compression.down,
+                        )
                     })?),
                 };
                 let mut plan = strategy.configure_fit(round, attempt, &candidates);
@@ -223,10 +228,10 @@ impl Federation {
             // Federated evaluation of the new model.
             let eval_clients = strategy.configure_evaluate(round, &self.candidates(true));
             let mut fed_eval = None;
-            let mut eval_bytes_down = 0;
+            let mut eval_bytes_down = (0, 0);
             if !eval_clients.is_empty() {
                 let broadcast = Arc::new(tokio::task::block_in_place(|| {
-                    Broadcast::share(&global, round, &self.cfg.frozen)
+                    Broadcast::share(&global, round, &self.cfg.frozen, self.cfg.compression.down)
                 })?);
                 // Clients train on this same model next round: encode it once.
                 encoded = Some(broadcast.clone());
@@ -241,7 +246,10 @@ impl Federation {
                 );
                 self.wait_for_reports(serial, round, false).await;
                 let closed = self.close_phase(serial, round);
-                eval_bytes_down = closed.stats.bytes_down.load(Ordering::Relaxed);
+                eval_bytes_down = (
+                    closed.stats.bytes_down.load(Ordering::Relaxed),
+                    closed.stats.fp32_down.load(Ordering::Relaxed),
+                );
                 let reports: Vec<EvalReport> = closed
                     .reports
                     .into_iter()
@@ -280,8 +288,12 @@ impl Federation {
                 fed_eval_precision: None,
                 fed_eval_recall: None,
                 fed_eval_f1: None,
-                bytes_down: fit.stats.bytes_down.load(Ordering::Relaxed) + eval_bytes_down,
+                bytes_down: fit.stats.bytes_down.load(Ordering::Relaxed) + eval_bytes_down.0,
                 bytes_up: fit.stats.bytes_up.load(Ordering::Relaxed),
+                bytes_down_fp32: fit.stats.fp32_down.load(Ordering::Relaxed) + eval_bytes_down.1,
+                bytes_up_fp32: fit.stats.fp32_up.load(Ordering::Relaxed),
+                compress_down: self.cfg.compression.down.to_string(),
+                compress_up: self.cfg.compression.up.to_string(),
                 bytes_up_full: self
                     .specs
                     .iter()

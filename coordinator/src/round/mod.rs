@@ -165,9 +165,15 @@ pub struct UploadTicket {
 }
 
 impl UploadTicket {
+    /// Bytes of the update received, as they travel.
     pub fn count_bytes_up(&self, n: u64) {
-        self.stats.count_bytes_up(n);
+        self.stats.bytes_up.fetch_add(n, Ordering::Relaxed);
         self.progress.add(n);
+    }
+
+    /// Bytes of the update accepted, as f32 (decoded, when it travels compressed).
+    pub fn count_decoded(&self, n: u64) {
+        self.stats.fp32_up.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The number of words of a masked update (secure aggregation); `None` for a plain one.
@@ -190,19 +196,31 @@ pub enum SubmitOutcome {
     Duplicate { round: u64 },
 }
 
+/// A round's bytes on the wire, and what they carried as raw f32 (the same, uncompressed).
 #[derive(Default)]
 pub struct RoundStats {
     bytes_down: AtomicU64,
     bytes_up: AtomicU64,
+    fp32_down: AtomicU64,
+    fp32_up: AtomicU64,
 }
 
 impl RoundStats {
+    /// Bytes sent that are not compressed.
     pub fn count_bytes_down(&self, n: u64) {
-        self.bytes_down.fetch_add(n, Ordering::Relaxed);
+        self.count_down(n, n);
     }
 
+    /// `wire` bytes sent, carrying `fp32` bytes of values.
+    pub fn count_down(&self, wire: u64, fp32: u64) {
+        self.bytes_down.fetch_add(wire, Ordering::Relaxed);
+        self.fp32_down.fetch_add(fp32, Ordering::Relaxed);
+    }
+
+    /// Bytes received that are not compressed.
     pub fn count_bytes_up(&self, n: u64) {
         self.bytes_up.fetch_add(n, Ordering::Relaxed);
+        self.fp32_up.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -442,6 +460,11 @@ impl Federation {
     /// The tensors every update must carry (the model minus its frozen tensors).
     pub fn update_specs(&self) -> &[TensorSpec] {
         &self.update_specs
+    }
+
+    /// How this run's tasks tell clients to encode their updates.
+    pub fn upload_codec(&self) -> fedtune_common::codec::Codec {
+        self.cfg.compression.up
     }
 
     fn model_spec_pb(&self) -> pb::ModelSpec {

@@ -191,6 +191,7 @@ impl Federation {
                     dp_clip_norm: local_dp.map_or(0.0, |d| d.clip),
                     dp_noise_stddev: local_dp.map_or(0.0, |d| d.noise_stddev),
                 }),
+                upload: self.cfg.compression.up.to_proto(),
             }),
             PhaseKind::Evaluate => Kind::Evaluate(pb::EvaluateTask {
                 round: open.round,

@@ -174,7 +174,7 @@ impl Federation {
     pub fn stage_upload(
         &self,
         specs: &[TensorSpec],
-        checksum: u64,
+        checksum: Option<u64>,
     ) -> anyhow::Result<Option<StagedWriter>> {
         self.journal
             .as_ref()

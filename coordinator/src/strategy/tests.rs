@@ -22,7 +22,9 @@ pub(super) fn delta(a: [f32; 2], b: f32) -> Payload {
     .unwrap();
     let enc = EncodedTensors::encode(&set, 0, 1024).unwrap();
     let mut asm = Assembler::new(enc.manifest, u64::MAX).unwrap();
-    enc.chunks.iter().for_each(|c| asm.push(c).unwrap());
+    for c in &enc.chunks {
+        asm.push(c).unwrap();
+    }
     asm.finish().unwrap()
 }
 

@@ -220,6 +220,7 @@ pub struct Metrics {
     updates: Family<OutcomeLabels, Counter>,
     refused: Family<ReasonLabels, Counter>,
     transfer: Family<DirectionLabels, Counter>,
+    transfer_fp32: Family<DirectionLabels, Counter>,
     eval_loss: Family<SourceLabels, FloatGauge>,
     eval_accuracy: Family<SourceLabels, FloatGauge>,
     eval_f1: Family<SourceLabels, FloatGauge>,
@@ -253,6 +254,7 @@ impl Metrics {
             updates: Family::default(),
             refused: Family::default(),
             transfer: Family::default(),
+            transfer_fp32: Family::default(),
             eval_loss: Family::default(),
             eval_accuracy: Family::default(),
             eval_f1: Family::default(),
@@ -347,6 +349,12 @@ impl Metrics {
             Unit::Bytes,
             m.transfer.clone(),
         );
+        r.register_with_unit(
+            "transfer_fp32",
+            "What the same transfers carried as raw f32 (equal to transfer unless --compress-down or --compress-up is on)",
+            Unit::Bytes,
+            m.transfer_fp32.clone(),
+        );
         r.register(
             "eval_loss",
             "Loss of the latest evaluation: server (--eval-data), clients (their local models) or federated",
@@ -396,9 +404,11 @@ impl Metrics {
                 .inc_by(0);
         }
         for direction in [Direction::Down, Direction::Up] {
-            self.transfer
-                .get_or_create(&DirectionLabels { direction })
-                .inc_by(0);
+            for family in [&self.transfer, &self.transfer_fp32] {
+                family
+                    .get_or_create(&DirectionLabels { direction })
+                    .inc_by(0);
+            }
         }
         for source in [Source::Server, Source::Clients, Source::Federated] {
             let labels = SourceLabels { source };
@@ -472,6 +482,16 @@ impl Metrics {
                 direction: Direction::Up,
             })
             .inc_by(r.bytes_up);
+        self.transfer_fp32
+            .get_or_create(&DirectionLabels {
+                direction: Direction::Down,
+            })
+            .inc_by(r.bytes_down_fp32);
+        self.transfer_fp32
+            .get_or_create(&DirectionLabels {
+                direction: Direction::Up,
+            })
+            .inc_by(r.bytes_up_fp32);
         let source = if r.eval_source == "server" {
             Source::Server
         } else {

@@ -192,7 +192,9 @@ async fn fetch(
     let mut asm = Assembler::new(m, u64::MAX)?;
     while let Some(f) = frames.next().await {
         match f?.frame {
-            Some(model_frame::Frame::Chunk(c)) => asm.push(&c)?,
+            Some(model_frame::Frame::Chunk(c)) => {
+                asm.push(&c)?;
+            }
             _ => anyhow::bail!("not a chunk in the model stream"),
         }
     }
