@@ -14,6 +14,7 @@ use std::str::FromStr;
 
 use bytes::Bytes;
 use fedtune_proto as pb;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -157,12 +158,17 @@ impl Codec {
             Self::F32 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            Self::F16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes())),
-            Self::Bf16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes())),
+            // Whole slices at once: half converts them with F16C where the CPU has it.
+            Self::F16 => {
+                let mut halves = vec![f16::ZERO; values.len()];
+                halves.convert_from_f32_slice(values);
+                extend_u16_le(out, halves.reinterpret_cast());
+            }
+            Self::Bf16 => {
+                let mut halves = vec![bf16::ZERO; values.len()];
+                halves.convert_from_f32_slice(values);
+                extend_u16_le(out, halves.reinterpret_cast());
+            }
             Self::Int8 => {
                 let mut largest = 0f32;
                 let mut finite = true;
@@ -172,13 +178,16 @@ impl Codec {
                 }
                 let scale = if finite { largest / 127.0 } else { f32::NAN };
                 out.extend_from_slice(&scale.to_le_bytes());
-                for v in values {
-                    let q = if scale > 0.0 {
-                        (v / scale).round().clamp(-127.0, 127.0) as i8
-                    } else {
-                        0
-                    };
-                    out.push(q as u8);
+                let start = out.len();
+                out.resize(start + values.len(), 0);
+                if scale > 0.0 {
+                    let inverse = 1.0 / scale;
+                    for (q, v) in out[start..].iter_mut().zip(values) {
+                        // Round half away from zero without `round` (a libm call on baseline
+                        // x86-64); the clamp keeps ±127.
+                        let x = (v * inverse).clamp(-127.0, 127.0);
+                        *q = ((x + 0.5f32.copysign(x)) as i8) as u8;
+                    }
                 }
             }
             Self::TopK(f) => {
@@ -215,8 +224,20 @@ impl Codec {
         let f32_at = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         match self {
             Self::F32 => out.extend(data.chunks_exact(4).map(f32_at)),
-            Self::F16 => out.extend(u16s().map(|b| f16::from_bits(b).to_f32())),
-            Self::Bf16 => out.extend(u16s().map(|b| bf16::from_bits(b).to_f32())),
+            Self::F16 => {
+                let bits: Vec<u16> = u16s().collect();
+                let start = out.len();
+                out.resize(start + bits.len(), 0.0);
+                bits.reinterpret_cast::<f16>()
+                    .convert_to_f32_slice(&mut out[start..]);
+            }
+            Self::Bf16 => {
+                let bits: Vec<u16> = u16s().collect();
+                let start = out.len();
+                out.resize(start + bits.len(), 0.0);
+                bits.reinterpret_cast::<bf16>()
+                    .convert_to_f32_slice(&mut out[start..]);
+            }
             Self::Int8 => {
                 let scale = f32_at(&data[..4]);
                 if !(scale.is_finite() && scale >= 0.0) {
@@ -267,6 +288,16 @@ impl Codec {
             Self::Bf16 => bf16::from_f32(v).to_f32(),
             _ => v,
         }
+    }
+}
+
+/// Appends `bits` as little-endian bytes (one copy on little-endian machines).
+fn extend_u16_le(out: &mut Vec<u8>, bits: &[u16]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(bits));
+    } else {
+        bits.iter()
+            .for_each(|b| out.extend_from_slice(&b.to_le_bytes()));
     }
 }
 
