@@ -127,21 +127,30 @@ mod tests {
         decode(&u.encoded).unwrap().tensors()[0].data.clone()
     }
 
-    #[test]
-    fn top_k_sends_over_two_rounds_what_one_round_left_behind() {
+    /// A quarter of 8 values (2 a round) under top-k.
+    const CODEC: Codec = Codec::TopK(0.25);
+
+    /// Error feedback after one counted round that sent 5 and -4 of
+    /// [5, 1, -4, 0.5, 3, 0, 2, 0.1].
+    fn after_one_round() -> ErrorFeedback {
         let mut ef = ErrorFeedback::default();
-        // A quarter of 8 values: 2 a round.
-        let codec = Codec::TopK(0.25);
         let first = ef
             .encode(
                 set(&[5.0, 1.0, -4.0, 0.5, 3.0, 0.0, 2.0, 0.1]),
-                codec,
+                CODEC,
                 1,
                 "t",
             )
             .unwrap();
         assert_eq!(sent(&first), [5.0, 0.0, -4.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
         ef.counted(first);
+        ef
+    }
+
+    #[test]
+    fn top_k_sends_over_two_rounds_what_one_round_left_behind() {
+        let mut ef = after_one_round();
+        let codec = CODEC;
         // The next update is small: what was left behind (3 and 2) goes first.
         let second = ef.encode(set(&[0.0; 8]), codec, 2, "t").unwrap();
         assert_eq!(sent(&second), [0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 2.0, 0.0]);
@@ -152,17 +161,8 @@ mod tests {
 
     #[test]
     fn an_update_not_counted_leaves_what_is_carried_unchanged() {
-        let mut ef = ErrorFeedback::default();
-        let codec = Codec::TopK(0.25);
-        let first = ef
-            .encode(
-                set(&[5.0, 1.0, -4.0, 0.5, 3.0, 0.0, 2.0, 0.1]),
-                codec,
-                1,
-                "t",
-            )
-            .unwrap();
-        ef.counted(first);
+        let ef = after_one_round();
+        let codec = CODEC;
         let carried = ef.carried_norm();
         // Encoded but refused by the coordinator: never passed to `counted`.
         let _refused = ef.encode(set(&[9.0; 8]), codec, 2, "t").unwrap();
@@ -173,13 +173,8 @@ mod tests {
 
     #[test]
     fn what_was_left_behind_is_dropped_when_the_tensors_change() {
-        let mut ef = ErrorFeedback::default();
-        let codec = Codec::TopK(0.25);
-        let first = ef
-            .encode(set(&[5.0, 1.0, -4.0, 3.0]), codec, 1, "t")
-            .unwrap();
-        ef.counted(first);
-        let other = ef.encode(set(&[0.0; 6]), codec, 2, "t").unwrap();
+        let ef = after_one_round();
+        let other = ef.encode(set(&[0.0; 6]), CODEC, 2, "t").unwrap();
         assert_eq!(sent(&other), [0.0; 6]);
     }
 
