@@ -129,11 +129,6 @@ impl Codec {
         })
     }
 
-    /// Whether a decoded value may differ from the value encoded.
-    pub fn is_lossy(self) -> bool {
-        self != Self::F32
-    }
-
     /// Values a top-k chunk of `n` values sends.
     fn kept(fraction: f32, n: usize) -> usize {
         ((f64::from(fraction) * n as f64).ceil() as usize).clamp(1, n.max(1))
