@@ -9,8 +9,16 @@ use tonic::transport::Endpoint;
 use tracing::info;
 
 use crate::connection::transient;
-use crate::session::{ClientOptions, Session};
+use crate::session::Session;
 use crate::tls::ClientAuth;
+
+/// Who joins: a training client, or a tiered aggregator (`serve --upstream`).
+pub(crate) struct Joiner<'a> {
+    pub coordinator: &'a str,
+    pub name: &'a str,
+    pub device: String,
+    pub aggregator: bool,
+}
 
 /// Why a join did not give a session: worth another try (the coordinator may be starting or
 /// away), or not (a certificate problem, a refusal).
@@ -22,7 +30,7 @@ pub(crate) enum JoinError {
 pub(crate) async fn join(
     endpoint: &Endpoint,
     auth: &ClientAuth,
-    opts: &ClientOptions,
+    opts: &Joiner<'_>,
     num_examples: u64,
 ) -> Result<Session, JoinError> {
     let channel = endpoint
@@ -39,9 +47,10 @@ pub(crate) async fn join(
     let mut rpc = FederationClient::with_interceptor(channel, auth.clone());
     let req = pb::JoinRequest {
         protocol_version: PROTOCOL_VERSION,
-        name: opts.name.clone(),
-        device: opts.device.to_string(),
+        name: opts.name.to_string(),
+        device: opts.device.clone(),
         num_examples,
+        aggregator: opts.aggregator,
     };
     let reply = match rpc.join(req).await {
         Ok(r) => r.into_inner(),

@@ -9,6 +9,8 @@
 //! - [`fine_tune`]: a Train task -> a delta and metrics (no gRPC); [`task_config`]: the task's
 //!   training settings, checked and capped.
 //! - [`local_data`]: the private data and its validation split; [`progress`]: what a user sees.
+//! - [`upstream`]: a session with a parent coordinator for a tiered aggregator (`serve
+//!   --upstream`), on the same join, transfer and heartbeat code.
 //! - [`attack`]: `--simulate-attack`, a test tool for robustness experiments.
 
 pub mod attack;
@@ -25,6 +27,7 @@ pub mod secure_agg;
 pub mod session;
 pub mod task_config;
 mod transfer;
+pub mod upstream;
 
 // Reaching the coordinator is shared with the coordinator's own status command.
 use fedtune_connect::connection;

@@ -25,7 +25,7 @@ use crate::error_feedback::ErrorFeedback;
 use crate::evaluate_task::{EvalData, evaluate_round};
 use crate::fine_tune::{self, LocalUpdate, Split};
 use crate::frozen_cache::FrozenCache;
-use crate::join::{JoinError, join};
+use crate::join::{JoinError, Joiner, join};
 use crate::local_data::{Columns, LocalData};
 use crate::progress::{ProgressView, report_training};
 use crate::secure_agg::Contribution;
@@ -145,6 +145,12 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     )?;
     let auth = crate::tls::client_auth(&opts.coordinator, &opts.security)?;
     let mut backoff = Backoff::new(opts.give_up_after);
+    let joiner = Joiner {
+        coordinator: &opts.coordinator,
+        name: &opts.name,
+        device: opts.device.to_string(),
+        aggregator: false,
+    };
     let mut report = RunReport::default();
     let mut session: Option<Session> = None;
     let mut frozen_cache = FrozenCache::default();
@@ -156,7 +162,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     loop {
         let s = match session.as_mut() {
             Some(s) => s,
-            None => match join(&endpoint, &auth, &opts, num_examples).await {
+            None => match join(&endpoint, &auth, &joiner, num_examples).await {
                 Ok(s) => {
                     backoff.reset();
                     session.insert(s)

@@ -19,7 +19,7 @@ use crate::connection::{BACKOFF_START, refused, transient};
 use crate::session::{Session, TRANSFER_ATTEMPTS};
 
 /// Sends Heartbeat every interval until dropped.
-pub(crate) struct Heartbeat(tokio::task::JoinHandle<()>);
+pub struct Heartbeat(tokio::task::JoinHandle<()>);
 
 impl Drop for Heartbeat {
     fn drop(&mut self) {

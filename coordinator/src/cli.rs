@@ -98,6 +98,13 @@ pub fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let cfg = args.resolve()?;
             fedtune_common::logging::init(cfg.log_format);
+            if args.upstream.is_set() {
+                let upstream = args.upstream.resolve(&args)?;
+                return runtime.block_on(async {
+                    let listener = crate::bind(&cfg).await?;
+                    crate::tier::aggregate_until(cfg, upstream, listener, stop_signal()?).await
+                });
+            }
             runtime.block_on(async {
                 let listener = crate::bind(&cfg).await?;
                 let summary = crate::serve_until(cfg, listener, stop_signal()?).await?;

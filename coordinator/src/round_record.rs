@@ -18,6 +18,9 @@ pub struct RoundRecord {
     pub clients_selected: usize,
     pub clients_reported: usize,
     pub clients_failed: usize,
+    /// The training clients behind the updates counted: `clients_reported`, unless tiered
+    /// aggregators sent some (each counts the clients behind its pre-aggregated update).
+    pub contributors: u64,
     /// Example-weighted mean of the clients' training loss (last local epoch).
     pub train_loss: Option<f64>,
     /// `server` (the global model on `--eval-data`) or `clients` (weighted mean of the clients'
@@ -123,6 +126,7 @@ impl RoundRecord {
             clients_selected = r.clients_selected,
             clients_reported = r.clients_reported,
             clients_failed = r.clients_failed,
+            contributors = r.contributors,
             train_loss = r.train_loss,
             eval_source = r.eval_source,
             eval_loss = r.eval_loss,
@@ -202,10 +206,16 @@ impl RoundRecord {
                 format!(" {name} ({:.2}× fp32)", wire as f64 / fp32.max(1) as f64)
             }
         };
+        // Tiered: how many training clients the aggregators' updates stand for.
+        let behind = if self.contributors != self.clients_reported as u64 {
+            format!(" ({} clients behind them)", self.contributors)
+        } else {
+            String::new()
+        };
         let down = codec(&self.compress_down, self.bytes_down, self.bytes_down_fp32);
         let up = codec(&self.compress_up, self.bytes_up, self.bytes_up_fp32);
         format!(
-            "round {:>w$}/{}{} | clients {}/{} ok, {} failed | train loss {:>6} | eval[{}] loss {:>6} acc {:>7} f1 {:>6}{fed}{privacy} | down {:>9}{down} up {:>9}{up}{full} | agg {:>4} ms | round {:>6.2} s",
+            "round {:>w$}/{}{} | clients {}/{} ok{behind}, {} failed | train loss {:>6} | eval[{}] loss {:>6} acc {:>7} f1 {:>6}{fed}{privacy} | down {:>9}{down} up {:>9}{up}{full} | agg {:>4} ms | round {:>6.2} s",
             self.round,
             self.rounds,
             if self.attempt > 1 {

@@ -65,6 +65,7 @@ impl From<Refusal> for Status {
         let msg = r.to_string();
         match r {
             Refusal::ProtocolMismatch { .. }
+            | Refusal::NoAggregators(_)
             | Refusal::RoundClosed { .. }
             | Refusal::AttemptClosed { .. }
             | Refusal::WrongKind { .. }
@@ -91,6 +92,7 @@ fn refused(metrics: &Metrics, r: Refusal) -> Status {
         | Refusal::NotYourTask { .. }
         | Refusal::WrongKind { .. }
         | Refusal::TaskFailed { .. }
+        | Refusal::NoAggregators(_)
         | Refusal::ProtocolMismatch { .. } => {
             tracing::warn!(target: fedtune_common::logging::NET, "refused a request: {r}");
         }

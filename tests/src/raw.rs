@@ -22,6 +22,7 @@ impl RawClient {
                 name: name.into(),
                 device: "test".into(),
                 num_examples: examples,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -44,6 +45,7 @@ impl RawClient {
                         name: name.into(),
                         device: "test".into(),
                         num_examples: examples,
+                        ..Default::default()
                     })
                     .await;
                 if let Ok(reply) = join {

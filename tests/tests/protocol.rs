@@ -58,6 +58,7 @@ async fn fedavg_exactly_once_and_clear_refusals_over_grpc() {
             name: "old".into(),
             device: "x".into(),
             num_examples: 1,
+            ..Default::default()
         })
         .await
         .unwrap_err();

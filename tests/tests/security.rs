@@ -242,6 +242,7 @@ async fn an_expired_client_certificate_is_refused_on_both_sides() {
             name: "site-a".into(),
             device: "flex".into(),
             num_examples: 10,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -376,6 +377,7 @@ async fn a_session_token_replayed_under_another_certificate_is_refused() {
             name: "whatever".into(),
             device: "flex".into(),
             num_examples: 10,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -409,6 +411,7 @@ async fn try_join(url: &str, name: &str) -> Result<String, tonic::Status> {
         name: name.into(),
         device: "test".into(),
         num_examples: 10,
+        ..Default::default()
     })
     .await
     .map(|r| r.into_inner().session_token)

@@ -21,17 +21,17 @@ mod privacy;
 mod secure_agg;
 mod security;
 mod text_model;
+mod upstream;
 mod validate;
 
-// The file's schema and parsing live in fedtune-settings (burn-free, fuzzed); merging with the
-// flags and validating against the model happen here.
-pub use fedtune_settings::{InitFile, InitTable, OnRoundFailure, ServeFile};
-
+// The file's schema and parsing: fedtune-settings (burn-free, fuzzed); merged and checked here.
 pub use compression::{Compression, CompressionArgs};
+pub use fedtune_settings::{InitFile, InitTable, OnRoundFailure, ServeFile};
 pub use privacy::{PrivacyArgs, PrivacyFile};
 pub use secure_agg::{SecAggSettings, SecureAggArgs, SecureAggFile};
 pub use security::{Security, SecurityArgs, SecurityFile, TlsFiles};
 pub use text_model::{TextModelArgs, TextModelFile};
+pub use upstream::UpstreamArgs;
 
 /// Flags of `fedtune-coordinator serve`. Each overrides the same key of `--config`.
 #[derive(Debug, Clone, Default, Args)]
@@ -77,6 +77,8 @@ pub struct ServeArgs {
     pub secure_agg: SecureAggArgs,
     #[command(flatten)]
     pub compression: CompressionArgs,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
     /// Rename the file's keys: REGEX=REPLACEMENT (repeatable, applied in order; after the
     /// `[init.remap]` rules of the config file).
     #[arg(long = "init-remap", value_name = "REGEX=REPLACEMENT")]
@@ -420,7 +422,7 @@ impl ServeArgs {
                 .min_evaluate_clients
                 .unwrap_or(file.min_evaluate_clients),
             evaluate_every: self.evaluate_every.unwrap_or(file.evaluate_every),
-            buffer_memory: mib_to_bytes(
+            buffer_memory: validate::mib_to_bytes(
                 "buffer_memory_mb",
                 self.buffer_memory_mb.unwrap_or(file.buffer_memory_mb),
             )?,
@@ -570,13 +572,6 @@ impl ServeConfig {
             None => self.strategy.kind.to_string(),
         }
     }
-}
-
-/// A size in MiB as bytes, refused where it does not fit (a shift would drop the high bits).
-fn mib_to_bytes(key: &str, mib: u64) -> anyhow::Result<u64> {
-    mib.checked_mul(1 << 20).with_context(|| {
-        format!("`{key}` = {mib} MiB is more than this machine can address: give a size in MiB")
-    })
 }
 
 /// `--freeze` resolved to exact names, plus the frozen base of LoRA adapters.

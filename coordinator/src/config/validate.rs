@@ -1,6 +1,6 @@
 //! Every `serve` value checked once, naming the key and what it must be.
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use fedtune_common::optim::OptimizerKind;
 
 use crate::strategy::StrategyKind;
@@ -181,4 +181,11 @@ impl ServeConfig {
         }
         Ok(())
     }
+}
+
+/// A size in MiB as bytes, refused where it does not fit (a shift would drop the high bits).
+pub(super) fn mib_to_bytes(key: &str, mib: u64) -> anyhow::Result<u64> {
+    mib.checked_mul(1 << 20).with_context(|| {
+        format!("`{key}` = {mib} MiB is more than this machine can address: give a size in MiB")
+    })
 }

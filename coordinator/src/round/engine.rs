@@ -271,6 +271,15 @@ impl Federation {
                 clients_selected: fit.selected,
                 clients_reported: fit.reports.len(),
                 clients_failed: fit.selected - fit.reports.len(),
+                contributors: fit
+                    .reports
+                    .iter()
+                    .map(|r| match r.metrics.get("contributors") {
+                        // An aggregator's count (a peer's figure: a sane one only).
+                        Some(&n) if n.is_finite() && n >= 1.0 => n as u64,
+                        _ => 1,
+                    })
+                    .sum(),
                 train_loss: weighted_mean(&fit.reports, "train_loss", |r| r.num_examples as f64),
                 eval_source: "clients",
                 eval_loss: None,
@@ -363,7 +372,7 @@ impl Federation {
         })
     }
 
-    fn clear_journal(&self) {
+    pub(super) fn clear_journal(&self) {
         if let Some(j) = &self.journal
             && let Err(e) = j.clear()
         {
@@ -372,7 +381,7 @@ impl Federation {
     }
 
     /// Why a closed training attempt cannot be aggregated, if it cannot.
-    fn round_failure(&self, plan: &FitPlan, fit: &Closed) -> Option<String> {
+    pub(super) fn round_failure(&self, plan: &FitPlan, fit: &Closed) -> Option<String> {
         if plan.count_whatever_arrives {
             return None;
         }
@@ -395,7 +404,7 @@ impl Federation {
     }
 
     /// The live clients, with how often each was selected for training (or evaluation).
-    fn candidates(&self, evaluation: bool) -> Vec<Candidate> {
+    pub(super) fn candidates(&self, evaluation: bool) -> Vec<Candidate> {
         let st = lock(&self.state);
         st.clients
             .live(LIVENESS_TIMEOUT)

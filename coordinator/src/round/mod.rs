@@ -43,6 +43,7 @@ use crate::telemetry::{Metrics, PhaseName, RefusalReason};
 
 mod engine;
 mod phases;
+mod relay;
 mod reopen;
 mod requests;
 mod secure;
@@ -50,6 +51,7 @@ mod secure_requests;
 mod status;
 mod uploads;
 
+pub use relay::{RelayTrain, RelayedEvaluation, RelayedFit};
 use secure::{SecAggPhase, SecAggSlot};
 
 /// How long NextTask holds a call open when there is nothing to do.
@@ -76,6 +78,8 @@ pub enum Refusal {
         "protocol version mismatch: client speaks {client}, coordinator speaks {server}; upgrade the older side"
     )]
     ProtocolMismatch { client: u32, server: u32 },
+    #[error("{0}")]
+    NoAggregators(String),
     #[error("unknown session token (the coordinator may have restarted): join again")]
     UnknownSession,
     #[error(
@@ -122,7 +126,7 @@ impl Refusal {
     /// The refusal as `fedtune_refused_total` counts it.
     pub fn reason(&self) -> RefusalReason {
         match self {
-            Self::ProtocolMismatch { .. } => RefusalReason::Unauthorized,
+            Self::ProtocolMismatch { .. } | Self::NoAggregators(_) => RefusalReason::Unauthorized,
             Self::UnknownSession => RefusalReason::UnknownSession,
             Self::Full { .. } => RefusalReason::Limit,
             Self::UnknownTask(_) => RefusalReason::UnknownTask,
@@ -370,6 +374,9 @@ pub struct Federation {
     pub upload_slots: Semaphore,
     /// The open training attempt's journal (`None` under secure aggregation).
     journal: Option<Journal>,
+    /// A tiered aggregator's: the parent's recipe its training tasks carry instead of this
+    /// coordinator's settings (`relay.rs`).
+    relayed: Mutex<Option<Box<pb::TrainConfig>>>,
 }
 
 /// What a finished run leaves behind.
@@ -431,6 +438,7 @@ impl Federation {
             )),
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
             journal: cfg.secure_agg.is_none().then(|| Journal::new(&cfg.out)),
+            relayed: Mutex::new(None),
             cfg,
         }
     }

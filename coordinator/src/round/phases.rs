@@ -149,8 +149,8 @@ impl Federation {
         drop(guard);
         match kind {
             PhaseKind::Fit { secure, .. } => info!(
-                "round {round}/{}{} started: {} of {live} live clients selected ({}), model v{model_version}, broadcast {}{}",
-                self.cfg.rounds,
+                "round {round}{}{} started: {} of {live} live clients selected ({}), model v{model_version}, broadcast {}{}",
+                self.of_rounds(),
                 if attempt > 1 {
                     format!(" (attempt {attempt})")
                 } else {
@@ -168,8 +168,8 @@ impl Federation {
                 }
             ),
             PhaseKind::Evaluate => info!(
-                "round {round}/{}: federated evaluation of model v{model_version} by {} of {live} live clients ({})",
-                self.cfg.rounds,
+                "round {round}{}: federated evaluation of model v{model_version} by {} of {live} live clients ({})",
+                self.of_rounds(),
                 clients.len(),
                 names.join(", ")
             ),
@@ -346,6 +346,14 @@ impl Federation {
                 stats: Arc::new(RoundStats::default()),
                 outcomes: Vec::new(),
             },
+        }
+    }
+
+    /// `/N` after a round number; nothing for a tiered aggregator, whose parent decides.
+    fn of_rounds(&self) -> String {
+        match self.cfg.rounds {
+            0 => String::new(),
+            n => format!("/{n}"),
         }
     }
 

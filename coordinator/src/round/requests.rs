@@ -14,6 +14,15 @@ impl Federation {
                 server: PROTOCOL_VERSION,
             });
         }
+        if req.aggregator
+            && let Some(why) = self.why_no_aggregators()
+        {
+            warn!("refused aggregator `{}`: {why}", req.name);
+            return Err(Refusal::NoAggregators(format!(
+                "{} cannot join as a tiered aggregator: {why}",
+                req.name
+            )));
+        }
         let mut st = lock(&self.state);
         let live = st.clients.live_count(LIVENESS_TIMEOUT);
         let max = self.cfg.limits.max_clients;
@@ -44,6 +53,33 @@ impl Federation {
             run_id: self.run_id.clone(),
             heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
         })
+    }
+
+    /// Why this run cannot take pre-aggregated updates from tiered aggregators, if it cannot:
+    /// a mean of means equals the mean of all updates only for rules that combine linearly,
+    /// and only where each update is not meant to be seen (masked, clipped) on its own.
+    fn why_no_aggregators(&self) -> Option<String> {
+        let strategy = self.cfg.strategy_name();
+        if !self.cfg.strategy.kind.is_linear() {
+            return Some(format!(
+                "this coordinator's strategy `{strategy}` weighs every client's update on its own (robust rule), which a pre-aggregated update hides; run the aggregators' clients against this coordinator directly, or use a linear strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad)"
+            ));
+        }
+        if self.cfg.secure_agg.is_some() {
+            return Some("this coordinator runs secure aggregation, which masks each client's update; an aggregator would have to see its clients' updates in the clear".into());
+        }
+        if let Some(dp) = &self.cfg.privacy
+            && dp.mode == crate::strategy::dp::DpMode::Central
+        {
+            return Some("this coordinator runs central differential privacy, whose accounting clips and samples each client's update; a pre-aggregated update would change what is protected (local DP, --dp local, works with aggregators)".into());
+        }
+        if let fedtune_common::codec::Codec::TopK(_) = self.cfg.compression.up {
+            return Some(format!(
+                "updates travel as `{}`, whose error feedback is per client; use fp16, bf16 or int8 with aggregators",
+                self.cfg.compression.up
+            ));
+        }
+        None
     }
 
     /// The operator removed the client of `token` (allow-list): its session ends, and its
@@ -162,34 +198,10 @@ impl Federation {
                 task_id: task_id.to_string(),
                 model_version: open.model_version,
                 model: Some(self.model_spec_pb()),
-                config: Some(pb::TrainConfig {
-                    local_epochs: self.cfg.local_epochs,
-                    batch_size: self.cfg.batch_size,
-                    // Server-side decay of the clients' learning rate across rounds.
-                    lr: self.cfg.lr * self.cfg.lr_round_decay.powi(open.round as i32 - 1),
-                    optimizer: self.cfg.optimizer.kind.to_string(),
-                    momentum: self.cfg.optimizer.momentum,
-                    nesterov: self.cfg.optimizer.nesterov,
-                    weight_decay: self.cfg.optimizer.weight_decay,
-                    lr_schedule: self.cfg.lr_schedule.to_string(),
-                    warmup_steps: self.cfg.warmup_steps,
-                    clip_norm: self.cfg.clip_norm,
-                    dropout: self.cfg.dropout,
-                    frozen: self.cfg.frozen.clone(),
-                    augment: Some(pb::Augmentation {
-                        crop_padding: self.cfg.augment.crop_padding as u32,
-                        flip: self.cfg.augment.flip,
-                        noise_std: f64::from(self.cfg.augment.noise_std),
-                    }),
-                    early_stopping_patience: self.cfg.early_stopping_patience,
-                    seed: self
-                        .cfg
-                        .seed
-                        .wrapping_add(open.round)
-                        .wrapping_add(u64::from(open.attempt - 1) << 32),
-                    proximal_mu,
-                    dp_clip_norm: local_dp.map_or(0.0, |d| d.clip),
-                    dp_noise_stddev: local_dp.map_or(0.0, |d| d.noise_stddev),
+                // A tiered aggregator hands on its parent's recipe.
+                config: Some(match lock(&self.relayed).as_deref() {
+                    Some(relayed) => relayed.clone(),
+                    None => self.train_config(open, proximal_mu, local_dp),
                 }),
                 upload: self.cfg.compression.up.to_proto(),
             }),
@@ -200,6 +212,44 @@ impl Federation {
                 model: Some(self.model_spec_pb()),
                 batch_size: EVAL_BATCH,
             }),
+        }
+    }
+
+    /// This coordinator's local recipe for a training task of `open`.
+    fn train_config(
+        &self,
+        open: &OpenPhase,
+        proximal_mu: f64,
+        local_dp: Option<LocalDp>,
+    ) -> pb::TrainConfig {
+        pb::TrainConfig {
+            local_epochs: self.cfg.local_epochs,
+            batch_size: self.cfg.batch_size,
+            // Server-side decay of the clients' learning rate across rounds.
+            lr: self.cfg.lr * self.cfg.lr_round_decay.powi(open.round as i32 - 1),
+            optimizer: self.cfg.optimizer.kind.to_string(),
+            momentum: self.cfg.optimizer.momentum,
+            nesterov: self.cfg.optimizer.nesterov,
+            weight_decay: self.cfg.optimizer.weight_decay,
+            lr_schedule: self.cfg.lr_schedule.to_string(),
+            warmup_steps: self.cfg.warmup_steps,
+            clip_norm: self.cfg.clip_norm,
+            dropout: self.cfg.dropout,
+            frozen: self.cfg.frozen.clone(),
+            augment: Some(pb::Augmentation {
+                crop_padding: self.cfg.augment.crop_padding as u32,
+                flip: self.cfg.augment.flip,
+                noise_std: f64::from(self.cfg.augment.noise_std),
+            }),
+            early_stopping_patience: self.cfg.early_stopping_patience,
+            seed: self
+                .cfg
+                .seed
+                .wrapping_add(open.round)
+                .wrapping_add(u64::from(open.attempt - 1) << 32),
+            proximal_mu,
+            dp_clip_norm: local_dp.map_or(0.0, |d| d.clip),
+            dp_noise_stddev: local_dp.map_or(0.0, |d| d.noise_stddev),
         }
     }
 

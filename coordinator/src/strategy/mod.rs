@@ -30,6 +30,7 @@ pub mod clipped_sum;
 pub mod dp;
 pub mod layout;
 pub mod mean;
+pub mod partial_mean;
 pub mod robust;
 pub mod sampling;
 pub mod server_opt;

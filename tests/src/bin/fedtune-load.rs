@@ -94,6 +94,7 @@ async fn client(url: &str, name: &str, examples: u64, counts: &Counts) -> anyhow
             name: name.into(),
             device: "load".into(),
             num_examples: examples,
+            ..Default::default()
         })
         .await
         .context("join")?

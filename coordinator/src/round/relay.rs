@@ -1,0 +1,245 @@
+//! A tiered aggregator's rounds (`serve --upstream`): the parent's task decides when a round
+//! runs and what it trains; these open it among this coordinator's own clients with the same
+//! phases as a root's round (wait for clients, open, wait for reports, close) and return what
+//! the parent gets instead of a server step: the example-weighted mean of the updates and
+//! their total examples, or the combined evaluation. `tier` carries them to the parent.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::strategy::layout::Layout;
+use crate::strategy::partial_mean::PartialMean;
+
+/// A parent's training task, relayed.
+pub struct RelayTrain {
+    pub round: u64,
+    /// Distinguishes a round the parent runs again (its retry) from the first time.
+    pub attempt: u32,
+    /// The parent's model version, which the clients' updates are computed against.
+    pub model_version: u64,
+    /// The parent's recipe, handed to every client as it is.
+    pub config: pb::TrainConfig,
+    pub global: Arc<TensorSet>,
+}
+
+/// What a relayed training round gathered.
+pub struct RelayedFit {
+    /// The example-weighted mean delta in the order of [`Federation::update_specs`]; `None`
+    /// when the round failed by this coordinator's round policy.
+    pub mean: Option<Vec<f32>>,
+    /// Why the round failed, when it did.
+    pub failure: Option<String>,
+    pub num_examples: u64,
+    /// The figures the parent reads from an update, combined as it would combine them.
+    pub metrics: HashMap<String, f64>,
+    pub selected: usize,
+    pub reported: usize,
+    pub bytes_down: u64,
+    pub bytes_up: u64,
+}
+
+/// What a relayed evaluation gathered: the examples and the example-weighted figures.
+pub struct RelayedEvaluation {
+    pub num_examples: u64,
+    pub metrics: HashMap<String, f64>,
+    pub selected: usize,
+    pub reported: usize,
+}
+
+impl Federation {
+    /// Runs the parent's training round among this coordinator's live clients.
+    pub async fn relay_train(&self, task: RelayTrain) -> anyhow::Result<RelayedFit> {
+        let RelayTrain {
+            round,
+            attempt,
+            model_version,
+            config,
+            global,
+        } = task;
+        let failed = |why: String| RelayedFit {
+            mean: None,
+            failure: Some(why),
+            num_examples: 0,
+            metrics: HashMap::new(),
+            selected: 0,
+            reported: 0,
+            bytes_down: 0,
+            bytes_up: 0,
+        };
+        if let Err(e) = self.wait_for_clients(round).await {
+            return Ok(failed(format!("{e:#}")));
+        }
+        let clients: Vec<String> = self.candidates(false).into_iter().map(|c| c.id).collect();
+        let broadcast = Arc::new(tokio::task::block_in_place(|| {
+            Broadcast::share(
+                &global,
+                model_version,
+                &self.cfg.frozen,
+                self.cfg.compression.down,
+            )
+        })?);
+        let kind = PhaseKind::Fit {
+            proximal_mu: config.proximal_mu,
+            local_dp: None,
+            secure: false,
+        };
+        // Before the phase opens: every task of it carries the parent's recipe.
+        *lock(&self.relayed) = Some(Box::new(config));
+        tokio::task::block_in_place(|| {
+            self.begin_journal(kind, round, attempt, &global, clients.len(), &clients)
+        })?;
+        drop(global);
+        let layout = Arc::new(Layout::new(&self.update_specs));
+        let serial = self.open_phase(
+            kind,
+            round,
+            attempt,
+            model_version,
+            broadcast,
+            &clients,
+            Some(Box::new(PartialMean::new(layout))),
+        );
+        self.wait_for_reports(serial, round, true).await;
+        let fit = self.close_phase(serial, round);
+        let aggregate = lock(&self.aggregate).take().filter(|a| a.serial == serial);
+        let combined = tokio::task::spawn_blocking(move || match aggregate {
+            Some(RoundAggregate { error: Some(e), .. }) => Err(e.to_string()),
+            Some(a) => a.aggregator.finish().map_err(|e| e.to_string()),
+            None => Ok(None),
+        })
+        .await?;
+        // The update goes to the parent; nothing here is resumed after a restart.
+        self.clear_journal();
+        let plan = FitPlan {
+            clients,
+            proximal_mu: 0.0,
+            local_dp: None,
+            count_whatever_arrives: false,
+        };
+        let failure = match (self.round_failure(&plan, &fit), &combined) {
+            (Some(why), _) => Some(why),
+            (None, Err(e)) => Some(e.clone()),
+            (None, Ok(None)) => Some("no update arrived".to_string()),
+            (None, Ok(Some(_))) => None,
+        };
+        let mut metrics = combine_fit_metrics(&fit.reports);
+        metrics.insert(
+            "leaves_failed".into(),
+            (fit.selected - fit.reports.len()) as f64,
+        );
+        Ok(RelayedFit {
+            mean: combined.ok().flatten().filter(|_| failure.is_none()),
+            failure,
+            num_examples: fit.reports.iter().map(|r| r.num_examples).sum(),
+            metrics,
+            selected: fit.selected,
+            reported: fit.reports.len(),
+            bytes_down: fit.stats.bytes_down.load(Ordering::Relaxed),
+            bytes_up: fit.stats.bytes_up.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Runs the parent's evaluation of model `model_version` among the live clients.
+    pub async fn relay_evaluate(
+        &self,
+        round: u64,
+        model_version: u64,
+        global: Arc<TensorSet>,
+    ) -> anyhow::Result<RelayedEvaluation> {
+        let clients: Vec<String> = self.candidates(true).into_iter().map(|c| c.id).collect();
+        if clients.is_empty() {
+            return Ok(RelayedEvaluation {
+                num_examples: 0,
+                metrics: HashMap::new(),
+                selected: 0,
+                reported: 0,
+            });
+        }
+        let broadcast = Arc::new(tokio::task::block_in_place(|| {
+            Broadcast::share(
+                &global,
+                model_version,
+                &self.cfg.frozen,
+                self.cfg.compression.down,
+            )
+        })?);
+        drop(global);
+        let serial = self.open_phase(
+            PhaseKind::Evaluate,
+            round,
+            1,
+            model_version,
+            broadcast,
+            &clients,
+            None,
+        );
+        self.wait_for_reports(serial, round, false).await;
+        let closed = self.close_phase(serial, round);
+        let (mut sum, mut total) = (HashMap::<String, f64>::new(), 0u64);
+        for r in &closed.reports {
+            total += r.num_examples;
+            for (k, v) in &r.metrics {
+                *sum.entry(k.clone()).or_default() += r.num_examples as f64 * v;
+            }
+        }
+        let metrics = sum
+            .into_iter()
+            .filter(|_| total > 0)
+            .map(|(k, s)| (k, s / total as f64))
+            .collect();
+        Ok(RelayedEvaluation {
+            num_examples: total,
+            metrics,
+            selected: closed.selected,
+            reported: closed.reports.len(),
+        })
+    }
+
+    /// The parent's run is over (or this aggregator stops): clients are told why.
+    pub async fn relay_finished(&self, reason: String) {
+        lock(&self.state).enter(Phase::Finished { reason });
+        self.changed.notify_waiters();
+        self.wait_for_goodbyes().await;
+    }
+}
+
+/// A training round's figures as one update carries them to the parent: each validation
+/// figure weighted by validation examples (their sum is `val_examples`), every other figure
+/// by training examples, times summed as the longest; `contributors` counts the clients
+/// behind the update (an aggregator below this one says how many it had).
+fn combine_fit_metrics(reports: &[ClientReport]) -> HashMap<String, f64> {
+    let mut sums: HashMap<String, (f64, f64)> = HashMap::new();
+    let mut out = HashMap::new();
+    let mut contributors = 0.0;
+    for r in reports {
+        let val_examples = r.metrics.get("val_examples").copied().unwrap_or(0.0);
+        contributors += r.metrics.get("contributors").copied().unwrap_or(1.0);
+        for (k, &v) in &r.metrics {
+            match k.as_str() {
+                "contributors" | "leaves_failed" => {}
+                "val_examples" => *out.entry(k.clone()).or_insert(0.0) += v,
+                k if k.ends_with("_ms") => {
+                    let longest = out.entry(k.to_string()).or_insert(0.0);
+                    *longest = f64::max(*longest, v);
+                }
+                k => {
+                    let w = if k.starts_with("val_") {
+                        val_examples
+                    } else {
+                        r.num_examples as f64
+                    };
+                    let s = sums.entry(k.to_string()).or_insert((0.0, 0.0));
+                    s.0 += w * v;
+                    s.1 += w;
+                }
+            }
+        }
+    }
+    for (k, (s, w)) in sums {
+        if w > 0.0 {
+            out.insert(k, s / w);
+        }
+    }
+    out.insert("contributors".into(), contributors);
+    out
+}
