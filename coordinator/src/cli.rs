@@ -49,6 +49,9 @@ enum Command {
     /// of synthetic models as real processes: round time, throughput, peak memory, against
     /// the targets; a table and a JSON file.
     Bench(crate::bench::BenchArgs),
+    /// Succeed only when a coordinator's metrics endpoint answers 200 at URL (e.g.
+    /// http://127.0.0.1:9464/readyz): a container health check without a shell.
+    Probe(crate::probe::ProbeArgs),
     /// Client tokens, for devices that cannot hold a client certificate.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -137,6 +140,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Embed(args) => embed_cmd::run(args),
         Command::Status(args) => runtime.block_on(status_cmd::run(args)),
         Command::Report(args) => report::run(args),
+        Command::Probe(args) => crate::probe::probe(&args),
         Command::Bench(args) => runtime.block_on(crate::bench::run(args)),
         Command::DpPlan(args) => dp_plan::run(args),
         Command::Token(TokenCommand::Add { name, file }) => {

@@ -24,6 +24,7 @@ pub mod hf_export;
 pub mod journal;
 pub mod limits;
 pub mod pretrain;
+pub mod probe;
 pub mod provision;
 pub mod report;
 pub mod round;

@@ -27,6 +27,15 @@ pub struct UpstreamArgs {
     /// name, URL).
     #[arg(long, value_name = "CLIENT_TOML")]
     pub upstream_kit: Option<PathBuf>,
+    /// The CA that issued the parent's certificate (PEM) [default: the kit's].
+    #[arg(long)]
+    pub upstream_ca_cert: Option<PathBuf>,
+    /// This aggregator's certificate for the parent's mutual TLS (PEM) [default: the kit's].
+    #[arg(long)]
+    pub upstream_cert: Option<PathBuf>,
+    /// Its private key (PEM) [default: the kit's].
+    #[arg(long)]
+    pub upstream_key: Option<PathBuf>,
     /// Dial the parent over plaintext http:// (a parent serving --insecure): trusted local
     /// tests only.
     #[arg(long)]
@@ -73,9 +82,9 @@ impl UpstreamArgs {
             coordinator,
             security: ClientSecurity {
                 insecure: self.upstream_insecure || kit.insecure,
-                ca_cert: kit.ca_cert,
-                cert: kit.cert,
-                key: kit.key,
+                ca_cert: self.upstream_ca_cert.clone().or(kit.ca_cert),
+                cert: self.upstream_cert.clone().or(kit.cert),
+                key: self.upstream_key.clone().or(kit.key),
                 server_name: kit.tls_server_name,
                 token_file: kit.token_file,
             },
