@@ -22,10 +22,14 @@ pub fn headline(s: &pb::RunStatus) -> String {
         .map(|d| format!(" · deadline in {}", seconds(d)))
         .unwrap_or_default();
     let live = s.clients.iter().filter(|c| c.state != "gone").count();
+    // A tiered aggregator's parent decides the rounds (0 here).
+    let of = match s.rounds {
+        0 => String::new(),
+        n => format!("/{n}"),
+    };
     let mut line = format!(
-        "round {}/{}{attempt} · {} for {}{deadline} · {} rounds done · {live} clients live ({} needed)",
+        "round {}{of}{attempt} · {} for {}{deadline} · {} rounds done · {live} clients live ({} needed)",
         s.round,
-        s.rounds,
         s.phase,
         seconds(s.seconds_in_phase),
         s.rounds_completed,
