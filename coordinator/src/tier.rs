@@ -42,6 +42,12 @@ pub async fn aggregate_until(
     listener: TcpListener,
     stop: impl Future<Output = String>,
 ) -> anyhow::Result<()> {
+    // The flags are checked in `UpstreamArgs::resolve`; these can also come from --config.
+    if cfg.secure_agg.is_some() || cfg.privacy.is_some() {
+        bail!(
+            "an aggregator (--upstream) takes privacy settings from its parent: remove `secure_aggregation` and `dp` from its --config"
+        );
+    }
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("cannot create --out {}", cfg.out.display()))?;
     info!(

@@ -70,14 +70,7 @@ impl Federation {
             return Ok(failed(format!("{e:#}")));
         }
         let clients: Vec<String> = self.candidates(false).into_iter().map(|c| c.id).collect();
-        let broadcast = Arc::new(tokio::task::block_in_place(|| {
-            Broadcast::share(
-                &global,
-                model_version,
-                &self.cfg.frozen,
-                self.cfg.compression.down,
-            )
-        })?);
+        let broadcast = self.relay_broadcast(&global, model_version)?;
         let kind = PhaseKind::Fit {
             proximal_mu: config.proximal_mu,
             local_dp: None,
@@ -155,14 +148,7 @@ impl Federation {
                 reported: 0,
             });
         }
-        let broadcast = Arc::new(tokio::task::block_in_place(|| {
-            Broadcast::share(
-                &global,
-                model_version,
-                &self.cfg.frozen,
-                self.cfg.compression.down,
-            )
-        })?);
+        let broadcast = self.relay_broadcast(&global, model_version)?;
         drop(global);
         let serial = self.open_phase(
             PhaseKind::Evaluate,
@@ -193,6 +179,22 @@ impl Federation {
             selected: closed.selected,
             reported: closed.reports.len(),
         })
+    }
+
+    /// The parent's model as this coordinator's clients receive it (`--compress-down` here).
+    fn relay_broadcast(
+        &self,
+        global: &Arc<TensorSet>,
+        model_version: u64,
+    ) -> anyhow::Result<Arc<Broadcast>> {
+        Ok(Arc::new(tokio::task::block_in_place(|| {
+            Broadcast::share(
+                global,
+                model_version,
+                &self.cfg.frozen,
+                self.cfg.compression.down,
+            )
+        })?))
     }
 
     /// The parent's run is over (or this aggregator stops): clients are told why.
