@@ -31,8 +31,8 @@ use crate::progress::{ProgressView, report_training};
 use crate::secure_agg::Contribution;
 use crate::task_config::{self, Caps};
 use crate::transfer::{
-    PendingUpload, TaskRef, UndeliveredUpdate, download, resend, spawn_heartbeat, undelivered,
-    upload,
+    PendingUpload, TaskRef, UndeliveredUpdate, decline, download, resend, spawn_heartbeat,
+    undelivered, upload,
 };
 
 /// Longest the coordinator may hold a NextTask call, plus slack.
@@ -224,7 +224,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
         };
         match task.kind {
             Some(Kind::Train(t)) => {
-                let round = t.round;
+                let (round, task_id) = (t.round, t.task_id.clone());
                 let held = Held {
                     frozen: &mut frozen_cache,
                     feedback: &mut feedback,
@@ -235,9 +235,18 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
                         report.updates_accepted += u64::from(accepted);
                         handed_back = next;
                     }
-                    Err(e) => {
-                        pending = after_task_error(e, &format!("round {round}"), &mut session)?
-                    }
+                    Err(e) => match after_task_error(e, &format!("round {round}"), &mut session) {
+                        Ok(p) => pending = p,
+                        Err(fatal) => {
+                            // The coordinator learns why now, not at the round's deadline.
+                            if let Some(s) = session.as_mut()
+                                && let Err(st) = decline(s, &task_id, &format!("{fatal:#}")).await
+                            {
+                                tracing::debug!("could not decline task `{task_id}`: {st}");
+                            }
+                            return Err(fatal);
+                        }
+                    },
                 }
             }
             Some(Kind::Evaluate(t)) => {

@@ -331,3 +331,18 @@ pub(crate) async fn upload(
         }
     }
 }
+
+/// Tells the coordinator this client cannot complete `task_id`, and why: the task fails now
+/// instead of at the round's deadline. Returns what the coordinator said.
+pub(crate) async fn decline(
+    s: &mut Session,
+    task_id: &str,
+    reason: &str,
+) -> Result<String, Status> {
+    let req = pb::DeclineRequest {
+        session_token: s.token.clone(),
+        task_id: task_id.to_string(),
+        reason: reason.to_string(),
+    };
+    Ok(s.rpc.decline_task(req).await?.into_inner().message)
+}

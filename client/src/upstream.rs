@@ -21,7 +21,7 @@ use crate::frozen_cache::FrozenCache;
 use crate::join::{JoinError, Joiner, join};
 use crate::session::{NEXT_TASK_TIMEOUT, Session, TRANSFER_ATTEMPTS};
 use crate::tls::{ClientAuth, ClientSecurity};
-use crate::transfer::{Heartbeat, TaskRef, download, spawn_heartbeat, upload};
+use crate::transfer::{Heartbeat, TaskRef, decline, download, spawn_heartbeat, upload};
 
 /// How to reach the parent coordinator.
 #[derive(Debug, Clone)]
@@ -196,6 +196,21 @@ impl Upstream {
             "round {}: the parent coordinator did not take the update after {TRANSFER_ATTEMPTS} tries",
             task.round
         )
+    }
+
+    /// Tells the parent this aggregator cannot complete `task_id` (its own round failed), so
+    /// the parent need not wait for its deadline. A parent without DeclineTask (UNIMPLEMENTED)
+    /// counts the task failed at its deadline instead; that is not an error.
+    pub async fn decline(&mut self, task_id: &str, reason: &str) -> anyhow::Result<String> {
+        let s = self.session().await?;
+        match decline(s, task_id, reason).await {
+            Ok(said) => Ok(said),
+            Err(st) if st.code() == Code::Unimplemented => Ok(
+                "the parent cannot be told (an older coordinator): it counts the task failed at its deadline".into(),
+            ),
+            Err(st) if refused(&st) || transient(&st) => Ok(format!("not taken: {}", st.message())),
+            Err(st) => Err(st.into()),
+        }
     }
 
     /// Reports an evaluation's figures (already combined over this aggregator's clients).

@@ -8,6 +8,8 @@
 //!
 //! Nothing is resumed here: an aggregator that dies mid-round loses that round's update, and
 //! its parent counts it failed by its own round policy (`accept_failures`, `min_fit_clients`).
+//! One whose own round fails declines the parent's task (DeclineTask), so the parent does not
+//! wait for its deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -203,10 +205,14 @@ async fn train(
         })
         .await?;
     let Some(mean) = fit.mean else {
+        let why = fit.failure.as_deref().unwrap_or("no update");
+        let said = up
+            .decline(&task.task_id, &format!("its round failed: {why}"))
+            .await
+            .unwrap_or_else(|e| format!("the parent could not be told: {e:#}"));
         warn!(
-            "aggregator round {}: {}; no update for the parent, which counts this aggregator as failed by its round policy",
-            task.round,
-            fit.failure.as_deref().unwrap_or("no update")
+            "aggregator round {}: {why}; no update for the parent, which counts this aggregator as failed by its round policy ({said})",
+            task.round
         );
         return Ok(());
     };

@@ -416,3 +416,69 @@ fn a_client_with_a_test_set_is_evaluated_on_all_of_it() {
     let row: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
     assert_eq!(row["fed_eval_examples"], 300, "{row}");
 }
+
+#[test]
+fn a_client_that_cannot_train_its_task_declines_it_naming_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = dir.path().join("out");
+    // Without the decline the round would wait 10 minutes for the client that cannot train.
+    let mut coordinator = Proc::spawn(
+        "coordinator",
+        coordinator_bin(),
+        &[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--rounds",
+            "1",
+            "--min-clients",
+            "2",
+            "--min-fit-clients",
+            "1",
+            "--round-timeout",
+            "10m",
+            "--model",
+            "mlp",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from),
+        dir.path(),
+    );
+    let good = client_args(port, &fashion_subset(), "edge-ok", &[]);
+    // A table of 64 features for a model of 28x28 images.
+    let digits = fedtune_tests::workspace_root().join("data/digits.csv");
+    let bad = client_args(port, &digits, "edge-table", &[]);
+    let mut clients = [
+        Proc::spawn("good", client_bin(), &good, dir.path()),
+        Proc::spawn("bad", client_bin(), &bad, dir.path()),
+    ];
+    coordinator.expect_success(Duration::from_secs(120));
+    clients[0].expect_success(Duration::from_secs(30));
+    assert!(
+        clients[1]
+            .wait(Duration::from_secs(30))
+            .is_some_and(|s| !s.success()),
+        "{}",
+        clients[1].output()
+    );
+    let row: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let declined = row["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["client"] == "edge-table")
+        .unwrap();
+    let reason = declined["reason"].as_str().unwrap();
+    assert!(reason.starts_with("declined: round 1: "), "{declined}");
+    eprintln!("{reason}");
+    assert!(row["round_ms"].as_u64().unwrap() < 60_000, "{row}");
+}

@@ -278,6 +278,67 @@ fn an_aggregator_dying_mid_round_fails_its_subtree_and_the_run_goes_on() {
 }
 
 #[test]
+fn an_aggregator_whose_round_fails_declines_and_the_root_does_not_wait_for_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let shares = client_shares(dir.path(), 500, 1, 1.0, 6);
+    let out = dir.path().join("root");
+    let root_port = free_port();
+    // The root would wait 10 minutes for a silent aggregator.
+    let mut root = Proc::spawn(
+        "root",
+        coordinator_bin(),
+        &root_args(
+            root_port,
+            &out,
+            2,
+            "10m",
+            &["--model", "mlp", "--min-fit-clients", "1"],
+        ),
+        dir.path(),
+    );
+    let mut procs = Vec::new();
+    for a in 0..2 {
+        let port = free_port();
+        let name = format!("agg{a}");
+        // agg1 has no clients: it gives up waiting for them after 2 s.
+        let args = aggregator_args(
+            port,
+            root_port,
+            &name,
+            &dir.path().join(&name),
+            &["--min-available-clients", "1", "--available-timeout", "2s"],
+        );
+        procs.push(Proc::spawn(&name, coordinator_bin(), &args, dir.path()));
+        if a == 0 {
+            procs.push(leaf(port, &shares[0], "leaf0", dir.path()));
+        }
+    }
+    root.expect_success(Duration::from_secs(120));
+    let rows = rows(&out);
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert_eq!(
+            (r["clients_reported"].as_u64(), r["clients_failed"].as_u64()),
+            (Some(1), Some(1)),
+            "{r}"
+        );
+        let agg1 = r["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["client"] == "agg1")
+            .unwrap();
+        let reason = agg1["reason"].as_str().unwrap();
+        assert_eq!(agg1["outcome"], "failed", "{agg1}");
+        assert!(
+            reason.starts_with("declined: its round failed: only 0 of the 1 clients needed"),
+            "{reason}"
+        );
+        assert!(r["round_ms"].as_u64().unwrap() < 60_000, "{r}");
+    }
+}
+
+#[test]
 fn a_root_with_a_robust_strategy_refuses_aggregators_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let root_port = free_port();

@@ -332,6 +332,58 @@ impl Federation {
     }
 
     /// Records a client's evaluation of the global model.
+    /// The client holding `task_id` cannot complete it (`reason`, a peer's words: cut to 500
+    /// characters, control characters dropped): the task fails now, so the round need not
+    /// wait for its deadline.
+    pub fn decline_task(
+        &self,
+        token: &str,
+        task_id: &str,
+        reason: &str,
+    ) -> Result<SubmitOutcome, Refusal> {
+        let reason: String = reason
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(500)
+            .collect();
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let (issued, client_name) = Self::task_of(st, token, task_id)?;
+        if st.counted.contains_key(task_id) {
+            return Err(Refusal::WrongKind {
+                task_id: task_id.to_string(),
+                is: "counted already",
+                hint: "a counted task cannot be declined",
+            });
+        }
+        let open = Self::open_for(&mut st.phase, st.current_round, issued.key(), task_id)?;
+        let Some(task) = open.tasks.get_mut(&issued.client_id) else {
+            return Err(Refusal::UnknownTask(task_id.to_string()));
+        };
+        match &task.status {
+            TaskStatus::Assigned => {}
+            TaskStatus::Uploading => return Err(Refusal::UploadInProgress(task_id.to_string())),
+            TaskStatus::Failed(reason) => {
+                return Err(Refusal::TaskFailed {
+                    task_id: task_id.to_string(),
+                    reason: reason.clone(),
+                });
+            }
+            TaskStatus::Reported => {
+                return Err(Refusal::WrongKind {
+                    task_id: task_id.to_string(),
+                    is: "reported already",
+                    hint: "a reported task cannot be declined",
+                });
+            }
+        }
+        warn!("{client_name} declined task `{task_id}`: {reason}");
+        task.status = TaskStatus::Failed(format!("declined: {reason}"));
+        drop(guard);
+        self.progress.notify_waiters();
+        Ok(SubmitOutcome::Accepted)
+    }
+
     pub fn evaluation_report(
         &self,
         token: &str,

@@ -8,16 +8,21 @@ use std::sync::Arc;
 use fedtune_common::tensors::check_specs;
 use fedtune_common::wire::{Assembler, WireError};
 use fedtune_common::wire_masked::masked_assembler;
-use fedtune_proto::admin_server::Admin as AdminRpc;
 use fedtune_proto::federation_server::Federation as FederationRpc;
-use fedtune_proto::{self as pb, model_frame, submit_reply::Outcome, update_frame};
+use fedtune_proto::{self as pb, model_frame, update_frame};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+mod admin;
+mod refusal;
+
+pub use admin::AdminService;
+use refusal::{refused, reply, update_reply};
+
 use crate::auth::{Denial, Gate, Identity, peer_identity};
 use crate::limits::Admission;
-use crate::round::{Federation, Refusal, SubmitOutcome, UpdateClaim};
-use crate::telemetry::{Metrics, RefusalReason};
+use crate::round::{Federation, Refusal, UpdateClaim};
+use crate::telemetry::RefusalReason;
 use crate::upload::{Guarded, StageFailure, Staging};
 use fedtune_common::codec::Codec;
 
@@ -34,92 +39,6 @@ impl FederationService {
             gate,
             admission,
         }
-    }
-}
-
-/// The `Admin` service: the run's status for operators, behind the gate's admin check.
-pub struct AdminService {
-    engine: Arc<Federation>,
-    gate: Arc<Gate>,
-}
-
-impl AdminService {
-    pub fn new(engine: Arc<Federation>, gate: Arc<Gate>) -> Self {
-        Self { engine, gate }
-    }
-}
-
-#[tonic::async_trait]
-impl AdminRpc for AdminService {
-    async fn get_status(
-        &self,
-        request: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::RunStatus>, Status> {
-        self.gate.admit_admin(&request)?;
-        Ok(Response::new(self.engine.status()))
-    }
-}
-
-impl From<Refusal> for Status {
-    fn from(r: Refusal) -> Self {
-        let msg = r.to_string();
-        match r {
-            Refusal::ProtocolMismatch { .. }
-            | Refusal::NoAggregators(_)
-            | Refusal::RoundClosed { .. }
-            | Refusal::AttemptClosed { .. }
-            | Refusal::WrongKind { .. }
-            | Refusal::TaskFailed { .. } => Status::failed_precondition(msg),
-            Refusal::Internal { .. } => Status::internal(msg),
-            Refusal::Full { .. } => Status::resource_exhausted(msg),
-            Refusal::UnknownSession => Status::unauthenticated(msg),
-            Refusal::UnknownTask(_) => Status::not_found(msg),
-            Refusal::NotYourTask { .. } => Status::permission_denied(msg),
-            Refusal::UploadInProgress(_) => Status::aborted(msg),
-            Refusal::Stopping => Status::unavailable(msg),
-            Refusal::InvalidUpdate { .. } | Refusal::SecAgg { .. } => Status::invalid_argument(msg),
-        }
-    }
-}
-
-/// A refusal of the engine as a gRPC status, counted by reason, and told in a WARN line where
-/// the engine has not told it already (late and invalid updates, a full federation).
-fn refused(metrics: &Metrics, r: Refusal) -> Status {
-    metrics.refused(r.reason());
-    match &r {
-        Refusal::UnknownSession
-        | Refusal::UnknownTask(_)
-        | Refusal::NotYourTask { .. }
-        | Refusal::WrongKind { .. }
-        | Refusal::TaskFailed { .. }
-        | Refusal::NoAggregators(_)
-        | Refusal::ProtocolMismatch { .. } => {
-            tracing::warn!(target: fedtune_common::logging::NET, "refused a request: {r}");
-        }
-        _ => {}
-    }
-    r.into()
-}
-
-/// The answer to a taken training update, counted.
-fn update_reply(metrics: &Metrics, outcome: SubmitOutcome, task_id: &str) -> pb::SubmitReply {
-    metrics.update_taken(matches!(outcome, SubmitOutcome::Duplicate { .. }));
-    reply(outcome, task_id)
-}
-
-/// The answer to a taken result.
-fn reply(outcome: SubmitOutcome, task_id: &str) -> pb::SubmitReply {
-    match outcome {
-        SubmitOutcome::Accepted => pb::SubmitReply {
-            outcome: Outcome::Accepted as i32,
-            message: format!("result of task `{task_id}` accepted"),
-        },
-        SubmitOutcome::Duplicate { round } => pb::SubmitReply {
-            outcome: Outcome::Duplicate as i32,
-            message: format!(
-                "result of task `{task_id}` was already counted in round {round}; this copy was ignored"
-            ),
-        },
     }
 }
 
@@ -497,6 +416,21 @@ impl FederationRpc for FederationService {
             .secagg_message(msg)
             .map_err(|r| self.refuse(r))?;
         Ok(Response::new(reply(outcome, &task_id)))
+    }
+
+    async fn decline_task(
+        &self,
+        request: Request<pb::DeclineRequest>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
+        let r = request.get_ref();
+        self.check(&request, &r.session_token)?;
+        self.engine
+            .decline_task(&r.session_token, &r.task_id, &r.reason)
+            .map_err(|e| self.refuse(e))?;
+        Ok(Response::new(pb::SubmitReply {
+            outcome: pb::submit_reply::Outcome::Accepted as i32,
+            message: format!("task `{}` counted as failed", r.task_id),
+        }))
     }
 
     async fn heartbeat(
