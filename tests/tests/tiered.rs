@@ -53,6 +53,13 @@ fn root_args(
     a
 }
 
+/// Starts the root on a free port, writing to `dir/root`: (the process, its port).
+fn start_root(dir: &Path, min_clients: usize, round_timeout: &str, extra: &[&str]) -> (Proc, u16) {
+    let port = free_port();
+    let args = root_args(port, &dir.join("root"), min_clients, round_timeout, extra);
+    (Proc::spawn("root", coordinator_bin(), &args, dir), port)
+}
+
 /// An aggregator named `name` under the root on `root_port`, serving its clients on `port`.
 fn aggregator_args(
     port: u16,
@@ -99,6 +106,35 @@ fn leaf(port: u16, data: &Path, name: &str, logs: &Path) -> Proc {
     )
 }
 
+/// One aggregator of a test: its own flags, its environment (a crash point) and its clients,
+/// each `(number, data)`: client `leaf<number>`.
+struct Agg<'a> {
+    extra: &'a [&'a str],
+    env: &'a [(&'a str, &'a str)],
+    leaves: Vec<(usize, &'a Path)>,
+}
+
+/// Starts `agg0`, `agg1`, ... under the root on `root_port`, each followed by its clients.
+fn start_aggregators(dir: &Path, root_port: u16, aggs: &[Agg]) -> Vec<Proc> {
+    let mut procs = Vec::new();
+    for (a, agg) in aggs.iter().enumerate() {
+        let port = free_port();
+        let name = format!("agg{a}");
+        let args = aggregator_args(port, root_port, &name, &dir.join(&name), agg.extra);
+        procs.push(Proc::spawn_with_env(
+            &name,
+            coordinator_bin(),
+            &args,
+            agg.env,
+            dir,
+        ));
+        for (l, data) in &agg.leaves {
+            procs.push(leaf(port, data, &format!("leaf{l}"), dir));
+        }
+    }
+    procs
+}
+
 /// Runs the flat federation of `shares` and returns its output folder.
 fn flat(dir: &Path, shares: &[PathBuf]) -> PathBuf {
     let out = dir.join("flat");
@@ -135,26 +171,15 @@ fn tiered_fedavg_equals_flat_fedavg_and_the_root_moves_one_update_per_aggregator
         &root_args(root_port, &tiered_out, 2, "120s", RECIPE),
         dir.path(),
     );
-    let mut procs = Vec::new();
-    for a in 0..2 {
-        let port = free_port();
-        let name = format!("agg{a}");
-        procs.push(Proc::spawn(
-            &name,
-            coordinator_bin(),
-            &aggregator_args(
-                port,
-                root_port,
-                &name,
-                &dir.path().join(&name),
-                &["--min-available-clients", "2"],
-            ),
-            dir.path(),
-        ));
-        for l in [2 * a, 2 * a + 1] {
-            procs.push(leaf(port, &shares[l], &format!("leaf{l}"), dir.path()));
-        }
-    }
+    let mut procs = start_aggregators(
+        dir.path(),
+        root_port,
+        &[0, 1].map(|a| Agg {
+            extra: &["--min-available-clients", "2"],
+            env: &[],
+            leaves: vec![(2 * a, &shares[2 * a]), (2 * a + 1, &shares[2 * a + 1])],
+        }),
+    );
     root.expect_success(Duration::from_secs(300));
     for p in &mut procs {
         p.expect_success(Duration::from_secs(30));
@@ -221,45 +246,30 @@ fn an_aggregator_dying_mid_round_fails_its_subtree_and_the_run_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let shares = client_shares(dir.path(), 1000, 2, 1.0, 4);
     let out = dir.path().join("root");
-    let root_port = free_port();
-    let mut root = Proc::spawn(
-        "root",
-        coordinator_bin(),
-        &root_args(
-            root_port,
-            &out,
-            2,
-            "20s",
-            &["--model", "mlp", "--min-fit-clients", "1"],
-        ),
+    let (mut root, root_port) = start_root(
         dir.path(),
+        2,
+        "20s",
+        &["--model", "mlp", "--min-fit-clients", "1"],
     );
-    let mut procs = Vec::new();
-    for (a, share) in shares.iter().enumerate() {
-        let port = free_port();
-        let name = format!("agg{a}");
-        let args = aggregator_args(
-            port,
-            root_port,
-            &name,
-            &dir.path().join(&name),
-            &["--min-available-clients", "1"],
-        );
-        // agg1 dies after its clients' round, before its update leaves.
-        let env: &[(&str, &str)] = if a == 1 {
-            &[("FEDTUNE_CRASH_AT", "relay-upload:1")]
-        } else {
-            &[]
-        };
-        procs.push(Proc::spawn_with_env(
-            &name,
-            coordinator_bin(),
-            &args,
-            env,
-            dir.path(),
-        ));
-        procs.push(leaf(port, share, &format!("leaf{a}"), dir.path()));
-    }
+    let one_client = ["--min-available-clients", "1"];
+    let mut procs = start_aggregators(
+        dir.path(),
+        root_port,
+        &[
+            Agg {
+                extra: &one_client,
+                env: &[],
+                leaves: vec![(0, &shares[0])],
+            },
+            // agg1 dies after its clients' round, before its update leaves.
+            Agg {
+                extra: &one_client,
+                env: &[("FEDTUNE_CRASH_AT", "relay-upload:1")],
+                leaves: vec![(1, &shares[1])],
+            },
+        ],
+    );
     root.expect_success(Duration::from_secs(240));
     assert!(
         procs[2].exited().is_some_and(|s| !s.success()),
@@ -282,37 +292,31 @@ fn an_aggregator_whose_round_fails_declines_and_the_root_does_not_wait_for_its_d
     let dir = tempfile::tempdir().unwrap();
     let shares = client_shares(dir.path(), 500, 1, 1.0, 6);
     let out = dir.path().join("root");
-    let root_port = free_port();
     // The root would wait 10 minutes for a silent aggregator.
-    let mut root = Proc::spawn(
-        "root",
-        coordinator_bin(),
-        &root_args(
-            root_port,
-            &out,
-            2,
-            "10m",
-            &["--model", "mlp", "--min-fit-clients", "1"],
-        ),
+    let (mut root, root_port) = start_root(
         dir.path(),
+        2,
+        "10m",
+        &["--model", "mlp", "--min-fit-clients", "1"],
     );
-    let mut procs = Vec::new();
-    for a in 0..2 {
-        let port = free_port();
-        let name = format!("agg{a}");
-        // agg1 has no clients: it gives up waiting for them after 2 s.
-        let args = aggregator_args(
-            port,
-            root_port,
-            &name,
-            &dir.path().join(&name),
-            &["--min-available-clients", "1", "--available-timeout", "2s"],
-        );
-        procs.push(Proc::spawn(&name, coordinator_bin(), &args, dir.path()));
-        if a == 0 {
-            procs.push(leaf(port, &shares[0], "leaf0", dir.path()));
-        }
-    }
+    let flags = ["--min-available-clients", "1", "--available-timeout", "2s"];
+    let _procs = start_aggregators(
+        dir.path(),
+        root_port,
+        &[
+            Agg {
+                extra: &flags,
+                env: &[],
+                leaves: vec![(0, &shares[0])],
+            },
+            // No clients: it gives up waiting for them after 2 s.
+            Agg {
+                extra: &flags,
+                env: &[],
+                leaves: vec![],
+            },
+        ],
+    );
     root.expect_success(Duration::from_secs(120));
     let rows = rows(&out);
     assert_eq!(rows.len(), 2);
@@ -341,19 +345,7 @@ fn an_aggregator_whose_round_fails_declines_and_the_root_does_not_wait_for_its_d
 #[test]
 fn a_root_with_a_robust_strategy_refuses_aggregators_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let root_port = free_port();
-    let _root = Proc::spawn(
-        "root",
-        coordinator_bin(),
-        &root_args(
-            root_port,
-            &dir.path().join("root"),
-            1,
-            "120s",
-            &["--strategy", "median"],
-        ),
-        dir.path(),
-    );
+    let (_root, root_port) = start_root(dir.path(), 1, "120s", &["--strategy", "median"]);
     let mut agg = Proc::spawn(
         "agg0",
         coordinator_bin(),
