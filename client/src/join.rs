@@ -8,9 +8,9 @@ use fedtune_proto::{self as pb, PROTOCOL_VERSION};
 use tonic::transport::Endpoint;
 use tracing::info;
 
-use crate::connection::transient;
+use crate::connection::{endpoint, transient};
 use crate::session::Session;
-use crate::tls::ClientAuth;
+use crate::tls::{ClientAuth, ClientSecurity};
 
 /// Who joins: a training client, or a tiered aggregator (`serve --upstream`).
 pub(crate) struct Joiner<'a> {
@@ -18,6 +18,16 @@ pub(crate) struct Joiner<'a> {
     pub name: &'a str,
     pub device: String,
     pub aggregator: bool,
+}
+
+/// The endpoint of `coordinator` with `security` (TLS from the kit, or plaintext by name) and
+/// the credentials every call carries.
+pub(crate) fn reach(
+    coordinator: &str,
+    security: &ClientSecurity,
+) -> anyhow::Result<(Endpoint, ClientAuth)> {
+    let endpoint = crate::tls::secure(endpoint(coordinator)?, coordinator, security)?;
+    Ok((endpoint, crate::tls::client_auth(coordinator, security)?))
 }
 
 /// Why a join did not give a session: worth another try (the coordinator may be starting or

@@ -20,12 +20,12 @@ use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::attack::Attack;
-use crate::connection::{Backoff, endpoint, refused, transient};
+use crate::connection::{Backoff, refused, transient};
 use crate::error_feedback::ErrorFeedback;
 use crate::evaluate_task::{EvalData, evaluate_round};
 use crate::fine_tune::{self, LocalUpdate, Split};
 use crate::frozen_cache::FrozenCache;
-use crate::join::{JoinError, Joiner, join};
+use crate::join::{JoinError, Joiner, join, reach};
 use crate::local_data::{Columns, LocalData};
 use crate::progress::{ProgressView, report_training};
 use crate::secure_agg::Contribution;
@@ -138,12 +138,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
         );
     }
 
-    let endpoint = crate::tls::secure(
-        endpoint(&opts.coordinator)?,
-        &opts.coordinator,
-        &opts.security,
-    )?;
-    let auth = crate::tls::client_auth(&opts.coordinator, &opts.security)?;
+    let (endpoint, auth) = reach(&opts.coordinator, &opts.security)?;
     let mut backoff = Backoff::new(opts.give_up_after);
     let joiner = Joiner {
         coordinator: &opts.coordinator,

@@ -16,9 +16,9 @@ use tonic::Code;
 use tonic::transport::Endpoint;
 use tracing::warn;
 
-use crate::connection::{BACKOFF_START, Backoff, endpoint, refused, transient};
+use crate::connection::{BACKOFF_START, Backoff, refused, transient};
 use crate::frozen_cache::FrozenCache;
-use crate::join::{JoinError, Joiner, join};
+use crate::join::{JoinError, Joiner, join, reach};
 use crate::session::{NEXT_TASK_TIMEOUT, Session, TRANSFER_ATTEMPTS};
 use crate::tls::{ClientAuth, ClientSecurity};
 use crate::transfer::{Heartbeat, TaskRef, decline, download, spawn_heartbeat, upload};
@@ -58,12 +58,7 @@ pub struct Delivered {
 
 impl Upstream {
     pub fn new(opts: UpstreamOptions) -> anyhow::Result<Self> {
-        let endpoint = crate::tls::secure(
-            endpoint(&opts.coordinator)?,
-            &opts.coordinator,
-            &opts.security,
-        )?;
-        let auth = crate::tls::client_auth(&opts.coordinator, &opts.security)?;
+        let (endpoint, auth) = reach(&opts.coordinator, &opts.security)?;
         Ok(Self {
             backoff: Backoff::new(opts.give_up_after),
             opts,

@@ -97,9 +97,23 @@ async fn relay(
                 let _heartbeat = up
                     .heartbeat(format!("aggregating round {}", task.round))
                     .await?;
-                let global = up
+                let global = match up
                     .fetch_model(&task.task_id, task.round, &spec, &config.frozen)
-                    .await?;
+                    .await
+                {
+                    Ok(g) => g,
+                    // The download was already retried: this round goes on without this
+                    // subtree, and the aggregator asks for the next task.
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        let said = up
+                            .decline(&task.task_id, &why)
+                            .await
+                            .unwrap_or_else(|e| format!("the parent could not be told: {e:#}"));
+                        warn!("aggregator round {}: {why} ({said})", task.round);
+                        continue;
+                    }
+                };
                 if below.is_none() {
                     cfg.model = spec.clone();
                     cfg.frozen = config.frozen.clone();
@@ -137,13 +151,23 @@ async fn relay(
             Some(Kind::Evaluate(task)) => {
                 let (examples, metrics) = match below.as_ref() {
                     Some(b) => {
-                        let frozen = up.frozen_held();
-                        let global = up
-                            .fetch_model(&task.task_id, task.round, &b.spec, &frozen)
-                            .await?;
                         let _heartbeat = up
                             .heartbeat(format!("evaluating round {}", task.round))
                             .await?;
+                        let frozen = up.frozen_held();
+                        let global = match up
+                            .fetch_model(&task.task_id, task.round, &b.spec, &frozen)
+                            .await
+                        {
+                            Ok(g) => g,
+                            Err(e) => {
+                                warn!(
+                                    "aggregator round {} evaluation: {e:#}; the parent goes on without it",
+                                    task.round
+                                );
+                                continue;
+                            }
+                        };
                         let e = b
                             .engine
                             .relay_evaluate(task.round, task.model_version, Arc::new(global))

@@ -165,16 +165,7 @@ impl Federation {
                 // Combine (heavy: off the async threads).
                 let combined: Result<Option<Vec<f32>>, String> = match secure {
                     Some(result) => result,
-                    None => {
-                        let aggregate = lock(&self.aggregate).take().filter(|a| a.serial == serial);
-                        tokio::task::spawn_blocking(move || match aggregate {
-                            Some(RoundAggregate { error: Some(e), .. }) => Err(e),
-                            Some(a) => a.aggregator.finish(),
-                            None => Ok(None),
-                        })
-                        .await?
-                        .map_err(|e| e.to_string())
-                    }
+                    None => self.finish_aggregate(serial).await?,
                 };
                 let aggregate_ms = agg_started.elapsed().as_millis() as u64;
                 let failure = match (&combined, self.round_failure(&plan, &fit)) {
@@ -253,10 +244,7 @@ impl Federation {
                 let reports: Vec<EvalReport> = closed
                     .reports
                     .into_iter()
-                    .map(|r| EvalReport {
-                        num_examples: r.num_examples,
-                        metrics: r.metrics,
-                    })
+                    .map(ClientReport::into_eval)
                     .collect();
                 fed_eval = Some(strategy.aggregate_evaluate(&reports));
             }
@@ -271,15 +259,7 @@ impl Federation {
                 clients_selected: fit.selected,
                 clients_reported: fit.reports.len(),
                 clients_failed: fit.selected - fit.reports.len(),
-                contributors: fit
-                    .reports
-                    .iter()
-                    .map(|r| match r.metrics.get("contributors") {
-                        // An aggregator's count (a peer's figure: a sane one only).
-                        Some(&n) if n.is_finite() && n >= 1.0 => n as u64,
-                        _ => 1,
-                    })
-                    .sum(),
+                contributors: fit.reports.iter().map(ClientReport::contributors).sum(),
                 train_loss: weighted_mean(&fit.reports, "train_loss", |r| r.num_examples as f64),
                 eval_source: "clients",
                 eval_loss: None,
@@ -370,6 +350,23 @@ impl Federation {
             global_path: run_dir.global_path(),
             metrics_path: run_dir.metrics_path(),
         })
+    }
+
+    /// Takes phase `serial`'s aggregator (waiting for an update being folded in) and combines
+    /// it off the async threads: the combined delta, `None` when nothing was accepted, or why
+    /// it could not be combined.
+    pub(super) async fn finish_aggregate(
+        &self,
+        serial: u64,
+    ) -> anyhow::Result<Result<Option<Vec<f32>>, String>> {
+        let aggregate = lock(&self.aggregate).take().filter(|a| a.serial == serial);
+        Ok(tokio::task::spawn_blocking(move || match aggregate {
+            Some(RoundAggregate { error: Some(e), .. }) => Err(e),
+            Some(a) => a.aggregator.finish(),
+            None => Ok(None),
+        })
+        .await?
+        .map_err(|e| e.to_string()))
     }
 
     pub(super) fn clear_journal(&self) {

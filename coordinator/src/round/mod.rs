@@ -248,6 +248,25 @@ struct ClientReport {
     metrics: HashMap<String, f64>,
 }
 
+impl ClientReport {
+    /// An evaluation's report as the strategy combines it.
+    fn into_eval(self) -> EvalReport {
+        EvalReport {
+            num_examples: self.num_examples,
+            metrics: self.metrics,
+        }
+    }
+
+    /// The training clients behind this report: 1, or a tiered aggregator's count (a peer's
+    /// figure: a sane one only).
+    fn contributors(&self) -> u64 {
+        match self.metrics.get("contributors") {
+            Some(&n) if n.is_finite() && n >= 1.0 => n as u64,
+            _ => 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum PhaseKind {
     Fit {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::*;
 use crate::strategy::layout::Layout;
 use crate::strategy::partial_mean::PartialMean;
+use crate::strategy::weighted_eval;
 
 /// A parent's training task, relayed.
 pub struct RelayTrain {
@@ -94,13 +95,7 @@ impl Federation {
         );
         self.wait_for_reports(serial, round, true).await;
         let fit = self.close_phase(serial, round);
-        let aggregate = lock(&self.aggregate).take().filter(|a| a.serial == serial);
-        let combined = tokio::task::spawn_blocking(move || match aggregate {
-            Some(RoundAggregate { error: Some(e), .. }) => Err(e.to_string()),
-            Some(a) => a.aggregator.finish().map_err(|e| e.to_string()),
-            None => Ok(None),
-        })
-        .await?;
+        let combined = self.finish_aggregate(serial).await?;
         // The update goes to the parent; nothing here is resumed after a restart.
         self.clear_journal();
         let plan = FitPlan {
@@ -116,10 +111,9 @@ impl Federation {
             (None, Ok(Some(_))) => None,
         };
         let mut metrics = combine_fit_metrics(&fit.reports);
-        metrics.insert(
-            "leaves_failed".into(),
-            (fit.selected - fit.reports.len()) as f64,
-        );
+        // This level's failures and those of the aggregators below it.
+        *metrics.entry("leaves_failed".into()).or_default() +=
+            (fit.selected - fit.reports.len()) as f64;
         Ok(RelayedFit {
             mean: combined.ok().flatten().filter(|_| failure.is_none()),
             failure,
@@ -161,23 +155,29 @@ impl Federation {
         );
         self.wait_for_reports(serial, round, false).await;
         let closed = self.close_phase(serial, round);
-        let (mut sum, mut total) = (HashMap::<String, f64>::new(), 0u64);
-        for r in &closed.reports {
-            total += r.num_examples;
-            for (k, v) in &r.metrics {
-                *sum.entry(k.clone()).or_default() += r.num_examples as f64 * v;
-            }
-        }
-        let metrics = sum
+        let reports: Vec<EvalReport> = closed
+            .reports
             .into_iter()
-            .filter(|_| total > 0)
-            .map(|(k, s)| (k, s / total as f64))
+            .map(ClientReport::into_eval)
             .collect();
+        // Combined as the parent combines them (`weighted_eval`), so the tree's figures are
+        // the flat ones.
+        let e = weighted_eval(&reports);
+        let metrics = [
+            ("loss", e.loss),
+            ("accuracy", e.accuracy),
+            ("precision", e.precision),
+            ("recall", e.recall),
+            ("f1", e.f1),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), v?)))
+        .collect();
         Ok(RelayedEvaluation {
-            num_examples: total,
+            num_examples: e.examples,
             metrics,
             selected: closed.selected,
-            reported: closed.reports.len(),
+            reported: e.clients,
         })
     }
 
@@ -207,19 +207,18 @@ impl Federation {
 
 /// A training round's figures as one update carries them to the parent: each validation
 /// figure weighted by validation examples (their sum is `val_examples`), every other figure
-/// by training examples, times summed as the longest; `contributors` counts the clients
-/// behind the update (an aggregator below this one says how many it had).
+/// by training examples, times as the longest; counts (`val_examples`, `leaves_failed` of
+/// aggregators below) summed; `contributors` counts the clients behind the update (an
+/// aggregator below this one says how many it had).
 fn combine_fit_metrics(reports: &[ClientReport]) -> HashMap<String, f64> {
     let mut sums: HashMap<String, (f64, f64)> = HashMap::new();
     let mut out = HashMap::new();
-    let mut contributors = 0.0;
     for r in reports {
         let val_examples = r.metrics.get("val_examples").copied().unwrap_or(0.0);
-        contributors += r.metrics.get("contributors").copied().unwrap_or(1.0);
         for (k, &v) in &r.metrics {
             match k.as_str() {
-                "contributors" | "leaves_failed" => {}
-                "val_examples" => *out.entry(k.clone()).or_insert(0.0) += v,
+                "contributors" => {}
+                "val_examples" | "leaves_failed" => *out.entry(k.clone()).or_insert(0.0) += v,
                 k if k.ends_with("_ms") => {
                     let longest = out.entry(k.to_string()).or_insert(0.0);
                     *longest = f64::max(*longest, v);
@@ -242,6 +241,7 @@ fn combine_fit_metrics(reports: &[ClientReport]) -> HashMap<String, f64> {
             out.insert(k, s / w);
         }
     }
-    out.insert("contributors".into(), contributors);
+    let contributors: u64 = reports.iter().map(ClientReport::contributors).sum();
+    out.insert("contributors".into(), contributors as f64);
     out
 }

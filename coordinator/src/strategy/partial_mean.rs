@@ -82,22 +82,26 @@ mod tests {
     }
 
     #[test]
-    fn the_mean_is_weighted_by_examples_and_rounded_once() {
-        let specs = update(vec![0.0; 3]).specs;
+    fn the_mean_is_weighted_by_examples() {
+        let specs = update(vec![0.0; 2]).specs;
         let mut agg: Box<dyn Aggregator> =
             Box::new(PartialMean::new(Arc::new(Layout::new(&specs))));
-        // 1e8 + 1 is not an f32: only an f64 accumulator keeps the small term.
-        agg.accept("a", &update(vec![1.0, 1e8, -2.0]), 3).unwrap();
-        agg.accept("b", &update(vec![0.1, 1.0, 4.0]), 1).unwrap();
-        let mean = agg.finish().unwrap().unwrap();
-        let want = [
-            (3.0 * 1.0 + 0.1f32 as f64) / 4.0,
-            (3.0 * 1e8 + 1.0) / 4.0,
-            (3.0 * -2.0 + 4.0) / 4.0,
-        ];
-        for (got, want) in mean.iter().zip(want) {
-            assert_eq!(*got, want as f32);
+        agg.accept("a", &update(vec![1.0, -2.0]), 3).unwrap();
+        agg.accept("b", &update(vec![0.5, 4.0]), 1).unwrap();
+        assert_eq!(agg.finish().unwrap().unwrap(), vec![0.875, -0.5]);
+    }
+
+    #[test]
+    fn the_mean_keeps_what_an_f32_sum_would_lose() {
+        // In f32, 2^24 + 1 is 2^24, so the sum would be 0 and the mean 0; only an f64 sum
+        // keeps the 1, as flat FedAvg over these three clients would.
+        let specs = update(vec![0.0]).specs;
+        let mut agg: Box<dyn Aggregator> =
+            Box::new(PartialMean::new(Arc::new(Layout::new(&specs))));
+        for v in [16_777_216.0, 1.0, -16_777_216.0] {
+            agg.accept("c", &update(vec![v]), 1).unwrap();
         }
+        assert_eq!(agg.finish().unwrap().unwrap(), vec![1.0f32 / 3.0]);
     }
 
     #[test]
