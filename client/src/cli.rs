@@ -152,6 +152,11 @@ struct RunArgs {
     /// Never run more local epochs than this per round, whatever the coordinator asks.
     #[arg(long)]
     max_epochs: Option<u32>,
+    /// Where this client keeps what outlives a round (SCAFFOLD's control variate) [default:
+    /// $STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/fedtune/NAME, else
+    /// ~/.local/state/fedtune/NAME].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// TEST TOOL for robustness experiments: tamper with every update this client sends
     /// (sign-flip, scale:K, noise:SIGMA). Never use it in a real federation.
     #[arg(long)]
@@ -194,6 +199,7 @@ pub fn main() -> anyhow::Result<()> {
         server_name: args.tls_server_name.or(kit.tls_server_name),
         token_file: args.token_file.or(kit.token_file),
     };
+    let state_dir = args.state_dir.unwrap_or_else(|| default_state_dir(&name));
     let opts = ClientOptions {
         coordinator,
         security,
@@ -214,6 +220,7 @@ pub fn main() -> anyhow::Result<()> {
         text_column: args.text_column,
         tokenizer: args.tokenizer,
         test_data: args.test_data,
+        state_dir,
         caps: Caps {
             max_batch_size: args.max_batch_size.filter(|&n| n > 0),
             max_epochs: args.max_epochs.filter(|&n| n > 0),
@@ -228,6 +235,33 @@ pub fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(session::run(opts))?;
     Ok(())
+}
+
+/// `--state-dir` when none is given: systemd's `StateDirectory=`, else the XDG state folder,
+/// one folder per client name.
+fn default_state_dir(name: &str) -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = env("STATE_DIRECTORY") {
+        return dir;
+    }
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let base = env("XDG_STATE_HOME")
+        .or_else(|| env("HOME").map(|h| h.join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from(".fedtune-state"));
+    base.join("fedtune").join(safe)
 }
 
 fn bench_step(args: BenchArgs) -> anyhow::Result<()> {

@@ -71,9 +71,10 @@ pub(crate) async fn evaluate_round(
                 },
                 &spec,
                 cache.offer(&frozen),
+                &[],
             )
             .await?;
-            let global = cache.complete(payload, &spec, &frozen)?;
+            let global = cache.complete(payload.into_tensor_set()?, &spec, &frozen)?;
             let (device, batch) = (opts.device, task.batch_size.max(1) as usize);
             tokio::task::block_in_place(|| {
                 let split = Split {

@@ -36,7 +36,8 @@ pub const FIXED_DELTA: f32 = 1e-3;
 pub struct LocalUpdate {
     pub delta: TensorSet,
     pub num_examples: u64,
-    /// train_loss, val_loss, val_accuracy, val_precision, val_recall, val_f1, val_examples, train_ms.
+    /// train_loss, val_loss, val_accuracy, val_precision, val_recall, val_f1, val_examples, train_ms,
+    /// epochs_run, step_weight.
     pub metrics: HashMap<String, f64>,
 }
 
@@ -99,6 +100,7 @@ pub fn fine_tune(
         ("val_examples".to_string(), m.examples as f64),
         ("train_ms".to_string(), train_ms),
         ("epochs_run".to_string(), f64::from(outcome.epochs_run)),
+        ("step_weight".to_string(), outcome.step_weight),
     ]);
     Ok(LocalUpdate {
         delta,
@@ -153,6 +155,7 @@ pub fn fixed_update(specs: &[TensorSpec], num_examples: u64) -> anyhow::Result<L
     Ok(LocalUpdate {
         delta: TensorSet::new(tensors)?,
         num_examples,
-        metrics: HashMap::new(),
+        // As if one step at rate 1 had moved every parameter by the fixed delta.
+        metrics: HashMap::from([("step_weight".to_string(), 1.0)]),
     })
 }

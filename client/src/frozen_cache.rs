@@ -5,7 +5,6 @@
 use anyhow::{Context, bail};
 use fedtune_common::models::ModelSpec;
 use fedtune_common::tensors::TensorSet;
-use fedtune_common::wire::Payload;
 
 #[derive(Default)]
 pub struct FrozenCache {
@@ -36,12 +35,11 @@ impl FrozenCache {
     /// held from a complete download.
     pub fn complete(
         &mut self,
-        payload: Payload,
+        received: TensorSet,
         spec: &ModelSpec,
         frozen: &[String],
     ) -> anyhow::Result<TensorSet> {
         let expected = spec.specs();
-        let received = payload.into_tensor_set()?;
         let global = if received.check_matches(&expected).is_ok() {
             received
         } else {

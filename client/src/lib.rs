@@ -7,7 +7,8 @@
 //!   `connection` and [`tls`] (from `fedtune-connect`): the endpoint, TLS from the kit,
 //!   retryable failures and backoff.
 //! - [`fine_tune`]: a Train task -> a delta and metrics (no gRPC); [`task_config`]: the task's
-//!   training settings, checked and capped.
+//!   training settings, checked and capped; [`control_variate`]: SCAFFOLD's client variate,
+//!   kept on disk across rounds.
 //! - [`local_data`]: the private data and its validation split; [`progress`]: what a user sees.
 //! - [`upstream`]: a session with a parent coordinator for a tiered aggregator (`serve
 //!   --upstream`), on the same join, transfer and heartbeat code.
@@ -16,6 +17,7 @@
 pub mod attack;
 pub mod bench;
 pub mod cli;
+pub mod control_variate;
 pub mod error_feedback;
 mod evaluate_task;
 pub mod fine_tune;

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::attack::Attack;
 use crate::connection::{Backoff, refused, transient};
+use crate::control_variate::{VariateStore, server_variate_specs};
 use crate::error_feedback::ErrorFeedback;
 use crate::evaluate_task::{EvalData, evaluate_round};
 use crate::fine_tune::{self, LocalUpdate, Split};
@@ -77,6 +78,8 @@ pub struct ClientOptions {
     /// A local test set: federated evaluation measures the global model on it (all of it)
     /// instead of on the validation split.
     pub test_data: Option<PathBuf>,
+    /// What this client keeps between rounds and restarts (SCAFFOLD's control variate).
+    pub state_dir: PathBuf,
 }
 
 /// What the client did over the run.
@@ -150,6 +153,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
     let mut session: Option<Session> = None;
     let mut frozen_cache = FrozenCache::default();
     let mut feedback = ErrorFeedback::default();
+    let variates = VariateStore::new(opts.state_dir.clone());
     // A task the coordinator sent while this client was inside secure aggregation.
     let mut handed_back: Option<pb::Task> = None;
     // An update not delivered because the coordinator was away: sent again first.
@@ -172,11 +176,12 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
             },
         };
         if let Some(p) = pending.take() {
-            let round = p.task.round;
+            let (round, task_id) = (p.task.round, p.task.task_id.clone());
             match resend(s, p).await {
                 Ok((accepted, message)) => {
                     info!("{} round {round}: update sent again: {message}", opts.name);
                     report.updates_accepted += u64::from(accepted);
+                    keep_variate(&variates, accepted, &task_id)?;
                 }
                 Err(e) => {
                     pending = after_task_error(e, &format!("round {round}"), &mut session)?;
@@ -223,6 +228,7 @@ pub async fn run(opts: ClientOptions) -> anyhow::Result<RunReport> {
                 let held = Held {
                     frozen: &mut frozen_cache,
                     feedback: &mut feedback,
+                    variates: &variates,
                 };
                 match train_round(s, t, &opts, data.as_ref(), held).await {
                     Ok((accepted, next)) => {
@@ -341,6 +347,18 @@ fn after_task_error(
 struct Held<'a> {
     frozen: &'a mut FrozenCache,
     feedback: &'a mut ErrorFeedback,
+    variates: &'a VariateStore,
+}
+
+/// SCAFFOLD: the variate staged for `task_id` becomes the client's once its update is counted,
+/// and is dropped when it was refused.
+fn keep_variate(store: &VariateStore, accepted: bool, task_id: &str) -> anyhow::Result<()> {
+    if accepted {
+        store.commit(task_id)
+    } else {
+        store.discard();
+        Ok(())
+    }
 }
 
 async fn train_round(
@@ -366,6 +384,16 @@ async fn train_round(
         .as_ref()
         .map(|c| c.frozen.clone())
         .unwrap_or_default();
+    // SCAFFOLD: the server's control variate follows the model.
+    let variate_key = task
+        .config
+        .as_ref()
+        .map(|c| c.control_variate.clone())
+        .filter(|k| !k.is_empty());
+    let with_model = match &variate_key {
+        Some(_) => server_variate_specs(&spec.specs(), &frozen),
+        None => Vec::new(),
+    };
     let payload = download(
         s,
         TaskRef {
@@ -374,6 +402,7 @@ async fn train_round(
         },
         &spec,
         cache.offer(&frozen),
+        &with_model,
     )
     .await?;
     fedtune_common::crash_point::reached("train");
@@ -396,11 +425,15 @@ async fn train_round(
         .context("train task without a training config")?;
     // Different clients shuffle differently within a round, the same way in every run.
     let seed = cfg.seed ^ opts.seed.rotate_left(17) ^ fxhash(&opts.name);
-    let (settings, dropout) = task_config::settings_from(&cfg, opts.caps, seed, &opts.name)?;
+    let (mut settings, dropout) = task_config::settings_from(&cfg, opts.caps, seed, &opts.name)?;
     let local_dp = task_config::local_dp_from(&cfg)?;
 
     let started = std::time::Instant::now();
+    let mut variates = None;
     let update = match (opts.train, data) {
+        (TrainMode::None, _) if variate_key.is_some() => {
+            bail!("SCAFFOLD trains with a control variate: run this client with --train full")
+        }
         (TrainMode::None, _) => {
             // The download was verified; free it before building the fixed delta.
             let Payload { specs, bytes, .. } = payload;
@@ -419,7 +452,14 @@ async fn train_round(
                 );
             }
             let examples = data.examples_for(&spec)?;
-            let global = cache.complete(payload, &spec, &frozen)?;
+            let mut received = payload.into_tensor_set()?;
+            if let Some(key) = &variate_key {
+                let (model, round) = held.variates.begin(key, received)?;
+                settings.correction = Some(round.correction(&model)?);
+                received = model;
+                variates = Some(round);
+            }
+            let global = cache.complete(received, &spec, &frozen)?;
             let (device, bar, round, name) = (
                 opts.device,
                 opts.progress_bar,
@@ -449,6 +489,15 @@ async fn train_round(
     };
     let mut update = update?;
     let train_s = started.elapsed().as_secs_f64();
+    if let Some(v) = &variates {
+        let step_weight = update
+            .metrics
+            .get("step_weight")
+            .copied()
+            .unwrap_or(f64::NAN);
+        let next = v.next(&update.delta, step_weight)?;
+        held.variates.stage(&task.task_id, &v.key, &next)?;
+    }
     if let Some((clip, sigma)) = local_dp {
         let norm = fedtune_common::dp::privatize(&mut update.delta, clip, sigma);
         info!(
@@ -533,6 +582,9 @@ async fn train_round(
     let codec = update.codec;
     if accepted {
         held.feedback.counted(update);
+    }
+    if variates.is_some() {
+        keep_variate(held.variates, accepted, &task.task_id)?;
     }
     let up_codec = match codec {
         Codec::F32 => String::new(),

@@ -83,6 +83,7 @@ pub fn settings_from(
         frozen: cfg.frozen.clone(),
         seed,
         proximal_mu: finite_nonneg(cfg.proximal_mu, "proximal_mu")?,
+        correction: None,
     };
     Ok((settings, dropout))
 }

@@ -83,8 +83,11 @@ pub(crate) async fn download(
     task: TaskRef<'_>,
     spec: &ModelSpec,
     frozen: Option<(u64, &[String])>,
+    with_model: &[TensorSpec],
 ) -> anyhow::Result<Payload> {
-    let expected = spec.specs();
+    // What the strategy sends after the model (SCAFFOLD's server variate) is never frozen.
+    let mut expected = spec.specs();
+    expected.extend_from_slice(with_model);
     let limit: u64 = expected.iter().map(|t| t.num_elements() as u64 * 4).sum();
     // Offering the frozen tensors' hash, the client may receive the trainable ones only.
     let (frozen_hash, trainable) = match frozen {

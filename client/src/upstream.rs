@@ -149,8 +149,9 @@ impl Upstream {
         let offer = self.frozen.offer(frozen).map(|(h, _)| h);
         let s = self.session().await?;
         let task = TaskRef { task_id, round };
-        let payload = download(s, task, spec, offer.map(|h| (h, frozen))).await?;
-        self.frozen.complete(payload, spec, frozen)
+        let payload = download(s, task, spec, offer.map(|h| (h, frozen)), &[]).await?;
+        self.frozen
+            .complete(payload.into_tensor_set()?, spec, frozen)
     }
 
     /// The frozen tensor names held from the last download (an evaluation task carries none).

@@ -4,8 +4,8 @@
 //! - [`wire`], [`codec`], [`spec_wire`]: the chunked tensor codec, its compressed encodings and
 //!   the model spec on the wire (the only modules that see gRPC types).
 //! - [`params`]: burn modules <-> named tensors.
-//! - [`models`], [`data`], [`metrics`], [`train`], [`optim`], [`augment`], [`proximal`]: the ML
-//!   side; none of it knows about gRPC.
+//! - [`models`], [`data`], [`metrics`], [`train`], [`evaluate`], [`optim`], [`augment`],
+//!   [`proximal`], [`control_variate`]: the ML side; none of it knows about gRPC.
 //! - [`checkpoint`]: safetensors files in and out; [`pretrained`]: pre-trained weights in
 //!   (safetensors, PyTorch, key remapping, head reset) and the PyTorch layout out.
 //! - [`device`]: choosing flex / libtorch / CUDA at run time.
@@ -14,12 +14,14 @@
 //!   client's and the coordinator's side), without transport.
 
 pub mod augment;
+pub mod control_variate;
 pub use fedtune_formats::{blocks, checkpoint, codec, pretrained, tensors, wire};
 pub mod crash_point;
 pub mod data;
 pub mod device;
 pub mod dp;
 pub mod embed;
+pub mod evaluate;
 pub mod freeze;
 pub mod logging;
 pub mod metrics;

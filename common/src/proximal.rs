@@ -13,6 +13,13 @@ pub struct Proximal {
 
 struct Anchors(Vec<Tensor<1>>);
 
+/// Every float parameter of `model` as a flat constant, in the model's visiting order.
+pub(crate) fn constants<M: Module>(model: &M) -> Vec<Tensor<1>> {
+    let mut v = Anchors(Vec::new());
+    model.visit(&mut v);
+    v.0
+}
+
 impl ModuleVisitor for Anchors {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         // A fresh constant, not a view of the parameter: it must not join the autodiff graph.
@@ -50,9 +57,10 @@ impl ModuleVisitor for Penalty<'_> {
 impl Proximal {
     /// Remembers `model`'s current weights as the anchor.
     pub fn new<M: Module>(model: &M, mu: f64) -> Self {
-        let mut v = Anchors(Vec::new());
-        model.visit(&mut v);
-        Self { mu, anchors: v.0 }
+        Self {
+            mu,
+            anchors: constants(model),
+        }
     }
 
     /// μ/2·‖w − w₀‖² for `model` (a one-element tensor on the model's device, tracked by

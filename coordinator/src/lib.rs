@@ -60,9 +60,9 @@ use crate::evaluation::{ServerEval, TextColumns};
 use crate::hf_export::HfSources;
 use crate::round::{Federation, RunSummary, Start};
 use crate::run_start::RunStart;
+use crate::strategy::Strategy;
 use crate::strategy::dp::Private;
 use crate::strategy::layout::Layout;
-use crate::strategy::{BuiltIn, Strategy};
 
 /// HTTP/2 flow-control windows: the defaults (64 KiB) halve throughput for large models even
 /// on loopback; larger than these, what clients park in the coordinator's buffers (an upload
@@ -184,7 +184,7 @@ pub async fn serve_until(
         .filter(|s| !cfg.frozen.contains(&s.name))
         .cloned()
         .collect();
-    let mut strategy: Box<dyn Strategy> = Box::new(BuiltIn::new(cfg.strategy.clone(), &trainable));
+    let mut strategy: Box<dyn Strategy> = strategy::build(cfg.strategy.clone(), &trainable);
     let strategy_name = cfg.strategy_name();
     if let Some(dp) = &cfg.privacy {
         strategy = Box::new(Private::new(

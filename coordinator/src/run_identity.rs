@@ -120,6 +120,18 @@ impl RunIdentity {
             .collect()
     }
 
+    /// Names this run to its clients (the key under which SCAFFOLD clients keep their control
+    /// variate): the same across resumptions of the run in `out`, another for another run's
+    /// settings or folder.
+    pub fn federation_key(&self, out: &Path) -> String {
+        let folder = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
+        let text = serde_json::to_string(&self.settings).unwrap_or_default();
+        format!(
+            "{:016x}",
+            xxhash_rust::xxh3::xxh3_64(format!("{}\n{text}", folder.display()).as_bytes())
+        )
+    }
+
     fn checksum(settings: &BTreeMap<String, String>) -> anyhow::Result<String> {
         let text = serde_json::to_string(settings)?;
         Ok(format!(

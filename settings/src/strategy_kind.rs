@@ -17,9 +17,13 @@ pub enum StrategyKind {
     TrimmedMean,
     Krum,
     MultiKrum,
+    /// SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift.
+    Scaffold,
+    /// FedNova (Wang et al. 2020): updates normalised by each client's local steps.
+    FedNova,
 }
 
-const NAMES: [(&str, StrategyKind); 10] = [
+const NAMES: [(&str, StrategyKind); 12] = [
     ("fedavg", StrategyKind::FedAvg),
     ("fedavgm", StrategyKind::FedAvgM),
     ("fedadam", StrategyKind::FedAdam),
@@ -30,6 +34,8 @@ const NAMES: [(&str, StrategyKind); 10] = [
     ("trimmed-mean", StrategyKind::TrimmedMean),
     ("krum", StrategyKind::Krum),
     ("multi-krum", StrategyKind::MultiKrum),
+    ("scaffold", StrategyKind::Scaffold),
+    ("fednova", StrategyKind::FedNova),
 ];
 
 impl FromStr for StrategyKind {
@@ -63,17 +69,40 @@ impl StrategyKind {
     /// Whether the combined update is a weighted mean, so that it can be computed from a sum
     /// (DP's clipped, noised sum; secure aggregation) rather than from individual updates.
     pub fn is_linear(self) -> bool {
-        !matches!(
+        !self.is_robust() && !self.needs_step_weight()
+    }
+
+    /// Whether the combine rule looks at updates one by one (median, trimmed mean, Krum).
+    pub fn is_robust(self) -> bool {
+        matches!(
             self,
             Self::Median | Self::TrimmedMean | Self::Krum | Self::MultiKrum
         )
+    }
+
+    /// Whether each update is weighed by how far its client's local steps went (the
+    /// `step_weight` a client reports): SCAFFOLD and FedNova.
+    pub fn needs_step_weight(self) -> bool {
+        matches!(self, Self::Scaffold | Self::FedNova)
+    }
+
+    /// Why a rule cannot be computed from a sum of weighted updates, for error messages; `None`
+    /// for linear rules.
+    pub fn why_not_a_sum(self) -> Option<&'static str> {
+        if self.is_robust() {
+            Some("it weighs every client's update on its own (a robust rule)")
+        } else if self.needs_step_weight() {
+            Some("it weighs every client's update by that client's own local steps")
+        } else {
+            None
+        }
     }
 
     /// Whether the server keeps state across rounds that a checkpoint must carry.
     pub fn is_stateful(self) -> bool {
         matches!(
             self,
-            Self::FedAvgM | Self::FedAdam | Self::FedYogi | Self::FedAdagrad
+            Self::FedAvgM | Self::FedAdam | Self::FedYogi | Self::FedAdagrad | Self::Scaffold
         )
     }
 

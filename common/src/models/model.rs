@@ -12,6 +12,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Gradients, Tensor};
 
 use super::architecture::{Architecture, InputMismatch, ModelInput};
+use crate::control_variate::Correction;
 use crate::optim::clip_global_norm;
 use crate::params::{self, ParamsError};
 use crate::proximal::Proximal;
@@ -34,6 +35,8 @@ trait Trainable: Send + fmt::Debug {
     ) -> Box<dyn Trainable>;
     fn proximal(&self, mu: f64) -> Proximal;
     fn penalty(&self, proximal: &Proximal) -> Option<Tensor<1>>;
+    fn correction(&self) -> Correction;
+    fn correction_term(&self, correction: &Correction) -> Option<Tensor<1>>;
 }
 
 impl<A: Architecture> Trainable for A {
@@ -85,6 +88,14 @@ impl<A: Architecture> Trainable for A {
 
     fn penalty(&self, proximal: &Proximal) -> Option<Tensor<1>> {
         proximal.penalty(self)
+    }
+
+    fn correction(&self) -> Correction {
+        Correction::new(self)
+    }
+
+    fn correction_term(&self, correction: &Correction) -> Option<Tensor<1>> {
+        correction.term(self)
     }
 }
 
@@ -183,5 +194,16 @@ impl Model {
     /// FedProx: μ/2·‖w − w₀‖², tracked by autodiff.
     pub fn penalty(&self, proximal: &Proximal) -> Option<Tensor<1>> {
         self.net.penalty(proximal)
+    }
+
+    /// SCAFFOLD: the correction c − cᵢ (`by`, every tensor of the model by name) in this
+    /// network's visiting order.
+    pub fn correction(&self, by: &TensorSet) -> Result<Correction, ParamsError> {
+        Ok(self.clone().inject(by)?.net.correction())
+    }
+
+    /// SCAFFOLD: ⟨w, c − cᵢ⟩, tracked by autodiff.
+    pub fn correction_term(&self, correction: &Correction) -> Option<Tensor<1>> {
+        self.net.correction_term(correction)
     }
 }

@@ -192,9 +192,9 @@ fn check_central(
     z: f64,
     clip: &ClipRule,
 ) -> anyhow::Result<()> {
-    if !strategy.kind.is_linear() {
+    if let Some(why) = strategy.kind.why_not_a_sum() {
         bail!(
-            "--dp central cannot wrap `{}`: it combines individual updates, and the noise is calibrated to one client's share of a sum; use fedavg, fedavgm, fedadam, fedyogi, fedadagrad or fedprox, or --dp local (robust rules are post-processing of locally noised updates)",
+            "--dp central cannot wrap `{}`: {why}, and the noise is calibrated to one client's share of a sum; use fedavg, fedavgm, fedadam, fedyogi, fedadagrad or fedprox, or --dp local (robust rules are post-processing of locally noised updates)",
             strategy.kind
         );
     }

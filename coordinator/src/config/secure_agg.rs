@@ -106,9 +106,9 @@ pub fn resolve(
         }
         return Ok(None);
     }
-    if !strategy.kind.is_linear() {
+    if let Some(why) = strategy.kind.why_not_a_sum() {
         bail!(
-            "--secure-aggregation cannot run `{}`: it needs every client's own update, and secure aggregation lets the coordinator see only their sum; use fedavg, fedavgm, fedadam, fedyogi, fedadagrad or fedprox",
+            "--secure-aggregation cannot run `{}`: {why}, and secure aggregation lets the coordinator see only the sum of the updates; use fedavg, fedavgm, fedadam, fedyogi, fedadagrad or fedprox",
             strategy.kind
         );
     }

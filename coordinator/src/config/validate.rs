@@ -166,6 +166,9 @@ impl ServeConfig {
                 s.trim_fraction
             );
         }
+        if s.kind == StrategyKind::Scaffold {
+            self.validate_scaffold()?;
+        }
         if s.kind == StrategyKind::MultiKrum && s.krum_m == 1 {
             tracing::warn!("multi-krum with `krum_m = 1` is krum");
         }
@@ -184,6 +187,31 @@ impl ServeConfig {
 }
 
 /// A size in MiB as bytes, refused where it does not fit (a shift would drop the high bits).
+impl ServeConfig {
+    /// SCAFFOLD's client and server variates move by the same update: the client derives its
+    /// new variate from the delta it computed, the server from the delta it received.
+    fn validate_scaffold(&self) -> anyhow::Result<()> {
+        if self.privacy.is_some() {
+            bail!(
+                "--strategy scaffold cannot run with --dp: noise on the updates would make the server's control variate drift from the clients' own; use fedavg, fedprox or fednova with DP"
+            );
+        }
+        if self.compression.up != fedtune_common::codec::Codec::F32 {
+            bail!(
+                "--strategy scaffold needs updates sent exactly (--compress-up f32), got `{}`: a lossy update would make the server's control variate drift from the clients' own",
+                self.compression.up
+            );
+        }
+        if self.optimizer.kind != OptimizerKind::Sgd {
+            tracing::warn!(
+                "--strategy scaffold with --optimizer {}: the correction c - c_i shifts every gradient before the optimiser, and the variates are estimated from the update as if the steps were SGD's; the paper analyses SGD (--optimizer sgd)",
+                self.optimizer.kind
+            );
+        }
+        Ok(())
+    }
+}
+
 pub(super) fn mib_to_bytes(key: &str, mib: u64) -> anyhow::Result<u64> {
     mib.checked_mul(1 << 20).with_context(|| {
         format!("`{key}` = {mib} MiB is more than this machine can address: give a size in MiB")

@@ -68,6 +68,7 @@ impl Federation {
         let mut ended_early = None;
         // The coordinator died inside this round: its journal carries it on.
         let mut reopen = self.journaled(start.round, &global)?;
+        let sends_more_than_model = strategy.sent_with_model()?.is_some();
         'rounds: for round in start.round..=self.cfg.rounds {
             // Version v is the model after v aggregations: round r trains on version r - 1.
             let model_version = round - 1;
@@ -103,12 +104,7 @@ impl Federation {
                 let broadcast = match encoded.take() {
                     Some(b) => b,
                     None => Arc::new(tokio::task::block_in_place(|| {
-                        Broadcast::share(
-                            &global,
-                            model_version,
-                            &self.cfg.frozen,
-                            self.cfg.compression.down,
-                        )
+                        self.training_broadcast(strategy.as_ref(), &global, model_version)
                     })?),
                 };
                 let mut plan = strategy.configure_fit(round, attempt, &candidates);
@@ -224,8 +220,11 @@ impl Federation {
                 let broadcast = Arc::new(tokio::task::block_in_place(|| {
                     Broadcast::share(&global, round, &self.cfg.frozen, self.cfg.compression.down)
                 })?);
-                // Clients train on this same model next round: encode it once.
-                encoded = Some(broadcast.clone());
+                // Clients train on this same model next round: encode it once (unless their
+                // download carries more than the model).
+                if !sends_more_than_model {
+                    encoded = Some(broadcast.clone());
+                }
                 let serial = self.open_phase(
                     PhaseKind::Evaluate,
                     round,
@@ -350,6 +349,25 @@ impl Federation {
             global_path: run_dir.global_path(),
             metrics_path: run_dir.metrics_path(),
         })
+    }
+
+    /// What a training task downloads: the global model, and what the strategy sends with it
+    /// (SCAFFOLD's server variate).
+    fn training_broadcast(
+        &self,
+        strategy: &dyn Strategy,
+        global: &Arc<TensorSet>,
+        version: u64,
+    ) -> anyhow::Result<Broadcast> {
+        let (frozen, codec) = (&self.cfg.frozen, self.cfg.compression.down);
+        match strategy.sent_with_model()? {
+            None => Broadcast::share(global, version, frozen, codec),
+            Some(extra) => {
+                let mut tensors = global.tensors().to_vec();
+                tensors.extend(extra.into_tensors());
+                Broadcast::share(&Arc::new(TensorSet::new(tensors)?), version, frozen, codec)
+            }
+        }
     }
 
     /// Takes phase `serial`'s aggregator (waiting for an update being folded in) and combines

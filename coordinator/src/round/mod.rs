@@ -38,6 +38,7 @@ use crate::round_record::{ClientOutcome, RoundRecord, human_bytes};
 use crate::run_dir::RunDir;
 use crate::strategy::{
     AggregateError, Aggregator, Candidate, EndRun, EvalReport, FitPlan, LocalDp, Strategy,
+    UpdateWeight,
 };
 use crate::telemetry::{Metrics, PhaseName, RefusalReason};
 
@@ -372,6 +373,8 @@ struct RoundAggregate {
 pub struct Federation {
     cfg: ServeConfig,
     run_id: String,
+    /// SCAFFOLD: the key clients keep their control variate under (empty: not SCAFFOLD).
+    variate_key: String,
     specs: Vec<TensorSpec>,
     /// The tensors an update carries: all but the frozen ones.
     update_specs: Vec<TensorSpec>,
@@ -432,8 +435,14 @@ impl Federation {
             .collect();
         let mut id = [0u8; 6];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+        let variate_key = if cfg.strategy.kind == crate::strategy::StrategyKind::Scaffold {
+            crate::run_identity::RunIdentity::of(&cfg).federation_key(&cfg.out)
+        } else {
+            String::new()
+        };
         Self {
             run_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            variate_key,
             specs,
             update_specs,
             model_bytes,

@@ -89,7 +89,11 @@ impl Federation {
             match journal.read_update(&a, &self.update_specs) {
                 Ok(update) => {
                     aggregator
-                        .accept(&a.client, &update, a.num_examples)
+                        .accept(
+                            &a.client,
+                            &update,
+                            UpdateWeight::of(a.num_examples, &a.metrics),
+                        )
                         .map_err(|e| anyhow::anyhow!("round {round}: {e}"))?;
                     kept.push(a);
                 }

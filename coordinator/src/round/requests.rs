@@ -60,9 +60,9 @@ impl Federation {
     /// and only where each update is not meant to be seen (masked, clipped) on its own.
     fn why_no_aggregators(&self) -> Option<String> {
         let strategy = self.cfg.strategy_name();
-        if !self.cfg.strategy.kind.is_linear() {
+        if let Some(why) = self.cfg.strategy.kind.why_not_a_sum() {
             return Some(format!(
-                "this coordinator's strategy `{strategy}` weighs every client's update on its own (robust rule), which a pre-aggregated update hides; run the aggregators' clients against this coordinator directly, or use a linear strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad)"
+                "this coordinator's strategy `{strategy}`: {why}, which a pre-aggregated update hides; run the aggregators' clients against this coordinator directly, or use a linear strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad)"
             ));
         }
         if self.cfg.secure_agg.is_some() {
@@ -250,6 +250,7 @@ impl Federation {
             proximal_mu,
             dp_clip_norm: local_dp.map_or(0.0, |d| d.clip),
             dp_noise_stddev: local_dp.map_or(0.0, |d| d.noise_stddev),
+            control_variate: self.variate_key.clone(),
         }
     }
 

@@ -54,8 +54,16 @@ impl Federation {
             None => None,
         };
         if masked.is_none()
-            && let Some(duplicate) =
-                Self::admit_plain(task, &issued, &claim, open.model_version, &task_id)?
+            && let Some(duplicate) = Self::admit_plain(
+                task,
+                &issued,
+                &claim,
+                (
+                    open.model_version,
+                    self.cfg.strategy.kind.needs_step_weight(),
+                ),
+                &task_id,
+            )?
         {
             return Ok(Err(duplicate));
         }
@@ -80,9 +88,10 @@ impl Federation {
         task: &mut TaskState,
         issued: &Issued,
         claim: &UpdateClaim,
-        model_version: u64,
+        (model_version, needs_step_weight): (u64, bool),
         task_id: &str,
     ) -> Result<Option<SubmitOutcome>, Refusal> {
+        let step_weight = claim.metrics.get(UpdateWeight::STEP_METRIC).copied();
         let invalid = if claim.model_version != model_version {
             Some(format!(
                 "computed against model version {}, the round's is {model_version}",
@@ -90,6 +99,11 @@ impl Federation {
             ))
         } else if claim.num_examples == 0 {
             Some("num_examples is 0; an update must come from at least one example".to_string())
+        } else if needs_step_weight && !step_weight.is_some_and(|a| a.is_finite() && a > 0.0) {
+            Some(format!(
+                "metric `{}` is missing or not positive ({step_weight:?}); this run's strategy (FedNova or SCAFFOLD) divides the update by it: update the client",
+                UpdateWeight::STEP_METRIC,
+            ))
         } else {
             claim
                 .metrics
@@ -207,6 +221,7 @@ impl Federation {
             }
         };
         let mut aggregate = lock(&self.aggregate);
+        let weight = UpdateWeight::of(ticket.num_examples, &ticket.metrics);
         {
             let mut st = lock(&self.state);
             let st = &mut *st;
@@ -260,9 +275,7 @@ impl Federation {
         }
         // Still holding `aggregate`: the round cannot close before this update is folded in.
         if let Some(agg) = aggregate.as_mut().filter(|a| a.serial == ticket.serial)
-            && let Err(e) = agg
-                .aggregator
-                .accept(&ticket.client_name, delta, ticket.num_examples)
+            && let Err(e) = agg.aggregator.accept(&ticket.client_name, delta, weight)
         {
             let reason = e.to_string();
             warn!("round {}: {reason}", ticket.round);

@@ -13,7 +13,7 @@ use super::mean::fold_le;
 use rand::rngs::StdRng;
 
 use super::layout::Layout;
-use super::{AggregateError, Aggregator};
+use super::{AggregateError, Aggregator, UpdateWeight};
 
 /// What this round's clipping aggregator saw (central DP).
 #[derive(Debug, Default)]
@@ -42,7 +42,7 @@ impl Aggregator for ClippedSum {
         &mut self,
         _source: &str,
         delta: &dyn Blocks,
-        _num_examples: u64,
+        _weight: UpdateWeight,
     ) -> Result<(), AggregateError> {
         let mut squares = 0.0f64;
         self.layout.place(delta, &mut |_, bytes| {

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::strategy::tests::{delta, global, settings};
-use crate::strategy::{BuiltIn, StrategyKind};
+use crate::strategy::{BuiltIn, StrategyKind, UpdateWeight};
 
 fn dp(mode: DpMode, clip: ClipRule, z: f64, q: f64) -> DpSettings {
     DpSettings {
@@ -32,8 +32,10 @@ fn central_dp_clips_each_update_and_divides_by_the_expected_count() {
     let mut p = private(dp(DpMode::Central, ClipRule::Fixed(1.0), 1e-9, 0.5));
     p.begin_round(1, 4).unwrap();
     let mut agg = p.aggregator(1);
-    agg.accept("c1", &delta([3.0, 4.0], 0.0), 100).unwrap();
-    agg.accept("c2", &delta([0.0, 0.0], 0.5), 1).unwrap();
+    agg.accept("c1", &delta([3.0, 4.0], 0.0), UpdateWeight::examples(100))
+        .unwrap();
+    agg.accept("c2", &delta([0.0, 0.0], 0.5), UpdateWeight::examples(1))
+        .unwrap();
     let combined = agg.finish().unwrap().unwrap();
     let mut g = global([0.0, 0.0], 0.0);
     p.apply(&mut g, &combined);
@@ -149,8 +151,10 @@ fn adaptive_clipping_moves_the_bound_from_the_noised_count() {
     // Two clients, both far above the bound: the fraction unclipped is 0, so C grows.
     p.begin_round(1, 2).unwrap();
     let mut agg = p.aggregator(1);
-    agg.accept("c1", &delta([30.0, 40.0], 0.0), 1).unwrap();
-    agg.accept("c2", &delta([0.0, 0.0], 9.0), 1).unwrap();
+    agg.accept("c1", &delta([30.0, 40.0], 0.0), UpdateWeight::examples(1))
+        .unwrap();
+    agg.accept("c2", &delta([0.0, 0.0], 9.0), UpdateWeight::examples(1))
+        .unwrap();
     let combined = agg.finish().unwrap().unwrap();
     p.apply(&mut global([0.0, 0.0], 0.0), &combined);
     let s = p.privacy().unwrap();

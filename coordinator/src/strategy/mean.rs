@@ -6,7 +6,7 @@ use std::sync::Arc;
 use fedtune_common::blocks::Blocks;
 
 use super::layout::Layout;
-use super::{AggregateError, Aggregator};
+use super::{AggregateError, Aggregator, UpdateWeight};
 
 pub struct WeightedMean {
     layout: Arc<Layout>,
@@ -31,14 +31,14 @@ impl Aggregator for WeightedMean {
         &mut self,
         _source: &str,
         delta: &dyn Blocks,
-        num_examples: u64,
+        weight: UpdateWeight,
     ) -> Result<(), AggregateError> {
-        let w = num_examples as f32;
+        let w = weight.examples as f32;
         let sum = &mut self.sum;
         self.layout.place(delta, &mut |range, bytes| {
             fold_le(&mut sum[range], bytes, w)
         })?;
-        self.total_weight += num_examples as f64;
+        self.total_weight += weight.examples as f64;
         self.accepted += 1;
         Ok(())
     }

@@ -20,6 +20,8 @@
 //! | `median` | coordinate-wise median | w += η·Δ | |
 //! | `trimmed-mean` | coordinate-wise β-trimmed mean | w += η·Δ | |
 //! | `krum`, `multi-krum` | (multi-)Krum selection, weighted mean | w += η·Δ | |
+//! | `fednova` | step-normalised mean ([`normalized`]) | w += η·Δ | |
+//! | `scaffold` | weighted mean; server variate step ([`scaffold`]) | w += η·Δ | server variate c |
 //!
 //! Differential privacy wraps a strategy rather than being one ([`dp::Private`], like Flower's
 //! DP strategies): central DP replaces the combine rule of a linear strategy with a clipped,
@@ -30,9 +32,11 @@ pub mod clipped_sum;
 pub mod dp;
 pub mod layout;
 pub mod mean;
+pub mod normalized;
 pub mod partial_mean;
 pub mod robust;
 pub mod sampling;
+pub mod scaffold;
 pub mod server_opt;
 
 use std::path::PathBuf;
@@ -44,6 +48,7 @@ use fedtune_common::tensors::{TensorError, TensorSet, TensorSpec};
 use self::buffer::UpdateBuffer;
 use self::layout::Layout;
 use self::mean::WeightedMean;
+use self::normalized::NormalizedMean;
 use self::robust::{Robust, Rule};
 pub use self::sampling::Candidate;
 use self::server_opt::{Adaptive, ServerOptKind, ServerOptimizer};
@@ -60,6 +65,10 @@ pub enum AggregateError {
         needed: usize,
         got: usize,
     },
+    #[error(
+        "the update from {client} carries no positive `step_weight` metric, which this strategy divides it by: the client is older than the strategy; update it"
+    )]
+    NoStepWeight { client: String },
     #[error("cannot read an accepted update back: {0}")]
     Read(#[from] std::io::Error),
     #[error("cannot spill buffered updates to {}: {source}", path.display())]
@@ -69,15 +78,45 @@ pub enum AggregateError {
     },
 }
 
+/// What one update counts for when it is combined.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateWeight {
+    /// The training examples behind it (FedAvg's weight).
+    pub examples: u64,
+    /// How far its local steps carried the gradients, as the client reported it (metric
+    /// `step_weight`); FedNova and SCAFFOLD divide the update by it.
+    pub steps: Option<f64>,
+}
+
+impl UpdateWeight {
+    pub const STEP_METRIC: &str = "step_weight";
+
+    /// The weight of an update with these examples and metrics.
+    pub fn of(examples: u64, metrics: &std::collections::HashMap<String, f64>) -> Self {
+        Self {
+            examples,
+            steps: metrics.get(Self::STEP_METRIC).copied(),
+        }
+    }
+
+    /// Examples only (rules that ignore local steps).
+    pub fn examples(examples: u64) -> Self {
+        Self {
+            examples,
+            steps: None,
+        }
+    }
+}
+
 /// One round's updates on their way to one combined delta.
 pub trait Aggregator: Send {
     /// Takes one client's delta (already verified: names, shapes, finite values), weighted by
-    /// its number of training examples. `source` names the client, for the log.
+    /// `weight`. `source` names the client, for the log.
     fn accept(
         &mut self,
         source: &str,
         delta: &dyn Blocks,
-        num_examples: u64,
+        weight: UpdateWeight,
     ) -> Result<(), AggregateError>;
 
     /// Updates accepted so far.
@@ -161,6 +200,12 @@ pub trait Strategy: Send {
     /// Moves the global model by a round's combined delta.
     fn apply(&mut self, global: &mut TensorSet, combined: &[f32]);
 
+    /// Tensors every training task downloads with the global model, named apart from the
+    /// model's (SCAFFOLD's server control variate); `None` for most strategies.
+    fn sent_with_model(&self) -> Result<Option<TensorSet>, TensorError> {
+        Ok(None)
+    }
+
     /// The clients that evaluate the global model after `round` (empty: no federated
     /// evaluation this round).
     fn configure_evaluate(&self, round: u64, available: &[Candidate]) -> Vec<String>;
@@ -210,7 +255,7 @@ pub struct StrategySettings {
 /// A combine rule plus a server optimiser: every built-in strategy.
 pub struct BuiltIn {
     s: StrategySettings,
-    layout: Arc<Layout>,
+    pub(super) layout: Arc<Layout>,
     server: ServerOptimizer,
 }
 
@@ -259,6 +304,7 @@ impl Strategy for BuiltIn {
             StrategyKind::TrimmedMean => format!("beta {}", s.trim_fraction),
             StrategyKind::Krum => format!("f {}", s.krum_f),
             StrategyKind::MultiKrum => format!("f {}, m {}", s.krum_f, s.krum_m),
+            StrategyKind::FedNova | StrategyKind::Scaffold => format!("server lr {}", s.server_lr),
         };
         let eval = if s.fraction_evaluate > 0.0 {
             format!(
@@ -319,6 +365,7 @@ impl Strategy for BuiltIn {
                 f: self.s.krum_f,
                 m: self.s.krum_m,
             },
+            StrategyKind::FedNova => return Box::new(NormalizedMean::fednova(self.layout.clone())),
             _ => return Box::new(WeightedMean::new(self.layout.clone())),
         };
         Box::new(Robust::new(rule, buffer()))
@@ -352,6 +399,17 @@ impl Strategy for BuiltIn {
     }
 }
 
+/// The strategy `s` names, over the model's trainable tensors `specs`.
+pub fn build(s: StrategySettings, specs: &[TensorSpec]) -> Box<dyn Strategy> {
+    let scaffold = s.kind == StrategyKind::Scaffold;
+    let built = BuiltIn::new(s, specs);
+    if scaffold {
+        Box::new(scaffold::Scaffold::new(built))
+    } else {
+        Box::new(built)
+    }
+}
+
 /// Example-weighted means of `loss`, `accuracy`, `precision`, `recall`, `f1` over the reports
 /// that carry them.
 pub fn weighted_eval(reports: &[EvalReport]) -> EvalSummary {
@@ -376,5 +434,7 @@ pub fn weighted_eval(reports: &[EvalReport]) -> EvalSummary {
     }
 }
 
+#[cfg(test)]
+mod normalized_tests;
 #[cfg(test)]
 mod tests;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use fedtune_common::blocks::Blocks;
 
 use super::layout::Layout;
-use super::{AggregateError, Aggregator};
+use super::{AggregateError, Aggregator, UpdateWeight};
 
 pub struct PartialMean {
     layout: Arc<Layout>,
@@ -34,9 +34,9 @@ impl Aggregator for PartialMean {
         &mut self,
         _source: &str,
         delta: &dyn Blocks,
-        num_examples: u64,
+        weight: UpdateWeight,
     ) -> Result<(), AggregateError> {
-        let w = num_examples as f64;
+        let w = weight.examples as f64;
         let sum = &mut self.sum;
         self.layout.place(delta, &mut |range, bytes| {
             for (acc, d) in sum[range].iter_mut().zip(bytes.chunks_exact(4)) {
@@ -86,8 +86,10 @@ mod tests {
         let specs = update(vec![0.0; 2]).specs;
         let mut agg: Box<dyn Aggregator> =
             Box::new(PartialMean::new(Arc::new(Layout::new(&specs))));
-        agg.accept("a", &update(vec![1.0, -2.0]), 3).unwrap();
-        agg.accept("b", &update(vec![0.5, 4.0]), 1).unwrap();
+        agg.accept("a", &update(vec![1.0, -2.0]), UpdateWeight::examples(3))
+            .unwrap();
+        agg.accept("b", &update(vec![0.5, 4.0]), UpdateWeight::examples(1))
+            .unwrap();
         assert_eq!(agg.finish().unwrap().unwrap(), vec![0.875, -0.5]);
     }
 
@@ -99,7 +101,8 @@ mod tests {
         let mut agg: Box<dyn Aggregator> =
             Box::new(PartialMean::new(Arc::new(Layout::new(&specs))));
         for v in [16_777_216.0, 1.0, -16_777_216.0] {
-            agg.accept("c", &update(vec![v]), 1).unwrap();
+            agg.accept("c", &update(vec![v]), UpdateWeight::examples(1))
+                .unwrap();
         }
         assert_eq!(agg.finish().unwrap().unwrap(), vec![1.0f32 / 3.0]);
     }

@@ -11,7 +11,7 @@
 //!   scored are averaged, weighted by examples (m = 1 is Krum).
 
 use super::buffer::UpdateBuffer;
-use super::{AggregateError, Aggregator};
+use super::{AggregateError, Aggregator, UpdateWeight};
 use fedtune_common::blocks::Blocks;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,9 +43,9 @@ impl Aggregator for Robust {
         &mut self,
         source: &str,
         delta: &dyn Blocks,
-        num_examples: u64,
+        weight: UpdateWeight,
     ) -> Result<(), AggregateError> {
-        self.buffer.push(delta, num_examples)?;
+        self.buffer.push(delta, weight.examples)?;
         self.sources.push(source.to_string());
         Ok(())
     }

@@ -59,7 +59,11 @@ fn round(
 ) -> Result<(), AggregateError> {
     let mut agg = strategy.aggregator(1);
     for (i, (a, b, n)) in updates.iter().enumerate() {
-        agg.accept(&format!("c{}", i + 1), &delta(*a, *b), *n)?;
+        agg.accept(
+            &format!("c{}", i + 1),
+            &delta(*a, *b),
+            UpdateWeight::examples(*n),
+        )?;
     }
     assert_eq!(agg.accepted(), updates.len());
     if let Some(combined) = agg.finish()? {
@@ -68,13 +72,13 @@ fn round(
     Ok(())
 }
 
-fn values(g: &TensorSet) -> Vec<f32> {
+pub(super) fn values(g: &TensorSet) -> Vec<f32> {
     let mut v = g.get("a").unwrap().data.clone();
     v.extend(&g.get("b").unwrap().data);
     v
 }
 
-fn close(got: &[f32], want: &[f64]) {
+pub(super) fn close(got: &[f32], want: &[f64]) {
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(want) {
         assert!(

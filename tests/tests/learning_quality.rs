@@ -1,0 +1,130 @@
+//! Learning on skewed data: SCAFFOLD and FedNova over real client processes on real
+//! Fashion-MNIST shares.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedtune_common::checkpoint;
+use fedtune_common::tensors::TensorSet;
+use fedtune_tests::{Proc, client_args, client_shares, free_port};
+
+fedtune_tests::test_binaries!();
+
+fn serve(port: u16, out: &Path, strategy: &str, rounds: u64, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--rounds",
+        &rounds.to_string(),
+        "--min-clients",
+        "2",
+        "--min-fit-clients",
+        "2",
+        "--model",
+        "mlp",
+        "--strategy",
+        strategy,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "32",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn client(port: u16, data: &Path, name: &str, state: &Path, dir: &Path) -> Proc {
+    let state = state.display().to_string();
+    let args = client_args(port, data, name, &["--state-dir", &state]);
+    Proc::spawn(name, client_bin(), &args, dir)
+}
+
+/// Every value of `set`, in name order.
+fn flat(set: &TensorSet, prefix: &str) -> Vec<(String, Vec<f32>)> {
+    let mut v: Vec<_> = set
+        .tensors()
+        .iter()
+        .map(|t| {
+            (
+                t.name.trim_start_matches(prefix).to_string(),
+                t.data.clone(),
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn client_variate(state: &Path) -> TensorSet {
+    checkpoint::load(&state.join("scaffold-variate.safetensors"))
+        .expect("the client kept its SCAFFOLD variate")
+        .0
+}
+
+#[test]
+fn scaffold_server_variate_stays_the_mean_of_the_clients_own_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let shares = client_shares(dir.path(), 2000, 2, 0.3, 5);
+    let states: Vec<PathBuf> = ["state-a", "state-b"]
+        .iter()
+        .map(|s| dir.path().join(s))
+        .collect();
+    let port = free_port();
+    let out = dir.path().join("out");
+    let args = serve(port, &out, "scaffold", 3, &[]);
+
+    // The coordinator dies at round 2's aggregation, after both updates were counted.
+    let mut first = Proc::spawn_with_env(
+        "coordinator-1",
+        coordinator_bin(),
+        &args,
+        &[("FEDTUNE_CRASH_AT", "aggregate:2")],
+        dir.path(),
+    );
+    let mut a = client(port, &shares[0], "edge-a", &states[0], dir.path());
+    let b = client(port, &shares[1], "edge-b", &states[1], dir.path());
+    assert!(
+        first
+            .wait(Duration::from_secs(180))
+            .is_some_and(|s| !s.success()),
+        "the coordinator should have died at round 2\n{}",
+        first.output()
+    );
+    // While it is away, edge-b restarts too: its variate must come back from its disk.
+    drop(b);
+    let mut b = client(port, &shares[1], "edge-b", &states[1], dir.path());
+    let mut second = Proc::spawn("coordinator-2", coordinator_bin(), &args, dir.path());
+    second.expect_success(Duration::from_secs(180));
+    a.expect_success(Duration::from_secs(30));
+    b.expect_success(Duration::from_secs(30));
+
+    // Both clients trained in every round, so with N = 2 the server's c is the mean of the
+    // clients' variates, which it never saw: it follows them only through the updates.
+    let (state, _) = checkpoint::load(&out.join("strategy-state.r3.safetensors")).unwrap();
+    let server = flat(&state, "scaffold-c.");
+    let ca = flat(&client_variate(&states[0]), "");
+    let cb = flat(&client_variate(&states[1]), "");
+    assert_eq!(server.len(), ca.len());
+    let scale = server
+        .iter()
+        .flat_map(|(_, v)| v.iter())
+        .fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 1e-4, "the server variate moved ({scale})");
+    let mut worst = 0.0f32;
+    for (((name, c), (na, va)), (nb, vb)) in server.iter().zip(&ca).zip(&cb) {
+        assert!(name == na && name == nb, "{name} / {na} / {nb}");
+        for ((c, x), y) in c.iter().zip(va).zip(vb) {
+            worst = worst.max((c - (x + y) / 2.0).abs());
+        }
+    }
+    eprintln!("server variate max |c| {scale:.3e}, off the clients' mean by at most {worst:.3e}");
+    assert!(worst <= 1e-5 * scale, "off by {worst} (max |c| {scale})");
+    assert!(second.output().contains("scaffold"), "{}", second.output());
+}
