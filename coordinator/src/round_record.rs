@@ -79,6 +79,8 @@ pub struct ClientOutcome {
     pub reason: Option<String>,
     pub num_examples: Option<u64>,
     pub train_loss: Option<f64>,
+    /// How far its local steps went (the sum of their learning rates; see FedNova).
+    pub step_weight: Option<f64>,
 }
 
 fn num(v: Option<f64>, digits: usize) -> String {

@@ -310,6 +310,8 @@ impl Federation {
                         reason,
                         num_examples: report.map(|r| r.num_examples),
                         train_loss: report.and_then(|r| r.metrics.get("train_loss").copied()),
+                        step_weight: report
+                            .and_then(|r| r.metrics.get(UpdateWeight::STEP_METRIC).copied()),
                     });
                 }
                 outcomes.sort_by(|a, b| a.client.cmp(&b.client));
