@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use anyhow::Context;
 use fedtune_common::spec_wire;
+use fedtune_common::train::TrainSettings;
 use fedtune_proto as pb;
 use tracing::info;
 
@@ -12,6 +13,7 @@ use crate::fine_tune::{self, Split};
 use crate::frozen_cache::FrozenCache;
 use crate::local_data::LocalData;
 use crate::session::{ClientOptions, Session, TRANSFER_ATTEMPTS, TrainMode};
+use crate::task_config;
 use crate::transfer::{TaskRef, download, spawn_heartbeat};
 
 /// What federated evaluation measures: the local test set when there is one, else the
@@ -76,13 +78,38 @@ pub(crate) async fn evaluate_round(
             .await?;
             let global = cache.complete(payload.into_tensor_set()?, &spec, &frozen)?;
             let (device, batch) = (opts.device, task.batch_size.max(1) as usize);
+            let personal = match (personalization(&task, opts, local.data)?, local.data) {
+                (Some(settings), Some(own)) => {
+                    // Evaluated on a test set: the training examples are another file's.
+                    let examples = match local.test {
+                        Some(_) => Some(own.examples_for(&spec)?),
+                        None => None,
+                    };
+                    Some((settings, own, examples))
+                }
+                _ => None,
+            };
             tokio::task::block_in_place(|| {
                 let split = Split {
                     examples: examples.as_ref(),
                     train_idx: &[],
                     val_idx: indices,
                 };
-                fine_tune::evaluate_global(&global, &spec, split, device, batch)
+                let (n, mut metrics) =
+                    fine_tune::evaluate_global(&global, &spec, split, device, batch)?;
+                if let Some(((settings, dropout), own, own_examples)) = &personal {
+                    let train =
+                        Split::of(own, own_examples.as_deref().unwrap_or(examples.as_ref()));
+                    let eval = Split {
+                        examples: examples.as_ref(),
+                        train_idx: &[],
+                        val_idx: indices,
+                    };
+                    metrics.extend(fine_tune::personalize(
+                        &global, &spec, settings, *dropout, train, eval, device,
+                    )?);
+                }
+                anyhow::Ok((n, metrics))
             })?
         }
     };
@@ -108,17 +135,51 @@ pub(crate) async fn evaluate_round(
         }
     };
     let m = |k: &str| metrics.get(k).copied();
+    let acc = |k: &str| m(k).map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
+    let personal = match m("personal_accuracy") {
+        Some(_) => format!(
+            " | after {} local steps: acc {}",
+            task.personalize_steps,
+            acc("personal_accuracy")
+        ),
+        None => String::new(),
+    };
     info!(
-        "{} ({}) round {} evaluation of model v{} | {} {what} examples | loss {} acc {} f1 {} | {}",
+        "{} ({}) round {} evaluation of model v{} | {} {what} examples | loss {} acc {} f1 {}{personal} | {}",
         opts.name,
         s.client_id,
         task.round,
         task.model_version,
         num_examples,
         m("loss").map_or("-".into(), |v| format!("{v:.4}")),
-        m("accuracy").map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
+        acc("accuracy"),
         m("f1").map_or("-".into(), |v| format!("{v:.4}")),
         reply
     );
     Ok(())
+}
+
+/// The training settings of a task's personalisation (`personalize_steps` local steps on the
+/// client's training split), checked like a training task's; `None` when the task asks for
+/// none or this client has no training examples.
+fn personalization(
+    task: &pb::EvaluateTask,
+    opts: &ClientOptions,
+    own: Option<&LocalData>,
+) -> anyhow::Result<Option<(TrainSettings, f64)>> {
+    let (Some(cfg), Some(own)) = (task.personalize.as_ref(), own) else {
+        return Ok(None);
+    };
+    if task.personalize_steps == 0 || own.train_idx.is_empty() {
+        return Ok(None);
+    }
+    let seed = cfg.seed ^ opts.seed.rotate_left(17);
+    let (mut settings, dropout) = task_config::settings_from(cfg, opts.caps, seed, &opts.name)
+        .context("the coordinator's personalisation settings")?;
+    let steps = task.personalize_steps as usize;
+    let per_epoch = own.train_idx.len().div_ceil(settings.batch_size);
+    settings.epochs = steps.div_ceil(per_epoch.max(1)) as u32;
+    settings.max_steps = Some(steps);
+    settings.early_stopping_patience = 0;
+    Ok(Some((settings, dropout)))
 }

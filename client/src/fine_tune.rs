@@ -141,6 +141,55 @@ pub fn evaluate_global(
     Ok((m.examples, metrics))
 }
 
+/// Personalisation: fine-tunes `global` for `settings.max_steps` steps on `train`'s training
+/// split, then evaluates the result on `eval`'s validation indices (the examples the global
+/// model was evaluated on). Returns the figures named `personal_loss`, `personal_accuracy`,
+/// `personal_precision`, `personal_recall`, `personal_f1`.
+pub fn personalize(
+    global: &TensorSet,
+    spec: &ModelSpec,
+    settings: &TrainSettings,
+    dropout: f64,
+    train: Split,
+    eval: Split,
+    device: DeviceChoice,
+) -> anyhow::Result<HashMap<String, f64>> {
+    let plain = device.device()?;
+    let autodiff = plain.clone().autodiff();
+    autodiff.seed(settings.seed);
+    let model = spec
+        .build_with_dropout(&autodiff, dropout)?
+        .inject(global)?;
+    let outcome = train::train(
+        model,
+        train.examples,
+        train.train_idx,
+        &[],
+        settings,
+        &autodiff,
+        &mut |_| {},
+    )?;
+    let e = train::evaluate(
+        &outcome.model,
+        eval.examples,
+        eval.val_idx,
+        EVAL_BATCH,
+        spec.num_classes as usize,
+        &plain,
+    )?;
+    let m = e.metrics();
+    let mut metrics = HashMap::from([
+        ("personal_accuracy".to_string(), m.accuracy),
+        ("personal_precision".to_string(), m.precision),
+        ("personal_recall".to_string(), m.recall),
+        ("personal_f1".to_string(), m.f1),
+    ]);
+    if e.loss.is_finite() {
+        metrics.insert("personal_loss".to_string(), e.loss);
+    }
+    Ok(metrics)
+}
+
 /// `--train none`: a small fixed delta for every parameter, without training (protocol
 /// benchmarks).
 pub fn fixed_update(specs: &[TensorSpec], num_examples: u64) -> anyhow::Result<LocalUpdate> {

@@ -84,6 +84,7 @@ pub fn settings_from(
         seed,
         proximal_mu: finite_nonneg(cfg.proximal_mu, "proximal_mu")?,
         correction: None,
+        max_steps: None,
     };
     Ok((settings, dropout))
 }

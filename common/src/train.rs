@@ -40,6 +40,8 @@ pub struct TrainSettings {
     /// SCAFFOLD: c − cᵢ for every tensor of the model, by name; each step's gradient is shifted
     /// by it (see [`crate::control_variate`]).
     pub correction: Option<TensorSet>,
+    /// Stop after this many optimiser steps, within `epochs` (personalisation: a few steps).
+    pub max_steps: Option<usize>,
 }
 
 impl Default for TrainSettings {
@@ -58,6 +60,7 @@ impl Default for TrainSettings {
             seed: 0,
             proximal_mu: 0.0,
             correction: None,
+            max_steps: None,
         }
     }
 }
@@ -158,10 +161,16 @@ pub fn train(
     let (mut epochs_run, mut stopped_early) = (0, false);
 
     for epoch in 1..=settings.epochs {
+        if settings.max_steps.is_some_and(|max| steps >= max) {
+            break;
+        }
         order.shuffle(&mut rng);
         let (mut loss_sum, mut seen) = (0.0, 0usize);
         let mut lr = settings.lr;
         for (step, chunk) in order.chunks(batch_size).enumerate() {
+            if settings.max_steps.is_some_and(|max| steps >= max) {
+                break;
+            }
             let (input, labels) = data.batch(chunk, device, Some((&settings.augment, &mut rng)));
             let logits = model.forward(input)?;
             let loss = loss_fn.forward(logits, labels);

@@ -394,3 +394,22 @@ fn step_weight_adds_each_steps_rate_with_momentum_carrying_earlier_gradients() {
         assert!((got - want).abs() < 1e-9, "{opt:?}: {got}, want {want}");
     }
 }
+
+#[test]
+fn max_steps_stops_training_within_an_epoch() {
+    let w0 = ModelSpec::parse("mlp", 4).unwrap().init_weights(5).unwrap();
+    let spec = ModelSpec::parse("mlp", 4).unwrap();
+    let device = Device::flex().autodiff();
+    let model = spec.build(&device).unwrap().inject(&w0).unwrap();
+    let d = data();
+    let idx: Vec<usize> = (0..d.len()).collect();
+    // 64 examples in batches of 8: 8 steps an epoch; 3 epochs asked, 11 steps allowed.
+    let settings = TrainSettings {
+        epochs: 3,
+        batch_size: 8,
+        max_steps: Some(11),
+        ..Default::default()
+    };
+    let out = train(model, &d, &idx, &[], &settings, &device, &mut |_| {}).unwrap();
+    assert_eq!((out.steps, out.epochs_run), (11, 2));
+}

@@ -45,6 +45,11 @@ pub struct RoundRecord {
     pub fed_eval_precision: Option<f64>,
     pub fed_eval_recall: Option<f64>,
     pub fed_eval_f1: Option<f64>,
+    /// Personalisation (`--personalize-steps`): the same federated figures after each
+    /// evaluating client fine-tuned the new global model on its own training data.
+    pub fed_eval_personal_loss: Option<f64>,
+    pub fed_eval_personal_accuracy: Option<f64>,
+    pub fed_eval_personal_f1: Option<f64>,
     /// Bytes sent to clients: the training broadcast plus, with federated evaluation, the
     /// evaluation broadcast.
     pub bytes_down: u64,
@@ -144,6 +149,9 @@ impl RoundRecord {
             fed_eval_precision = r.fed_eval_precision,
             fed_eval_recall = r.fed_eval_recall,
             fed_eval_f1 = r.fed_eval_f1,
+            fed_eval_personal_loss = r.fed_eval_personal_loss,
+            fed_eval_personal_accuracy = r.fed_eval_personal_accuracy,
+            fed_eval_personal_f1 = r.fed_eval_personal_f1,
             bytes_down = r.bytes_down,
             bytes_up = r.bytes_up,
             bytes_down_fp32 = r.bytes_down_fp32,
@@ -171,14 +179,27 @@ impl RoundRecord {
         self.fed_eval_precision = e.precision;
         self.fed_eval_recall = e.recall;
         self.fed_eval_f1 = e.f1;
+        self.fed_eval_personal_loss = e.personal_loss;
+        self.fed_eval_personal_accuracy = e.personal_accuracy;
+        self.fed_eval_personal_f1 = e.personal_f1;
     }
 
     /// One aligned line for text logs.
     pub fn text_line(&self) -> String {
         let width = self.rounds.to_string().len();
+        let personal = if self.fed_eval_personal_accuracy.is_some() {
+            format!(
+                " | personalised loss {:>6} acc {:>7} f1 {:>6}",
+                num(self.fed_eval_personal_loss, 4),
+                pct(self.fed_eval_personal_accuracy),
+                num(self.fed_eval_personal_f1, 4)
+            )
+        } else {
+            String::new()
+        };
         let fed = if self.fed_eval_clients > 0 {
             format!(
-                " | fed-eval[{} clients] loss {:>6} acc {:>7} f1 {:>6}",
+                " | fed-eval[{} clients] loss {:>6} acc {:>7} f1 {:>6}{personal}",
                 self.fed_eval_clients,
                 num(self.fed_eval_loss, 4),
                 pct(self.fed_eval_accuracy),

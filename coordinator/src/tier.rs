@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::config::ServeConfig;
-use crate::round::{Federation, RelayTrain};
+use crate::round::{Federation, Personalize, RelayTrain};
 use crate::round_record::human_bytes;
 use crate::server::{self, Serving};
 
@@ -170,7 +170,12 @@ async fn relay(
                         };
                         let e = b
                             .engine
-                            .relay_evaluate(task.round, task.model_version, Arc::new(global))
+                            .relay_evaluate(
+                                task.round,
+                                task.model_version,
+                                Arc::new(global),
+                                Personalize::of(&task),
+                            )
                             .await?;
                         info!(
                             "aggregator round {} evaluation: {} of {} clients reported on {} examples",

@@ -10,7 +10,14 @@ use fedtune_tests::{Proc, client_args, client_shares, free_port};
 
 fedtune_tests::test_binaries!();
 
-fn serve(port: u16, out: &Path, strategy: &str, rounds: u64, extra: &[&str]) -> Vec<String> {
+/// `serve` for `clients` clients, all of them in every round, mlp trained with SGD.
+fn serve(
+    port: u16,
+    out: &Path,
+    (strategy, rounds, clients): (&str, u64, usize),
+    extra: &[&str],
+) -> Vec<String> {
+    let clients = clients.to_string();
     let mut args: Vec<String> = [
         "serve",
         "--listen",
@@ -18,9 +25,9 @@ fn serve(port: u16, out: &Path, strategy: &str, rounds: u64, extra: &[&str]) -> 
         "--rounds",
         &rounds.to_string(),
         "--min-clients",
-        "2",
+        &clients,
         "--min-fit-clients",
-        "2",
+        &clients,
         "--model",
         "mlp",
         "--strategy",
@@ -78,7 +85,7 @@ fn scaffold_server_variate_stays_the_mean_of_the_clients_own_across_restarts() {
         .collect();
     let port = free_port();
     let out = dir.path().join("out");
-    let args = serve(port, &out, "scaffold", 3, &[]);
+    let args = serve(port, &out, ("scaffold", 3, 2), &[]);
 
     // The coordinator dies at round 2's aggregation, after both updates were counted.
     let mut first = Proc::spawn_with_env(
@@ -127,4 +134,60 @@ fn scaffold_server_variate_stays_the_mean_of_the_clients_own_across_restarts() {
     eprintln!("server variate max |c| {scale:.3e}, off the clients' mean by at most {worst:.3e}");
     assert!(worst <= 1e-5 * scale, "off by {worst} (max |c| {scale})");
     assert!(second.output().contains("scaffold"), "{}", second.output());
+}
+
+fn metrics_rows(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn personalised_figures_are_reported_next_to_the_global_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    // Strongly skewed shares: a client's own validation data favours its own classes.
+    let shares = client_shares(dir.path(), 3000, 3, 0.1, 11);
+    let port = free_port();
+    let out = dir.path().join("out");
+    let args = serve(
+        port,
+        &out,
+        ("fedavg", 2, 3),
+        &["--fraction-evaluate", "1", "--personalize-steps", "30"],
+    );
+    let mut coordinator = Proc::spawn("coordinator", coordinator_bin(), &args, dir.path());
+    let clients: Vec<Proc> = shares
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let name = format!("edge-{i}");
+            client(port, d, &name, &dir.path().join(&name), dir.path())
+        })
+        .collect();
+    coordinator.expect_success(Duration::from_secs(180));
+    drop(clients);
+    for row in metrics_rows(&out) {
+        let global = row["fed_eval_accuracy"].as_f64().expect("global figure");
+        let personal = row["fed_eval_personal_accuracy"]
+            .as_f64()
+            .expect("personalised figure");
+        let loss = row["fed_eval_personal_loss"]
+            .as_f64()
+            .expect("personal loss");
+        eprintln!(
+            "round {}: federated accuracy {global:.4}, personalised {personal:.4} (loss {loss:.4})",
+            row["round"]
+        );
+        assert_eq!(row["fed_eval_clients"], 3, "{row}");
+        assert_ne!(global, personal, "{row}");
+        // 30 steps on its own skewed data fit a client's own distribution better.
+        assert!(personal > global, "{row}");
+    }
+    assert!(
+        coordinator.output().contains("personalised loss"),
+        "{}",
+        coordinator.output()
+    );
 }

@@ -11,13 +11,14 @@ use fedtune_common::augment::Augment;
 use fedtune_common::freeze;
 use fedtune_common::logging::LogFormat;
 use fedtune_common::models::{DROPOUT, ModelSpec};
-use fedtune_common::optim::{LrSchedule, OptimizerSettings};
+use fedtune_common::optim::OptimizerSettings;
 use fedtune_common::pretrained::{InitOptions, Remap};
 
 use crate::strategy::{StrategyKind, StrategySettings};
 
 mod compression;
 mod privacy;
+mod resolved;
 mod secure_agg;
 mod security;
 mod text_model;
@@ -28,6 +29,7 @@ mod validate;
 pub use compression::{Compression, CompressionArgs};
 pub use fedtune_settings::{InitFile, InitTable, OnRoundFailure, ServeFile};
 pub use privacy::{PrivacyArgs, PrivacyFile};
+pub use resolved::{RoundPolicy, ServeConfig};
 pub use secure_agg::{SecAggSettings, SecureAggArgs, SecureAggFile};
 pub use security::{Security, SecurityArgs, SecurityFile, TlsFiles};
 pub use text_model::{TextModelArgs, TextModelFile};
@@ -223,6 +225,11 @@ pub struct ServeArgs {
     /// Federated evaluation after every N-th round [default: 1].
     #[arg(long)]
     pub evaluate_every: Option<u64>,
+    /// Federated evaluation also fine-tunes the global model for N local steps on each
+    /// evaluating client's training data and reports those figures too (personalised next to
+    /// global); 0 = off [default: 0].
+    #[arg(long)]
+    pub personalize_steps: Option<u32>,
     /// Robust strategies (median, trimmed-mean, krum) hold a round's updates in memory up to
     /// this many MiB, then spill them to `<out>/spill` [default: 1024].
     #[arg(long)]
@@ -242,70 +249,6 @@ pub struct ServeArgs {
     /// Seed of the initial weights and of the clients' shuffling [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
-}
-
-/// Validated settings of one coordinator run.
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    pub listen: SocketAddr,
-    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
-    pub metrics_listen: Option<SocketAddr>,
-    pub rounds: u64,
-    pub policy: RoundPolicy,
-    pub strategy: StrategySettings,
-    /// Differential privacy wrapped around the strategy; `None` when off.
-    pub privacy: Option<crate::strategy::dp::DpSettings>,
-    /// Secure aggregation of the training updates; `None` when off.
-    pub secure_agg: Option<SecAggSettings>,
-    /// How updates and broadcasts are encoded on the wire.
-    pub compression: Compression,
-    pub resume: bool,
-    /// Start a new run, moving an earlier one in `out` aside.
-    pub fresh: bool,
-    pub model: ModelSpec,
-    pub init: Option<PathBuf>,
-    pub init_options: InitOptions,
-    /// `init` is a Hugging Face folder (BERT): loaded by its known names and layout.
-    pub hf_init: Option<PathBuf>,
-    /// The tokenizer file of a text model (its hash travels in the model spec).
-    pub tokenizer: Option<PathBuf>,
-    pub export_pytorch: bool,
-    pub out: PathBuf,
-    pub eval_data: Option<PathBuf>,
-    pub eval_text_column: String,
-    pub eval_label_column: String,
-    pub local_epochs: u32,
-    pub batch_size: u32,
-    pub lr: f64,
-    pub optimizer: OptimizerSettings,
-    pub lr_schedule: LrSchedule,
-    pub warmup_steps: u32,
-    pub lr_round_decay: f64,
-    /// 0 = off.
-    pub clip_norm: f64,
-    pub dropout: f64,
-    /// Exact names of the frozen tensors, resolved from `freeze`.
-    pub frozen: Vec<String>,
-    /// TLS, mutual TLS or plaintext.
-    pub security: Security,
-    /// Limits against abuse.
-    pub limits: crate::limits::Limits,
-    pub augment: Augment,
-    pub early_stopping_patience: u32,
-    pub log_format: LogFormat,
-    pub seed: u64,
-}
-
-/// When rounds start and end, and what a failed round does.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RoundPolicy {
-    pub min_available_clients: usize,
-    pub available_timeout: Duration,
-    pub round_timeout: Duration,
-    pub grace_period: Option<Duration>,
-    pub accept_failures: bool,
-    pub on_round_failure: OnRoundFailure,
-    pub round_retries: u32,
 }
 
 impl ServeArgs {
@@ -556,6 +499,7 @@ impl ServeArgs {
             early_stopping_patience: self
                 .early_stopping_patience
                 .unwrap_or(file.early_stopping_patience),
+            personalize_steps: self.personalize_steps.unwrap_or(file.personalize_steps),
             log_format: self.log_format.unwrap_or(file.log_format),
             seed: self.seed.unwrap_or(file.seed),
         };

@@ -2,6 +2,7 @@ use fedtune_common::codec::Codec;
 use fedtune_common::optim::OptimizerKind;
 
 use super::*;
+use fedtune_common::optim::LrSchedule;
 
 /// Plaintext: these tests are about the other keys.
 fn plain(a: ServeArgs) -> ServeArgs {
@@ -448,6 +449,48 @@ fn refused_from_files(cases: &[(&str, &[&str])]) {
         let e = format!("{:#}", args.resolve().unwrap_err());
         for want in *wants {
             assert!(e.contains(want), "{toml:?}: `{want}` not in: {e}");
+        }
+    }
+}
+
+#[test]
+fn skew_settings_are_refused_where_they_cannot_work_naming_why() {
+    let bad = |a: ServeArgs| format!("{:#}", plain(a).resolve().unwrap_err());
+    let cases: [(ServeArgs, &[&str]); 3] = [
+        (
+            ServeArgs {
+                personalize_steps: Some(10),
+                ..Default::default()
+            },
+            &["personalize_steps", "fraction_evaluate"],
+        ),
+        (
+            ServeArgs {
+                strategy: Some("scaffold".into()),
+                compression: crate::config::CompressionArgs {
+                    compress_up: Some("fp16".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            &["scaffold", "fp16", "variate"],
+        ),
+        (
+            ServeArgs {
+                strategy: Some("fednova".into()),
+                secure_agg: crate::config::SecureAggArgs {
+                    secure_aggregation: true,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            &["fednova", "local steps"],
+        ),
+    ];
+    for (args, words) in cases {
+        let e = bad(args);
+        for w in words {
+            assert!(e.contains(w), "`{w}` missing from: {e}");
         }
     }
 }

@@ -15,6 +15,12 @@ impl ServeConfig {
         self.validate_policy()?;
         self.validate_strategy()?;
         self.validate_recipe()?;
+        if self.personalize_steps > 0 && self.strategy.fraction_evaluate <= 0.0 {
+            bail!(
+                "`personalize_steps` = {} reports personalised figures in federated evaluation, which is off: set `fraction_evaluate` (--fraction-evaluate) above 0",
+                self.personalize_steps
+            );
+        }
         if self.local_epochs == 0 {
             bail!("`local_epochs` must be at least 1");
         }

@@ -52,7 +52,7 @@ mod secure_requests;
 mod status;
 mod uploads;
 
-pub use relay::{RelayTrain, RelayedEvaluation, RelayedFit};
+pub use relay::{Personalize, RelayTrain, RelayedEvaluation, RelayedFit};
 use secure::{SecAggPhase, SecAggSlot};
 
 /// How long NextTask holds a call open when there is nothing to do.
@@ -399,6 +399,8 @@ pub struct Federation {
     /// A tiered aggregator's: the parent's recipe its training tasks carry instead of this
     /// coordinator's settings (`relay.rs`).
     relayed: Mutex<Option<Box<pb::TrainConfig>>>,
+    /// A tiered aggregator: the parent's personalisation of its evaluation task, handed on.
+    relayed_personalize: Mutex<Option<relay::Personalize>>,
 }
 
 /// What a finished run leaves behind.
@@ -467,6 +469,7 @@ impl Federation {
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
             journal: cfg.secure_agg.is_none().then(|| Journal::new(&cfg.out)),
             relayed: Mutex::new(None),
+            relayed_personalize: Mutex::new(None),
             cfg,
         }
     }

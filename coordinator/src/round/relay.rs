@@ -39,6 +39,24 @@ pub struct RelayedFit {
     pub bytes_up: u64,
 }
 
+/// A parent's personalisation of an evaluation task (`--personalize-steps` at the root), handed
+/// on to this aggregator's clients unchanged.
+#[derive(Debug, Clone)]
+pub struct Personalize {
+    pub steps: u32,
+    pub config: pb::TrainConfig,
+}
+
+impl Personalize {
+    pub fn of(task: &pb::EvaluateTask) -> Option<Self> {
+        Some(Self {
+            steps: task.personalize_steps,
+            config: task.personalize.clone()?,
+        })
+        .filter(|p| p.steps > 0)
+    }
+}
+
 /// What a relayed evaluation gathered: the examples and the example-weighted figures.
 pub struct RelayedEvaluation {
     pub num_examples: u64,
@@ -132,7 +150,9 @@ impl Federation {
         round: u64,
         model_version: u64,
         global: Arc<TensorSet>,
+        personalize: Option<Personalize>,
     ) -> anyhow::Result<RelayedEvaluation> {
+        *lock(&self.relayed_personalize) = personalize;
         let clients: Vec<String> = self.candidates(true).into_iter().map(|c| c.id).collect();
         if clients.is_empty() {
             return Ok(RelayedEvaluation {
@@ -169,6 +189,9 @@ impl Federation {
             ("precision", e.precision),
             ("recall", e.recall),
             ("f1", e.f1),
+            ("personal_loss", e.personal_loss),
+            ("personal_accuracy", e.personal_accuracy),
+            ("personal_f1", e.personal_f1),
         ]
         .into_iter()
         .filter_map(|(k, v)| Some((k.to_string(), v?)))

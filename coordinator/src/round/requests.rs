@@ -211,7 +211,30 @@ impl Federation {
                 model_version: open.model_version,
                 model: Some(self.model_spec_pb()),
                 batch_size: EVAL_BATCH,
+                ..self.personalization(open)
             }),
+        }
+    }
+
+    /// What an evaluation task asks beyond evaluating: personalisation, this coordinator's
+    /// own or (a tiered aggregator) its parent's.
+    fn personalization(&self, open: &OpenPhase) -> pb::EvaluateTask {
+        if let Some(p) = lock(&self.relayed_personalize).as_ref() {
+            return pb::EvaluateTask {
+                personalize_steps: p.steps,
+                personalize: Some(p.config.clone()),
+                ..Default::default()
+            };
+        }
+        let steps = self.cfg.personalize_steps;
+        pb::EvaluateTask {
+            personalize_steps: steps,
+            // Plain local fine-tuning: no proximal pull, no noise, no control variate.
+            personalize: (steps > 0).then(|| pb::TrainConfig {
+                control_variate: String::new(),
+                ..self.train_config(open, 0.0, None)
+            }),
+            ..Default::default()
         }
     }
 

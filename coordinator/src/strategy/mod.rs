@@ -172,6 +172,11 @@ pub struct EvalSummary {
     pub precision: Option<f64>,
     pub recall: Option<f64>,
     pub f1: Option<f64>,
+    /// With personalisation (`--personalize-steps`): the same figures after each client
+    /// fine-tuned the global model on its own training data.
+    pub personal_loss: Option<f64>,
+    pub personal_accuracy: Option<f64>,
+    pub personal_f1: Option<f64>,
 }
 
 /// Configure and aggregate, for training and for evaluation. The round engine calls these from
@@ -410,8 +415,8 @@ pub fn build(s: StrategySettings, specs: &[TensorSpec]) -> Box<dyn Strategy> {
     }
 }
 
-/// Example-weighted means of `loss`, `accuracy`, `precision`, `recall`, `f1` over the reports
-/// that carry them.
+/// Example-weighted means of `loss`, `accuracy`, `precision`, `recall`, `f1` (and their
+/// `personal_` figures) over the reports that carry them.
 pub fn weighted_eval(reports: &[EvalReport]) -> EvalSummary {
     let mean = |key: &str| {
         let (mut sum, mut total) = (0.0, 0.0);
@@ -431,6 +436,9 @@ pub fn weighted_eval(reports: &[EvalReport]) -> EvalSummary {
         precision: mean("precision"),
         recall: mean("recall"),
         f1: mean("f1"),
+        personal_loss: mean("personal_loss"),
+        personal_accuracy: mean("personal_accuracy"),
+        personal_f1: mean("personal_f1"),
     }
 }
 
