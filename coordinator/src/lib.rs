@@ -59,6 +59,7 @@ use crate::config::ServeConfig;
 use crate::evaluation::{ServerEval, TextColumns};
 use crate::hf_export::HfSources;
 use crate::round::{Federation, RunSummary, Start};
+use crate::run_dir::RunDir;
 use crate::run_start::RunStart;
 use crate::strategy::Strategy;
 use crate::strategy::dp::Private;
@@ -116,6 +117,60 @@ pub async fn serve_until(
     listener: TcpListener,
     stop: impl Future<Output = String>,
 ) -> anyhow::Result<RunSummary> {
+    let global = initial_global(&cfg)?;
+    let server_eval = match &cfg.eval_data {
+        Some(dir) => {
+            let text = cfg.tokenizer.as_deref().map(|tokenizer| TextColumns {
+                tokenizer,
+                text_column: &cfg.eval_text_column,
+                label_column: &cfg.eval_label_column,
+            });
+            let eval = ServerEval::open(dir, cfg.model.clone(), text)?;
+            info!(
+                "server-side evaluation on {} examples from {}",
+                eval.examples(),
+                dir.display()
+            );
+            Some(Arc::new(eval))
+        }
+        None => None,
+    };
+    let specs = global.specs();
+    let (strategy, run_dir, start) = open_run(&cfg, global)?;
+    let addr = listener.local_addr()?;
+    info!(
+        "coordinator listening on {addr}: model {} ({} tensors, {} parameters), rounds {}..={}, waiting for {} clients; writing to {}",
+        cfg.model.kind,
+        specs.len(),
+        start.global.num_params(),
+        start.round,
+        cfg.rounds,
+        cfg.policy.min_available_clients,
+        cfg.out.display()
+    );
+    log_trainable(&cfg, &specs);
+
+    let engine = Arc::new(Federation::new(cfg.clone(), specs));
+    let serving = server::start(&cfg, listener, engine.clone()).await?;
+
+    let hf_sources = match (&cfg.hf_init, &cfg.tokenizer) {
+        (Some(model_dir), Some(tokenizer)) => Some(HfSources {
+            model_dir: model_dir.clone(),
+            tokenizer: tokenizer.clone(),
+        }),
+        _ => None,
+    };
+    let run_dir = run_dir.with_pytorch_export(cfg.export_pytorch, hf_sources);
+    let result = engine
+        .run(start, strategy, run_dir, server_eval, stop)
+        .await;
+    serving.shutdown().await;
+    result
+}
+
+/// The model a run starts from: fresh weights from the seed, then the `init` file or
+/// Hugging Face folder when there is one.
+pub fn initial_global(cfg: &ServeConfig) -> anyhow::Result<TensorSet> {
     let mut global = cfg
         .model
         .init_weights(cfg.seed)
@@ -158,23 +213,15 @@ pub async fn serve_until(
         }
         global = loaded;
     }
-    let server_eval = match &cfg.eval_data {
-        Some(dir) => {
-            let text = cfg.tokenizer.as_deref().map(|tokenizer| TextColumns {
-                tokenizer,
-                text_column: &cfg.eval_text_column,
-                label_column: &cfg.eval_label_column,
-            });
-            let eval = ServerEval::open(dir, cfg.model.clone(), text)?;
-            info!(
-                "server-side evaluation on {} examples from {}",
-                eval.examples(),
-                dir.display()
-            );
-            Some(Arc::new(eval))
-        }
-        None => None,
-    };
+    Ok(global)
+}
+
+/// The strategy (DP wrapped around it), the run folder and where the rounds start: a fresh
+/// run from `global`, or the one in `cfg.out` resumed with its model and server state.
+pub fn open_run(
+    cfg: &ServeConfig,
+    global: TensorSet,
+) -> anyhow::Result<(Box<dyn Strategy>, RunDir, Start)> {
     let specs = global.specs();
     // The strategy sees only what trains: frozen tensors are never touched (not even by adding
     // zero, which turns -0.0 into 0.0 and would break the clients' frozen-tensor hash), and
@@ -231,17 +278,11 @@ pub async fn serve_until(
         }
         RunStart::Fresh(run_dir) => (run_dir, Start { global, round: 1 }),
     };
-    let addr = listener.local_addr()?;
-    info!(
-        "coordinator listening on {addr}: model {} ({} tensors, {} parameters), rounds {}..={}, waiting for {} clients; writing to {}",
-        cfg.model.kind,
-        specs.len(),
-        start.global.num_params(),
-        start.round,
-        cfg.rounds,
-        cfg.policy.min_available_clients,
-        cfg.out.display()
-    );
+    Ok((strategy, run_dir, start))
+}
+
+/// Says what trains: LoRA adapters, and the frozen tensors that travel once.
+fn log_trainable(cfg: &ServeConfig, specs: &[fedtune_common::tensors::TensorSpec]) {
     if let Some(lora) = &cfg.model.lora {
         info!("LoRA adapters: {lora}");
     }
@@ -258,21 +299,4 @@ pub async fn serve_until(
             specs.len() - trains.len()
         );
     }
-
-    let engine = Arc::new(Federation::new(cfg.clone(), specs));
-    let serving = server::start(&cfg, listener, engine.clone()).await?;
-
-    let hf_sources = match (&cfg.hf_init, &cfg.tokenizer) {
-        (Some(model_dir), Some(tokenizer)) => Some(HfSources {
-            model_dir: model_dir.clone(),
-            tokenizer: tokenizer.clone(),
-        }),
-        _ => None,
-    };
-    let run_dir = run_dir.with_pytorch_export(cfg.export_pytorch, hf_sources);
-    let result = engine
-        .run(start, strategy, run_dir, server_eval, stop)
-        .await;
-    serving.shutdown().await;
-    result
 }

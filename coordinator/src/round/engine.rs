@@ -16,9 +16,46 @@ impl Federation {
         server_eval: Option<Arc<ServerEval>>,
         stop: impl Future<Output = String>,
     ) -> anyhow::Result<RunSummary> {
+        let result = self
+            .clone()
+            .run_segment(start, strategy, run_dir, server_eval, stop)
+            .await;
+        if matches!(&result, Ok(RunSummary { stopped: true, .. })) {
+            return result;
+        }
+        let reason = match &result {
+            Ok(RunSummary {
+                ended_early: Some(why),
+                ..
+            }) => why.clone(),
+            Ok(_) => format!("all {} rounds done", self.cfg().rounds),
+            Err(e) => format!("the coordinator stopped the run: {e:#}"),
+        };
+        self.finish(reason).await;
+        result
+    }
+
+    /// Tells the clients the federation is over, and why, and waits a little for them to hear
+    /// it.
+    pub async fn finish(&self, reason: String) {
+        lock(&self.state).enter(Phase::Finished { reason });
+        self.changed.notify_waiters();
+        self.wait_for_goodbyes().await;
+    }
+
+    /// [`Federation::run`] without the end: the rounds from `start` up to the settings'
+    /// `rounds`, after which the clients wait for more work (a `tune` trial's rung).
+    pub async fn run_segment(
+        self: Arc<Self>,
+        start: Start,
+        strategy: Box<dyn Strategy>,
+        run_dir: RunDir,
+        server_eval: Option<Arc<ServerEval>>,
+        stop: impl Future<Output = String>,
+    ) -> anyhow::Result<RunSummary> {
         info!("strategy: {}", strategy.describe());
         let (global_path, metrics_path) = (run_dir.global_path(), run_dir.metrics_path());
-        let result = tokio::select! {
+        tokio::select! {
             r = self.clone().run_rounds(start, strategy, run_dir, server_eval) => r,
             why = stop => {
                 // The rounds end at their next await. A checkpoint is written without one, so
@@ -37,19 +74,7 @@ impl Federation {
                     metrics_path,
                 });
             }
-        };
-        let reason = match &result {
-            Ok(RunSummary {
-                ended_early: Some(why),
-                ..
-            }) => why.clone(),
-            Ok(_) => format!("all {} rounds done", self.cfg.rounds),
-            Err(e) => format!("the coordinator stopped the run: {e:#}"),
-        };
-        lock(&self.state).enter(Phase::Finished { reason });
-        self.changed.notify_waiters();
-        self.wait_for_goodbyes().await;
-        result
+        }
     }
 
     async fn run_rounds(
@@ -69,7 +94,7 @@ impl Federation {
         // The coordinator died inside this round: its journal carries it on.
         let mut reopen = self.journaled(start.round, &global)?;
         let sends_more_than_model = strategy.sent_with_model()?.is_some();
-        'rounds: for round in start.round..=self.cfg.rounds {
+        'rounds: for round in start.round..=self.cfg().rounds {
             // Version v is the model after v aggregations: round r trains on version r - 1.
             let model_version = round - 1;
             let started = Instant::now();
@@ -111,7 +136,7 @@ impl Federation {
                 let kind = PhaseKind::Fit {
                     proximal_mu: plan.proximal_mu,
                     local_dp: plan.local_dp,
-                    secure: self.cfg.secure_agg.is_some(),
+                    secure: self.cfg().secure_agg.is_some(),
                 };
                 let serial = match journaled.as_mut() {
                     Some(j) => {
@@ -122,7 +147,7 @@ impl Federation {
                         self.reopen_phase(kind, j, model_version, broadcast.clone(), aggregator)
                     }
                     None => {
-                        if self.cfg.secure_agg.is_none() {
+                        if self.cfg().secure_agg.is_none() {
                             tokio::task::block_in_place(|| {
                                 self.begin_journal(
                                     kind,
@@ -142,7 +167,7 @@ impl Federation {
                             broadcast.clone(),
                             &plan.clients,
                             // Secure aggregation: the strategy sees the unmasked sum only.
-                            self.cfg
+                            self.cfg()
                                 .secure_agg
                                 .is_none()
                                 .then(|| strategy.aggregator(round)),
@@ -151,7 +176,7 @@ impl Federation {
                 };
                 self.wait_for_reports(serial, round, true).await;
                 let agg_started = Instant::now();
-                let secure = match self.cfg.secure_agg {
+                let secure = match self.cfg().secure_agg {
                     Some(_) => Some(self.secure_aggregate(serial, round).await),
                     None => None,
                 };
@@ -165,7 +190,7 @@ impl Federation {
                 };
                 let aggregate_ms = agg_started.elapsed().as_millis() as u64;
                 let failure = match (&combined, self.round_failure(&plan, &fit)) {
-                    (Err(e), _) if self.cfg.secure_agg.is_some() => Some(e.clone()),
+                    (Err(e), _) if self.cfg().secure_agg.is_some() => Some(e.clone()),
                     (_, Some(why)) => Some(why),
                     (Err(e), None) => Some(e.clone()),
                     (Ok(_), None) => None,
@@ -173,7 +198,7 @@ impl Federation {
                 match failure {
                     None => break (fit, combined.ok().flatten(), aggregate_ms),
                     Some(why) => {
-                        let policy = &self.cfg.policy;
+                        let policy = &self.cfg().policy;
                         if policy.on_round_failure == OnRoundFailure::Retry
                             && attempt <= policy.round_retries
                         {
@@ -218,7 +243,7 @@ impl Federation {
             let mut eval_bytes_down = (0, 0);
             if !eval_clients.is_empty() {
                 let broadcast = Arc::new(tokio::task::block_in_place(|| {
-                    Broadcast::share(&global, round, &self.cfg.frozen, self.cfg.compression.down)
+                    Broadcast::share(&global, round, &self.cfg().frozen, self.cfg().compression.down)
                 })?);
                 // Clients train on this same model next round: encode it once (unless their
                 // download carries more than the model).
@@ -252,7 +277,7 @@ impl Federation {
             let eval_started = Instant::now();
             let mut record = RoundRecord {
                 round,
-                rounds: self.cfg.rounds,
+                rounds: self.cfg().rounds,
                 attempt,
                 model_version: model_version + 1,
                 clients_selected: fit.selected,
@@ -283,8 +308,8 @@ impl Federation {
                 bytes_up: fit.stats.bytes_up.load(Ordering::Relaxed),
                 bytes_down_fp32: fit.stats.fp32_down.load(Ordering::Relaxed) + eval_bytes_down.1,
                 bytes_up_fp32: fit.stats.fp32_up.load(Ordering::Relaxed),
-                compress_down: self.cfg.compression.down.to_string(),
-                compress_up: self.cfg.compression.up.to_string(),
+                compress_down: self.cfg().compression.down.to_string(),
+                compress_up: self.cfg().compression.up.to_string(),
                 bytes_up_full: self
                     .specs
                     .iter()
@@ -335,12 +360,12 @@ impl Federation {
             let state = strategy
                 .state()
                 .context("cannot collect the strategy's server state")?;
-            run_dir.checkpoint(&global, &self.cfg.model, &record, state.as_ref())?;
+            run_dir.checkpoint(&global, &self.cfg().model, &record, state.as_ref())?;
             // The checkpoint holds the round now.
             self.clear_journal();
             record.log(
-                self.cfg.log_format,
-                self.cfg.security == crate::config::Security::Insecure,
+                self.cfg().log_format,
+                self.cfg().security == crate::config::Security::Insecure,
             );
             self.metrics.round_completed(&record);
             records.push(record);
@@ -362,7 +387,7 @@ impl Federation {
         global: &Arc<TensorSet>,
         version: u64,
     ) -> anyhow::Result<Broadcast> {
-        let (frozen, codec) = (&self.cfg.frozen, self.cfg.compression.down);
+        let (frozen, codec) = (&self.cfg().frozen, self.cfg().compression.down);
         match strategy.sent_with_model()? {
             None => Broadcast::share(global, version, frozen, codec),
             Some(extra) => {
@@ -403,7 +428,7 @@ impl Federation {
         if plan.count_whatever_arrives {
             return None;
         }
-        let min = self.cfg.strategy.min_fit_clients;
+        let min = self.cfg().strategy.min_fit_clients;
         let got = fit.reports.len();
         if got < min {
             return Some(format!(
@@ -412,7 +437,7 @@ impl Federation {
             ));
         }
         let failed = fit.selected - got;
-        if failed > 0 && !self.cfg.policy.accept_failures {
+        if failed > 0 && !self.cfg().policy.accept_failures {
             return Some(format!(
                 "{failed} of {} selected clients failed and accept_failures is false",
                 plan.clients.len()

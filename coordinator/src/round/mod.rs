@@ -371,10 +371,15 @@ struct RoundAggregate {
 
 /// The coordinator's shared state and the round engine.
 pub struct Federation {
-    cfg: ServeConfig,
+    /// This run's settings; `tune` swaps them between trials ([`Federation::set_run`]),
+    /// never while a round runs.
+    cfg: std::sync::RwLock<Arc<ServeConfig>>,
     run_id: String,
     /// SCAFFOLD: the key clients keep their control variate under (empty: not SCAFFOLD).
-    variate_key: String,
+    variate_key: std::sync::RwLock<String>,
+    /// Prefixed to task ids, so that runs on the same clients (`tune` trials) never reuse one
+    /// (empty for a single run).
+    task_prefix: std::sync::RwLock<String>,
     specs: Vec<TensorSpec>,
     /// The tensors an update carries: all but the frozen ones.
     update_specs: Vec<TensorSpec>,
@@ -429,6 +434,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Federation {
     pub fn new(cfg: ServeConfig, specs: Vec<TensorSpec>) -> Self {
+        Self::with_journal(cfg, specs, true)
+    }
+
+    /// A federation whose settings change between runs on the same clients (`tune`): no round
+    /// journal (an interrupted round runs again; each trial's folder keeps its checkpoints).
+    pub fn for_tuning(cfg: ServeConfig, specs: Vec<TensorSpec>) -> Self {
+        Self::with_journal(cfg, specs, false)
+    }
+
+    /// The settings of the next run on the same clients (a `tune` trial), with the key its
+    /// SCAFFOLD clients keep their variates under. Only between runs: a round reads them
+    /// throughout.
+    pub fn set_run(&self, cfg: ServeConfig, tag: &str) {
+        *self.variate_key.write().unwrap_or_else(|p| p.into_inner()) = Self::variate_key_of(&cfg);
+        *self.task_prefix.write().unwrap_or_else(|p| p.into_inner()) = format!("{tag}.");
+        *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+    }
+
+    fn cfg(&self) -> Arc<ServeConfig> {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn variate_key_of(cfg: &ServeConfig) -> String {
+        if cfg.strategy.kind == crate::strategy::StrategyKind::Scaffold {
+            crate::run_identity::RunIdentity::of(cfg).federation_key(&cfg.out)
+        } else {
+            String::new()
+        }
+    }
+
+    fn with_journal(cfg: ServeConfig, specs: Vec<TensorSpec>, journaled: bool) -> Self {
         let model_bytes = specs.iter().map(|s| s.num_elements() as u64 * 4).sum();
         let update_specs = specs
             .iter()
@@ -437,14 +473,11 @@ impl Federation {
             .collect();
         let mut id = [0u8; 6];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
-        let variate_key = if cfg.strategy.kind == crate::strategy::StrategyKind::Scaffold {
-            crate::run_identity::RunIdentity::of(&cfg).federation_key(&cfg.out)
-        } else {
-            String::new()
-        };
+        let variate_key = Self::variate_key_of(&cfg);
         Self {
             run_id: id.iter().map(|b| format!("{b:02x}")).collect(),
-            variate_key,
+            variate_key: std::sync::RwLock::new(variate_key),
+            task_prefix: std::sync::RwLock::new(String::new()),
             specs,
             update_specs,
             model_bytes,
@@ -467,10 +500,10 @@ impl Federation {
                 cfg.rounds,
             )),
             upload_slots: Semaphore::new(UPLOAD_SLOTS),
-            journal: cfg.secure_agg.is_none().then(|| Journal::new(&cfg.out)),
+            journal: (cfg.secure_agg.is_none() && journaled).then(|| Journal::new(&cfg.out)),
             relayed: Mutex::new(None),
             relayed_personalize: Mutex::new(None),
-            cfg,
+            cfg: std::sync::RwLock::new(Arc::new(cfg)),
         }
     }
 
@@ -503,19 +536,19 @@ impl Federation {
 
     /// How this run's tasks tell clients to encode their updates.
     pub fn upload_codec(&self) -> fedtune_common::codec::Codec {
-        self.cfg.compression.up
+        self.cfg().compression.up
     }
 
     fn model_spec_pb(&self) -> pb::ModelSpec {
-        fedtune_common::spec_wire::to_pb(&self.cfg.model)
+        fedtune_common::spec_wire::to_pb(&self.cfg().model)
     }
 
     /// Clients needed before a round opens.
     fn needed_clients(&self) -> usize {
-        self.cfg
+        self.cfg()
             .policy
             .min_available_clients
-            .max(self.cfg.strategy.min_fit_clients)
+            .max(self.cfg().strategy.min_fit_clients)
     }
 }
 

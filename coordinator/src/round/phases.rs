@@ -10,7 +10,7 @@ impl Federation {
     /// `available_timeout` with an error that says what to do.
     pub(super) async fn wait_for_clients(&self, round: u64) -> anyhow::Result<()> {
         let needed = self.needed_clients();
-        let timeout = self.cfg.policy.available_timeout;
+        let timeout = self.cfg().policy.available_timeout;
         let give_up = Instant::now() + timeout;
         let mut last_log = Instant::now() - WAIT_LOG_EVERY;
         {
@@ -82,7 +82,7 @@ impl Federation {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let bytes = broadcast.full_bytes();
         // Installed before `state` is locked (lock order: `secagg` before `state`).
-        let mut secagg = match (kind, &self.cfg.secure_agg) {
+        let mut secagg = match (kind, &self.cfg().secure_agg) {
             (PhaseKind::Fit { secure: true, .. }, Some(settings)) => Some(Box::new(
                 self.begin_secagg(settings, serial, round, clients),
             )),
@@ -97,12 +97,17 @@ impl Federation {
                 error: None,
             });
         }
+        let prefix = self
+            .task_prefix
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let mut tasks = HashMap::new();
         let mut names = Vec::new();
         for id in clients {
-            let task_id = task_id(kind, round, attempt, id);
+            let task_id = format!("{prefix}{}", task_id(kind, round, attempt, id));
             if let Some(c) = st.clients.by_id_mut(id) {
                 match kind {
                     PhaseKind::Evaluate => c.times_evaluated += 1,
@@ -159,7 +164,7 @@ impl Federation {
                 clients.len(),
                 names.join(", "),
                 human_bytes(bytes),
-                match (secure, &self.cfg.secure_agg) {
+                match (secure, &self.cfg().secure_agg) {
                     (true, Some(s)) => {
                         let (k, t) = s.graph(clients.len());
                         format!(", secure aggregation with {k} neighbours each, threshold {t}")
@@ -182,7 +187,7 @@ impl Federation {
     /// `grace_period`) the grace period after `min_fit_clients` reported. Clients silent for
     /// longer than [`LIVENESS_TIMEOUT`] (no heartbeat, no call) are marked failed.
     pub(super) async fn wait_for_reports(&self, serial: u64, round: u64, training: bool) {
-        let policy = &self.cfg.policy;
+        let policy = &self.cfg().policy;
         let mut deadline = tokio::time::Instant::now() + policy.round_timeout;
         let mut grace_started = false;
         loop {
@@ -231,7 +236,7 @@ impl Federation {
                 if training
                     && !grace_started
                     && let Some(grace) = policy.grace_period
-                    && open.reports.len() >= self.cfg.strategy.min_fit_clients
+                    && open.reports.len() >= self.cfg().strategy.min_fit_clients
                 {
                     grace_started = true;
                     let until = tokio::time::Instant::now() + grace;
@@ -240,7 +245,7 @@ impl Federation {
                         info!(
                             "round {round}: {} updates in (min_fit_clients = {}); waiting up to {} for the other {}",
                             open.reports.len(),
-                            self.cfg.strategy.min_fit_clients,
+                            self.cfg().strategy.min_fit_clients,
                             humantime::format_duration(grace),
                             open.tasks.len() - open.reports.len()
                         );
@@ -353,7 +358,7 @@ impl Federation {
 
     /// `/N` after a round number; nothing for a tiered aggregator, whose parent decides.
     fn of_rounds(&self) -> String {
-        match self.cfg.rounds {
+        match self.cfg().rounds {
             0 => String::new(),
             n => format!("/{n}"),
         }

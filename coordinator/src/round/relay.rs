@@ -214,8 +214,8 @@ impl Federation {
             Broadcast::share(
                 global,
                 model_version,
-                &self.cfg.frozen,
-                self.cfg.compression.down,
+                &self.cfg().frozen,
+                self.cfg().compression.down,
             )
         })?))
     }

@@ -30,7 +30,7 @@ impl Federation {
             Some(journal) => journal.load(round, &checkpoint::checksum(global)),
             None => {
                 // Secure aggregation: an earlier plain run's journal is of no use.
-                Journal::new(&self.cfg.out).clear()?;
+                Journal::new(&self.cfg().out).clear()?;
                 Ok(None)
             }
         }
@@ -192,11 +192,11 @@ impl Federation {
         match &journaled.closed {
             Some(_) => info!(
                 "round {round}/{}: continuing after the restart from its journal: the round had closed with {counted} of {n} updates; aggregating them",
-                self.cfg.rounds
+                self.cfg().rounds
             ),
             None => info!(
                 "round {round}/{}{}: continuing after the restart from its journal: {counted} of {n} updates already counted; waiting for the other {} selected clients to join again",
-                self.cfg.rounds,
+                self.cfg().rounds,
                 if attempt > 1 {
                     format!(" (attempt {attempt})")
                 } else {

@@ -25,7 +25,7 @@ impl Federation {
         }
         let mut st = lock(&self.state);
         let live = st.clients.live_count(LIVENESS_TIMEOUT);
-        let max = self.cfg.limits.max_clients;
+        let max = self.cfg().limits.max_clients;
         if live >= max {
             warn!(
                 "refused client `{}`: {live} live clients, at most {max} (--max-clients)",
@@ -59,24 +59,24 @@ impl Federation {
     /// a mean of means equals the mean of all updates only for rules that combine linearly,
     /// and only where each update is not meant to be seen (masked, clipped) on its own.
     fn why_no_aggregators(&self) -> Option<String> {
-        let strategy = self.cfg.strategy_name();
-        if let Some(why) = self.cfg.strategy.kind.why_not_a_sum() {
+        let strategy = self.cfg().strategy_name();
+        if let Some(why) = self.cfg().strategy.kind.why_not_a_sum() {
             return Some(format!(
                 "this coordinator's strategy `{strategy}`: {why}, which a pre-aggregated update hides; run the aggregators' clients against this coordinator directly, or use a linear strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad)"
             ));
         }
-        if self.cfg.secure_agg.is_some() {
+        if self.cfg().secure_agg.is_some() {
             return Some("this coordinator runs secure aggregation, which masks each client's update; an aggregator would have to see its clients' updates in the clear".into());
         }
-        if let Some(dp) = &self.cfg.privacy
+        if let Some(dp) = &self.cfg().privacy
             && dp.mode == crate::strategy::dp::DpMode::Central
         {
             return Some("this coordinator runs central differential privacy, whose accounting clips and samples each client's update; a pre-aggregated update would change what is protected (local DP, --dp local, works with aggregators)".into());
         }
-        if let fedtune_common::codec::Codec::TopK(_) = self.cfg.compression.up {
+        if let fedtune_common::codec::Codec::TopK(_) = self.cfg().compression.up {
             return Some(format!(
                 "updates travel as `{}`, whose error feedback is per client; use fp16, bf16 or int8 with aggregators",
-                self.cfg.compression.up
+                self.cfg().compression.up
             ));
         }
         None
@@ -203,7 +203,7 @@ impl Federation {
                     Some(relayed) => relayed.clone(),
                     None => self.train_config(open, proximal_mu, local_dp),
                 }),
-                upload: self.cfg.compression.up.to_proto(),
+                upload: self.cfg().compression.up.to_proto(),
             }),
             PhaseKind::Evaluate => Kind::Evaluate(pb::EvaluateTask {
                 round: open.round,
@@ -226,7 +226,7 @@ impl Federation {
                 ..Default::default()
             };
         }
-        let steps = self.cfg.personalize_steps;
+        let steps = self.cfg().personalize_steps;
         pb::EvaluateTask {
             personalize_steps: steps,
             // Plain local fine-tuning: no proximal pull, no noise, no control variate.
@@ -246,34 +246,37 @@ impl Federation {
         local_dp: Option<LocalDp>,
     ) -> pb::TrainConfig {
         pb::TrainConfig {
-            local_epochs: self.cfg.local_epochs,
-            batch_size: self.cfg.batch_size,
+            local_epochs: self.cfg().local_epochs,
+            batch_size: self.cfg().batch_size,
             // Server-side decay of the clients' learning rate across rounds.
-            lr: self.cfg.lr * self.cfg.lr_round_decay.powi(open.round as i32 - 1),
-            optimizer: self.cfg.optimizer.kind.to_string(),
-            momentum: self.cfg.optimizer.momentum,
-            nesterov: self.cfg.optimizer.nesterov,
-            weight_decay: self.cfg.optimizer.weight_decay,
-            lr_schedule: self.cfg.lr_schedule.to_string(),
-            warmup_steps: self.cfg.warmup_steps,
-            clip_norm: self.cfg.clip_norm,
-            dropout: self.cfg.dropout,
-            frozen: self.cfg.frozen.clone(),
+            lr: self.cfg().lr * self.cfg().lr_round_decay.powi(open.round as i32 - 1),
+            optimizer: self.cfg().optimizer.kind.to_string(),
+            momentum: self.cfg().optimizer.momentum,
+            nesterov: self.cfg().optimizer.nesterov,
+            weight_decay: self.cfg().optimizer.weight_decay,
+            lr_schedule: self.cfg().lr_schedule.to_string(),
+            warmup_steps: self.cfg().warmup_steps,
+            clip_norm: self.cfg().clip_norm,
+            dropout: self.cfg().dropout,
+            frozen: self.cfg().frozen.clone(),
             augment: Some(pb::Augmentation {
-                crop_padding: self.cfg.augment.crop_padding as u32,
-                flip: self.cfg.augment.flip,
-                noise_std: f64::from(self.cfg.augment.noise_std),
+                crop_padding: self.cfg().augment.crop_padding as u32,
+                flip: self.cfg().augment.flip,
+                noise_std: f64::from(self.cfg().augment.noise_std),
             }),
-            early_stopping_patience: self.cfg.early_stopping_patience,
-            seed: self
-                .cfg
+            early_stopping_patience: self.cfg().early_stopping_patience,
+            seed: self.cfg()
                 .seed
                 .wrapping_add(open.round)
                 .wrapping_add(u64::from(open.attempt - 1) << 32),
             proximal_mu,
             dp_clip_norm: local_dp.map_or(0.0, |d| d.clip),
             dp_noise_stddev: local_dp.map_or(0.0, |d| d.noise_stddev),
-            control_variate: self.variate_key.clone(),
+            control_variate: self
+                .variate_key
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 

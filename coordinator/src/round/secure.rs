@@ -194,7 +194,7 @@ impl Federation {
 
     /// The steps after training; the weighted mean delta and who is in it.
     async fn secure_steps(&self, serial: u64, round: u64) -> Result<(Vec<f32>, Vec<u32>), String> {
-        let Some(settings) = self.cfg.secure_agg.clone() else {
+        let Some(settings) = self.cfg().secure_agg.clone() else {
             return Err("secure aggregation is not configured".into());
         };
 

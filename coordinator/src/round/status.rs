@@ -47,7 +47,7 @@ impl Federation {
         pb::RunStatus {
             run_id: self.run_id.clone(),
             round: where_.round,
-            rounds: self.cfg.rounds,
+            rounds: self.cfg().rounds,
             attempt: open.map_or(0, |o| o.attempt),
             phase: where_.phase.as_str().into(),
             seconds_in_phase: now.duration_since(st.phase_since).as_secs_f64(),

@@ -60,7 +60,7 @@ impl Federation {
                 &claim,
                 (
                     open.model_version,
-                    self.cfg.strategy.kind.needs_step_weight(),
+                    self.cfg().strategy.kind.needs_step_weight(),
                 ),
                 &task_id,
             )?
