@@ -2,8 +2,10 @@
 //! and the round's correction and new variate (see `fedtune_common::control_variate` for the
 //! correction itself, and the coordinator's `strategy::scaffold` for the whole algorithm).
 //!
-//! The variate lives in `<state dir>/scaffold-variate.safetensors`, tagged with the key of the
-//! federation run it belongs to: a task with another key (another run) starts from zero. The
+//! The variate lives in `<state dir>/scaffold-variate.<key>.safetensors`, one file per
+//! federation run (the key the task names): another run starts from zero, and runs that take
+//! turns on the same client (`tune` trials) each keep their own; the 8 most recently used are
+//! kept. The
 //! round's new variate is written beside it first (`.pending`) and replaces it only once the
 //! coordinator counted the update, so a refused or lost update leaves cᵢ as the server assumes
 //! it is: the server's c moves only by counted updates.
@@ -16,8 +18,25 @@ use fedtune_common::control_variate::server_variate_of;
 use fedtune_common::tensors::{NamedTensor, TensorSet, TensorSpec};
 use tracing::{info, warn};
 
-const FILE: &str = "scaffold-variate.safetensors";
+const PREFIX: &str = "scaffold-variate.";
 const PENDING: &str = "scaffold-variate.pending.safetensors";
+/// Variates of this many runs are kept; older ones are removed.
+const KEEP: usize = 8;
+
+/// The file of the variate kept for federation `key`.
+pub fn variate_file(dir: &Path, key: &str) -> PathBuf {
+    let safe: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join(format!("{PREFIX}{safe}.safetensors"))
+}
 const KEY: &str = "fedtune.federation";
 const TASK: &str = "fedtune.task";
 
@@ -78,7 +97,7 @@ impl VariateStore {
     /// cannot be used (said in the log: the variate only steers training, so starting it again
     /// costs some drift correction, not data).
     fn load(&self, key: &str, specs: &[TensorSpec]) -> TensorSet {
-        let path = self.dir.join(FILE);
+        let path = variate_file(&self.dir, key);
         let zero = || zeros(specs);
         if !path.exists() {
             return zero();
@@ -130,17 +149,39 @@ impl VariateStore {
     /// The update of `task_id` was counted: its variate becomes this client's.
     pub fn commit(&self, task_id: &str) -> anyhow::Result<()> {
         let pending = self.dir.join(PENDING);
-        let staged_for = match checkpoint::load(&pending) {
-            Ok((_, meta)) => meta.get(TASK).cloned(),
-            Err(_) => None,
+        let (staged_for, key) = match checkpoint::load(&pending) {
+            Ok((_, meta)) => (meta.get(TASK).cloned(), meta.get(KEY).cloned()),
+            Err(_) => (None, None),
         };
-        if staged_for.as_deref() != Some(task_id) {
+        let (Some(key), true) = (key, staged_for.as_deref() == Some(task_id)) else {
             return Ok(());
-        }
-        let path = self.dir.join(FILE);
+        };
+        let path = variate_file(&self.dir, &key);
         std::fs::rename(&pending, &path)
             .and_then(|()| checkpoint::sync_parent(&path))
-            .with_context(|| format!("cannot keep the SCAFFOLD variate in {}", path.display()))
+            .with_context(|| format!("cannot keep the SCAFFOLD variate in {}", path.display()))?;
+        self.prune();
+        Ok(())
+    }
+
+    /// Removes the variates of all but the [`KEEP`] most recently kept runs.
+    fn prune(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut kept: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with(PREFIX) && name.as_ref() != PENDING
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        kept.sort_by(|a, b| b.0.cmp(&a.0));
+        for (_, old) in kept.into_iter().skip(KEEP) {
+            let _ = std::fs::remove_file(old);
+        }
     }
 
     /// The update was refused: the staged variate must not be kept.

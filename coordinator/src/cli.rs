@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Run a federation: wait for clients, run the rounds, write the global model and metrics.
     Serve(Box<ServeArgs>),
+    /// Federated hyper-parameter search: short federations on the connected clients, cut by
+    /// successive halving on the clients' validation loss; writes tune.jsonl and best.toml.
+    Tune(Box<crate::tune::TuneArgs>),
     /// Run a whole local federation on real data: this coordinator plus client processes on
     /// 127.0.0.1, Fashion-MNIST split non-IID across the clients.
     Demo(Box<DemoArgs>),
@@ -136,6 +139,11 @@ pub fn main() -> anyhow::Result<()> {
         Command::Pretrain(args) => {
             fedtune_common::logging::init(fedtune_common::logging::LogFormat::Text);
             crate::pretrain::run(args)
+        }
+        Command::Tune(args) => {
+            fedtune_common::logging::init(fedtune_common::logging::LogFormat::Text);
+            runtime.block_on(async { crate::tune::tune_until(*args, stop_signal()?).await })?;
+            Ok(())
         }
         Command::Embed(args) => embed_cmd::run(args),
         Command::Status(args) => runtime.block_on(status_cmd::run(args)),

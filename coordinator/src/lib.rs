@@ -42,6 +42,7 @@ pub mod telemetry;
 pub mod tier;
 pub mod tls;
 pub mod tokens;
+pub mod tune;
 pub mod upload;
 pub mod watched;
 

@@ -69,8 +69,18 @@ fn flat(set: &TensorSet, prefix: &str) -> Vec<(String, Vec<f32>)> {
     v
 }
 
+/// The one SCAFFOLD variate a client kept.
 fn client_variate(state: &Path) -> TensorSet {
-    checkpoint::load(&state.join("scaffold-variate.safetensors"))
+    let files: Vec<PathBuf> = std::fs::read_dir(state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            name.starts_with("scaffold-variate.") && !name.contains("pending")
+        })
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    checkpoint::load(&files[0])
         .expect("the client kept its SCAFFOLD variate")
         .0
 }

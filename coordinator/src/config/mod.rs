@@ -258,6 +258,11 @@ impl ServeArgs {
             Some(path) => ServeFile::read(path)?,
             None => ServeFile::default(),
         };
+        self.resolve_with(file)
+    }
+
+    /// [`ServeArgs::resolve`] with the settings file already read (`tune`'s trials).
+    pub fn resolve_with(&self, file: ServeFile) -> anyhow::Result<ServeConfig> {
         let pick = |flag: &Option<PathBuf>, file: Option<PathBuf>| flag.clone().or(file);
         let model_name = self.model.clone().unwrap_or(file.model.clone());
         let optimizer = self.optimizer.clone().unwrap_or(file.optimizer.clone());

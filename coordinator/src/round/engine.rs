@@ -243,7 +243,12 @@ impl Federation {
             let mut eval_bytes_down = (0, 0);
             if !eval_clients.is_empty() {
                 let broadcast = Arc::new(tokio::task::block_in_place(|| {
-                    Broadcast::share(&global, round, &self.cfg().frozen, self.cfg().compression.down)
+                    Broadcast::share(
+                        &global,
+                        round,
+                        &self.cfg().frozen,
+                        self.cfg().compression.down,
+                    )
                 })?);
                 // Clients train on this same model next round: encode it once (unless their
                 // download carries more than the model).

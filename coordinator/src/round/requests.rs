@@ -265,7 +265,8 @@ impl Federation {
                 noise_std: f64::from(self.cfg().augment.noise_std),
             }),
             early_stopping_patience: self.cfg().early_stopping_patience,
-            seed: self.cfg()
+            seed: self
+                .cfg()
                 .seed
                 .wrapping_add(open.round)
                 .wrapping_add(u64::from(open.attempt - 1) << 32),
