@@ -75,6 +75,8 @@ pub struct TuneLog {
     path: PathBuf,
     pub results: BTreeMap<(u64, usize), TrialResult>,
     pub decisions: BTreeMap<usize, Vec<u64>>,
+    /// Rungs of the plan.
+    pub rungs: usize,
 }
 
 impl TuneLog {
@@ -136,6 +138,7 @@ impl TuneLog {
             path,
             results,
             decisions,
+            rungs: plan.budgets.len(),
         };
         if !existed {
             log.append(&Entry::Start(plan.clone()))?;

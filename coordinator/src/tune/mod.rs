@@ -46,7 +46,7 @@ pub struct TuneArgs {
     /// choice(v1,v2,...), e.g. 'lr=loguniform(1e-4,1e-2)' 'strategy=choice(fedavg,fedadam)'.
     #[arg(long = "space", required = true)]
     pub space: Vec<String>,
-    /// How trials are drawn: random, or tpe (random for the first 4, then towards the best).
+    /// How trials are drawn: random, or tpe (random for the first 6, then towards the best).
     #[arg(long, value_enum, default_value_t = SamplerKind::Tpe)]
     pub sampler: SamplerKind,
     /// Seed of the sampler: the same seed and results draw the same trials.
@@ -338,7 +338,13 @@ fn decide(log: &mut TuneLog, rung: usize, alive: &[u64], keep: usize) -> anyhow:
         .copied()
         .filter(|t| !promoted.contains(t))
         .collect();
-    info!("rung {rung}: trials {promoted:?} go on, {stopped:?} stop here");
+    if rung + 1 == log.rungs {
+        info!(
+            "rung {rung}, the last: trial {promoted:?} is the best, {stopped:?} finished behind it"
+        );
+    } else {
+        info!("rung {rung}: trials {promoted:?} go on, {stopped:?} stop here");
+    }
     log.append(&Entry::Decision {
         rung,
         promoted: promoted.clone(),
