@@ -178,7 +178,7 @@ impl VariateStore {
             })
             .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
             .collect();
-        kept.sort_by(|a, b| b.0.cmp(&a.0));
+        kept.sort_by_key(|k| std::cmp::Reverse(k.0));
         for (_, old) in kept.into_iter().skip(KEEP) {
             let _ = std::fs::remove_file(old);
         }

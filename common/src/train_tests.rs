@@ -390,7 +390,7 @@ fn step_weight_adds_each_steps_rate_with_momentum_carrying_earlier_gradients() {
         (optimizer(OptimizerKind::Adam, 0.0, false, 0.0), 0.3),
     ];
     for (opt, want) in cases {
-        let got = weight(opt.clone());
+        let got = weight(opt);
         assert!((got - want).abs() < 1e-9, "{opt:?}: {got}, want {want}");
     }
 }

@@ -26,6 +26,9 @@ enum Command {
     /// Federated hyper-parameter search: short federations on the connected clients, cut by
     /// successive halving on the clients' validation loss; writes tune.jsonl and best.toml.
     Tune(Box<crate::tune::TuneArgs>),
+    /// Split an image data set across simulated clients (Dirichlet or k shots per class), one
+    /// IDX folder each, with the test set and the union for centralised baselines.
+    Partition(crate::partition_cmd::PartitionArgs),
     /// Run a whole local federation on real data: this coordinator plus client processes on
     /// 127.0.0.1, Fashion-MNIST split non-IID across the clients.
     Demo(Box<DemoArgs>),
@@ -145,6 +148,7 @@ pub fn main() -> anyhow::Result<()> {
             runtime.block_on(async { crate::tune::tune_until(*args, stop_signal()?).await })?;
             Ok(())
         }
+        Command::Partition(args) => crate::partition_cmd::run(args),
         Command::Embed(args) => embed_cmd::run(args),
         Command::Status(args) => runtime.block_on(status_cmd::run(args)),
         Command::Report(args) => report::run(args),

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use fedtune_common::data::{DataFolder, dirichlet_partition};
+use fedtune_common::data::DataFolder;
 use fedtune_common::logging::{self, LogFormat};
 use fedtune_common::models::ModelSpec;
 use tokio::process::Command;
 
 use crate::config::{SecurityArgs, ServeArgs};
+use crate::partition_cmd::{Split, split};
 use crate::round_record::human_bytes;
 
 /// Where Debian's `dataset-fashion-mnist` package puts the full data set.
@@ -91,6 +92,10 @@ pub struct DemoArgs {
     /// every round (0 = off).
     #[arg(long, default_value_t = 1.0)]
     pub fraction_evaluate: f64,
+    /// Images: few-shot, each client gets exactly K examples of every class (replaces the
+    /// Dirichlet split of --alpha).
+    #[arg(long)]
+    pub shots: Option<usize>,
     /// Use only these labels, e.g. 5,6,7,8,9 (training and evaluation data).
     #[arg(long, value_delimiter = ',')]
     pub classes: Vec<u8>,
@@ -189,15 +194,22 @@ fn image_plan(args: &DemoArgs) -> anyhow::Result<Plan> {
     let folder = DataFolder { train, test: None };
 
     // Split the training set non-IID and give each client its own folder.
-    let parts = dirichlet_partition(&folder.train.labels, args.clients, args.alpha, args.seed);
+    let how = match args.shots {
+        Some(k) => Split::Shots(k),
+        None => Split::Dirichlet(args.alpha),
+    };
+    let parts = split(&folder.train.labels, args.clients, how, args.seed)?;
     let clients_dir = args.out.join("clients");
     let mut client_dirs = Vec::new();
     println!(
-        "fedtune demo: {} training examples from {} split across {} clients (Dirichlet alpha {}):",
-        folder.train.len(),
+        "fedtune demo: {} training examples from {} split across {} clients ({}):",
+        parts.iter().map(Vec::len).sum::<usize>(),
         data_dir.display(),
         args.clients,
-        args.alpha
+        match how {
+            Split::Dirichlet(a) => format!("Dirichlet alpha {a}"),
+            Split::Shots(k) => format!("{k} examples of each class each"),
+        }
     );
     for (i, part) in parts.iter().enumerate() {
         let dir = clients_dir.join(format!("client-{}", i + 1));
@@ -207,11 +219,7 @@ fn image_plan(args: &DemoArgs) -> anyhow::Result<Plan> {
         subset
             .write_pair(&dir, "train-")
             .with_context(|| format!("cannot write client data to {}", dir.display()))?;
-        let mut counts = [0usize; 10];
-        subset
-            .labels
-            .iter()
-            .for_each(|&l| counts[(l as usize).min(9)] += 1);
+        let counts = crate::partition_cmd::class_counts(&subset.labels);
         println!(
             "  client-{}: {:>6} examples, per class {:?}",
             i + 1,

@@ -23,6 +23,7 @@ pub mod evaluation;
 pub mod hf_export;
 pub mod journal;
 pub mod limits;
+pub mod partition_cmd;
 pub mod pretrain;
 pub mod probe;
 pub mod provision;
@@ -246,7 +247,7 @@ pub fn open_run(
     }
     // DP keeps its accountant and clipping bound in the server state.
     let stateful = cfg.strategy.kind.is_stateful() || cfg.privacy.is_some();
-    let (run_dir, start) = match run_start::open(&cfg, &strategy_name, stateful)? {
+    let (run_dir, start) = match run_start::open(cfg, &strategy_name, stateful)? {
         RunStart::Resume(r) => {
             r.global.check_matches(&specs).with_context(|| {
                 format!(

@@ -201,3 +201,43 @@ fn personalised_figures_are_reported_next_to_the_global_ones() {
         coordinator.output()
     );
 }
+
+#[test]
+fn fednova_weighs_a_client_capped_by_max_epochs_by_its_own_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    // Equal shares, so the step weights differ only by the cap.
+    let shares = client_shares(dir.path(), 2000, 2, 100.0, 7);
+    let port = free_port();
+    let out = dir.path().join("out");
+    let args = serve(port, &out, ("fednova", 2, 2), &["--local-epochs", "3"]);
+    let mut coordinator = Proc::spawn("coordinator", coordinator_bin(), &args, dir.path());
+    let full = client_args(port, &shares[0], "edge-full", &[]);
+    let capped = client_args(port, &shares[1], "edge-capped", &["--max-epochs", "1"]);
+    let mut clients = [
+        Proc::spawn("full", client_bin(), &full, dir.path()),
+        Proc::spawn("capped", client_bin(), &capped, dir.path()),
+    ];
+    coordinator.expect_success(Duration::from_secs(180));
+    for c in &mut clients {
+        c.expect_success(Duration::from_secs(30));
+    }
+    for row in metrics_rows(&out) {
+        let weight = |name: &str| {
+            row["clients"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["client"] == name)
+                .and_then(|c| c["step_weight"].as_f64())
+                .unwrap_or_else(|| panic!("{name} has a step weight: {row}"))
+        };
+        let (full, capped) = (weight("edge-full"), weight("edge-capped"));
+        // SGD at a constant rate: 3 epochs against 1 of about the same number of steps.
+        let ratio = full / capped;
+        eprintln!(
+            "round {}: step weights {full:.3} and {capped:.3} (ratio {ratio:.2})",
+            row["round"]
+        );
+        assert!((2.7..=3.3).contains(&ratio), "{row}");
+    }
+}

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 pub use fedtune_formats::data::{DataError, ImageDataset, idx, image_folder, table};
 
 pub use examples::Examples;
-pub use partition::dirichlet_partition;
+pub use partition::{dirichlet_partition, shots_partition};
 pub use split::validation_split;
 pub use text::TextDataset;
 pub use tokenizer::TextTokenizer;

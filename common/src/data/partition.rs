@@ -58,6 +58,40 @@ pub fn dirichlet_partition(
     out
 }
 
+/// Few-shot splits: each client gets `shots` examples of every class in `labels`, drawn at
+/// random without replacement (no example goes to two clients). Deterministic in `seed`.
+/// Fails, naming the class, when a class has fewer than `clients × shots` examples.
+pub fn shots_partition(
+    labels: &[u8],
+    clients: usize,
+    shots: usize,
+    seed: u64,
+) -> Result<Vec<Vec<usize>>, String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut classes: std::collections::BTreeMap<u8, Vec<usize>> = Default::default();
+    for (i, &l) in labels.iter().enumerate() {
+        classes.entry(l).or_default().push(i);
+    }
+    let mut out = vec![Vec::with_capacity(shots * classes.len()); clients];
+    for (class, mut idx) in classes {
+        let needed = clients * shots;
+        if idx.len() < needed {
+            return Err(format!(
+                "class {class} has {} examples; {clients} clients x {shots} shots need {needed}",
+                idx.len()
+            ));
+        }
+        idx.shuffle(&mut rng);
+        for (c, part) in out.iter_mut().enumerate() {
+            part.extend_from_slice(&idx[c * shots..(c + 1) * shots]);
+        }
+    }
+    for part in &mut out {
+        part.sort_unstable();
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -79,5 +113,24 @@ mod tests {
             .fold(0.0, f64::max);
         assert!(max_share > 0.2, "{max_share}");
         assert_eq!(parts, super::dirichlet_partition(&labels, 4, 0.3, 1));
+    }
+
+    #[test]
+    fn shots_give_every_client_k_of_each_class_and_no_example_twice() {
+        let labels: Vec<u8> = (0..300).map(|i| (i % 3) as u8).collect();
+        let parts = super::shots_partition(&labels, 4, 5, 9).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for part in &parts {
+            for class in 0..3u8 {
+                assert_eq!(part.iter().filter(|&&i| labels[i] == class).count(), 5);
+            }
+            assert!(part.iter().all(|i| seen.insert(*i)));
+        }
+        assert_eq!(parts, super::shots_partition(&labels, 4, 5, 9).unwrap());
+        let e = super::shots_partition(&labels, 4, 30, 9).unwrap_err();
+        assert!(
+            e.contains("class 0 has 100") && e.contains("need 120"),
+            "{e}"
+        );
     }
 }

@@ -66,13 +66,13 @@ impl Federation {
                 );
                 lock(&self.state).enter(Phase::Stopping { reason });
                 self.changed.notify_waiters();
-                return Ok(RunSummary {
+                Ok(RunSummary {
                     records: Vec::new(),
                     ended_early: Some(format!("stopped by {why}")),
                     stopped: true,
                     global_path,
                     metrics_path,
-                });
+                })
             }
         }
     }
