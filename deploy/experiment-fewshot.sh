@@ -16,17 +16,8 @@ cd "$(dirname "$0")/.."
 out="${1:-runs/experiment-fewshot}"
 ks="${KS:-1 5 10 50}" rounds="${ROUNDS:-10}" clients="${CLIENTS:-4}" model="${MODEL:-cnn}"
 pretrain_epochs="${PRETRAIN_EPOCHS:-2}"
-data="${DATA:-}"
-if [[ -z "$data" ]]; then
-  if [[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
-    data=/usr/share/datasets/fashion-mnist
-  else
-    data=data/fashion-mnist-subset
-  fi
-fi
-cargo build --release --workspace --bin fedtune-coordinator --bin fedtune-client >&2
-target_dir="$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)"
-bin="$target_dir/release/fedtune-coordinator"
+. deploy/experiment-common.sh
+bin="$coordinator"
 mkdir -p "$out"
 
 if [[ ! -f "$out/pretrained.safetensors" ]]; then

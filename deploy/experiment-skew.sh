@@ -11,26 +11,17 @@
 #   deploy/experiment-skew.sh [OUT_DIR]
 #
 # Environment: SPLITS ("3:4000:1.0 10:1200:0.1 10:1200:1.0"), ROUNDS (5), EPOCHS (1), MODEL
-# (cnn), LR (0.001, Adam), STRATEGIES ("fedavg fedprox fedavgm fedadam scaffold fednova"),
+# (cnn), LR (0.001, Adam), SGD_LR (0.05: SCAFFOLD trains with SGD, as the paper), STRATEGIES ("fedavg fedprox fedavgm fedadam scaffold fednova"),
 # TRIALS (8), MIN_ROUNDS (1), ETA (3), DATA (the full data set when installed, else the
 # bundled subset), PORT (50400).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export RUST_BACKTRACE=0
 out="${1:-runs/experiment-skew}"
 splits="${SPLITS:-3:4000:1.0 10:1200:0.1 10:1200:1.0}" rounds="${ROUNDS:-5}" epochs="${EPOCHS:-1}"
-model="${MODEL:-cnn}" lr="${LR:-0.001}" trials="${TRIALS:-8}" min_rounds="${MIN_ROUNDS:-1}" eta="${ETA:-3}"
+model="${MODEL:-cnn}" lr="${LR:-0.001}" SGD_LR="${SGD_LR:-0.05}" trials="${TRIALS:-8}" min_rounds="${MIN_ROUNDS:-1}" eta="${ETA:-3}"
 strategies="${STRATEGIES:-fedavg fedprox fedavgm fedadam scaffold fednova}" port="${PORT:-50400}"
-data="${DATA:-}"
-if [[ -z "$data" ]]; then
-  if [[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
-    data=/usr/share/datasets/fashion-mnist
-  else
-    data=data/fashion-mnist-subset
-  fi
-fi
-cargo build --release --workspace --bin fedtune-coordinator --bin fedtune-client >&2
-target_dir="$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)"
-coordinator="$target_dir/release/fedtune-coordinator" client="$target_dir/release/fedtune-client"
+. deploy/experiment-common.sh
 mkdir -p "$out"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
@@ -48,7 +39,9 @@ start_clients() {
 
 # The strategy's own keys searched on top of the clients' learning rate and epochs.
 space() {
-  local s=(--space 'lr=loguniform(1e-4,1e-2)' --space 'local_epochs=choice(1,2)')
+  local s=(--space 'local_epochs=choice(1,2)')
+  # SCAFFOLD trains with SGD (as the paper analyses it), the others with Adam.
+  if [[ "$1" == scaffold ]]; then s+=(--space 'lr=loguniform(1e-3,3e-1)'); else s+=(--space 'lr=loguniform(1e-4,1e-2)'); fi
   case "$1" in
     fedprox) s+=(--space 'proximal_mu=loguniform(1e-3,1)') ;;
     fedavgm) s+=(--space 'server_lr=loguniform(0.3,1.5)' --space 'server_momentum=uniform(0.5,0.95)') ;;
@@ -59,11 +52,10 @@ space() {
 }
 
 # The settings of a run: the split's clients, the strategy, the budget, the test set.
-base_toml() { # split_dir strategy run_out
-  local extra=""
+base_toml() { # split_dir strategy
+  local extra="" optimizer=adam rate="$lr"
   [[ "$2" == fedprox ]] && extra="proximal_mu = 0.01"
-  [[ "$2" == scaffold ]] && extra="optimizer = \"sgd\"
-lr = 0.05"
+  [[ "$2" == scaffold ]] && optimizer=sgd rate="$SGD_LR"
   cat <<TOML
 listen = "127.0.0.1:$port"
 insecure = true
@@ -72,8 +64,8 @@ strategy = "$2"
 rounds = $rounds
 local_epochs = $epochs
 batch_size = 32
-optimizer = "adam"
-lr = $lr
+optimizer = "$optimizer"
+lr = $rate
 min_clients = $(ls -d "$1"/clients/client-* | wc -l)
 fraction_fit = 1.0
 eval_data = "$1/test"

@@ -128,17 +128,25 @@ pub fn evaluate_global(
         spec.num_classes as usize,
         &plain,
     )?;
+    Ok((eval.metrics().examples, figures(&eval, "")))
+}
+
+/// loss (when finite), accuracy, precision, recall and f1 of an evaluation, each name prefixed.
+fn figures(eval: &train::Evaluation, prefix: &str) -> HashMap<String, f64> {
     let m = eval.metrics();
-    let mut metrics = HashMap::from([
-        ("accuracy".to_string(), m.accuracy),
-        ("precision".to_string(), m.precision),
-        ("recall".to_string(), m.recall),
-        ("f1".to_string(), m.f1),
-    ]);
+    let mut metrics: HashMap<String, f64> = [
+        ("accuracy", m.accuracy),
+        ("precision", m.precision),
+        ("recall", m.recall),
+        ("f1", m.f1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("{prefix}{k}"), v))
+    .collect();
     if eval.loss.is_finite() {
-        metrics.insert("loss".to_string(), eval.loss);
+        metrics.insert(format!("{prefix}loss"), eval.loss);
     }
-    Ok((m.examples, metrics))
+    metrics
 }
 
 /// Personalisation: fine-tunes `global` for `settings.max_steps` steps on `train`'s training
@@ -177,17 +185,7 @@ pub fn personalize(
         spec.num_classes as usize,
         &plain,
     )?;
-    let m = e.metrics();
-    let mut metrics = HashMap::from([
-        ("personal_accuracy".to_string(), m.accuracy),
-        ("personal_precision".to_string(), m.precision),
-        ("personal_recall".to_string(), m.recall),
-        ("personal_f1".to_string(), m.f1),
-    ]);
-    if e.loss.is_finite() {
-        metrics.insert("personal_loss".to_string(), e.loss);
-    }
-    Ok(metrics)
+    Ok(figures(&e, "personal_"))
 }
 
 /// `--train none`: a small fixed delta for every parameter, without training (protocol

@@ -117,8 +117,12 @@ impl Trials {
             evaluate_every: Some(self.evaluate_every),
             ..Default::default()
         };
-        args.resolve_with(file)
-            .with_context(|| format!("trial {trial} ({})", Show(params)))
+        let mut cfg = args
+            .resolve_with(file)
+            .with_context(|| format!("trial {trial} ({})", Show(params)))?;
+        // A trial continues its own run folder from rung to rung, whatever the base file says.
+        (cfg.fresh, cfg.resume) = (false, false);
+        Ok(cfg)
     }
 }
 
