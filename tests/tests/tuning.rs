@@ -152,10 +152,13 @@ fn tune_cuts_the_worst_trials_early_and_its_best_toml_runs_under_serve() {
     // best.toml runs as it is: the base settings with the winner's values and rounds.
     let best_toml = out.join("best.toml");
     let text = std::fs::read_to_string(&best_toml).unwrap();
-    assert!(
-        text.contains("rounds = 3") && text.contains("lr = "),
-        "{text}"
-    );
+    assert!(text.contains("rounds = 3"), "{text}");
+    for key in best["params"].as_object().unwrap().keys() {
+        assert!(
+            text.contains(&format!("\n{key} = ")),
+            "{key} missing from {text}"
+        );
+    }
     let run = dir.path().join("best-run");
     let serve = [
         "serve",

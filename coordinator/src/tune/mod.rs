@@ -2,7 +2,8 @@
 //! federation with the base settings (`--config`) and its own values of the searched keys
 //! (`--space`), run on the clients connected to this coordinator: they join once and stay
 //! through every trial. Trials are scheduled by successive halving over rounds ([`halving`]),
-//! drawn by a seeded random or TPE sampler ([`sampler`]), and ranked by the federated
+//! drawn by a seeded random or TPE sampler ([`sampler`]) after trial 0, which runs the base
+//! settings as they are (the baseline), and ranked by the federated
 //! validation loss of the global model: every client's own held-out data, never a test set the
 //! server holds. Everything is in `tune.jsonl` ([`log`]); the winner's settings are written as
 //! `best.toml`, which `serve --config` takes. A tuning run killed at any point continues when
@@ -284,7 +285,12 @@ async fn search(
         let r = match log.results.get(&(t, 0)) {
             Some(r) => r.clone(),
             None => {
-                let params = sampler.sample(t, &history);
+                // Trial 0 is the base settings as they are: the baseline every draw must beat.
+                let params = if t == 0 {
+                    Assignment::new()
+                } else {
+                    sampler.sample(t, &history)
+                };
                 let Some(r) = runner.run(t, 0, params, halving.budgets[0]).await? else {
                     return Ok(None);
                 };

@@ -163,6 +163,9 @@ pub struct Show<'a>(pub &'a Assignment);
 
 impl fmt::Display for Show<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("the base settings");
+        }
         let mut first = true;
         for (k, v) in self.0 {
             if !first {
