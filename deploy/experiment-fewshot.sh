@@ -2,19 +2,20 @@
 # Few-shot federated fine-tuning: does a pre-trained start help when each client holds only k
 # examples per class? Fashion-MNIST: a CNN is pre-trained centrally on classes 0-4 (the
 # "public" data); 4 client processes each hold k examples of each of classes 5-9 (demo
-# --shots k), for k in KS; 10 rounds of 1 local epoch. Runs per k: pre-trained, head only
+# --shots k), for k in KS; 10 rounds of about STEPS local steps each (as many epochs as that
+# takes: 10 for k = 1, 2 for k = 50). Runs per k: pre-trained, head only
 # (--freeze head-only); pre-trained, all layers (head re-initialised: the new classes); from
 # scratch. Prints a Markdown table of the final test accuracy on classes 5-9 (the demo's 2,000
 # held-out images of them, or 500 with the bundled subset).
 #
 #   deploy/experiment-fewshot.sh [OUT_DIR]
 #
-# Environment: KS ("1 5 10 50"), ROUNDS (10), CLIENTS (4), MODEL (cnn), PRETRAIN_EPOCHS (2),
+# Environment: KS ("1 5 10 50"), ROUNDS (10), STEPS (10), CLIENTS (4), MODEL (cnn), PRETRAIN_EPOCHS (2),
 # DATA (the demo's default: the full data set when installed, else the bundled subset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/experiment-fewshot}"
-ks="${KS:-1 5 10 50}" rounds="${ROUNDS:-10}" clients="${CLIENTS:-4}" model="${MODEL:-cnn}"
+ks="${KS:-1 5 10 50}" rounds="${ROUNDS:-10}" steps="${STEPS:-10}" clients="${CLIENTS:-4}" model="${MODEL:-cnn}"
 pretrain_epochs="${PRETRAIN_EPOCHS:-2}"
 . deploy/experiment-common.sh
 bin="$coordinator"
@@ -30,8 +31,11 @@ run() { # name, k, extra demo args...
   local name="$1" k="$2"; shift 2
   echo "k = $k: $name" >&2
   local start=$(date +%s)
+  # About STEPS optimiser steps a round whatever k (a client's data is ceil(5k/32) batches),
+  # so that k = 1 trains as many steps as k = 50.
+  local epochs=$(( (steps + (5 * k + 31) / 32 - 1) / ((5 * k + 31) / 32) ))
   "$bin" demo --clients "$clients" --shots "$k" --rounds "$rounds" --model "$model" \
-    --local-epochs 1 --classes 5,6,7,8,9 --fraction-evaluate 0 --seed 42 --data "$data" \
+    --local-epochs "$epochs" --classes 5,6,7,8,9 --fraction-evaluate 0 --seed 42 --data "$data" \
     --out "$out/k$k-$name" "$@" > "$out/k$k-$name.log" 2>&1 \
     || { echo "k = $k, $name failed; see $out/k$k-$name.log" >&2; exit 1; }
   echo "  $(( $(date +%s) - start )) s" >&2
@@ -44,7 +48,7 @@ for k in $ks; do
 done
 
 echo
-echo "Test accuracy (%) on classes 5-9 after $rounds rounds; $clients clients, each with k examples per class, $model:"
+echo "Test accuracy (%) on classes 5-9 after $rounds rounds of about $steps local steps; $clients clients, each with k examples per class, $model:"
 echo
 echo "| k per class | examples per client | pre-trained, head only | pre-trained, all layers | from scratch |"
 echo "|---|---|---|---|---|"

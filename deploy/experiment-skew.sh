@@ -13,7 +13,7 @@
 #   deploy/experiment-skew.sh [OUT_DIR]
 #
 # Environment: SPLITS ("3:4000:1.0 10:1200:0.1 10:1200:1.0"), ROUNDS (5), EPOCHS (1), MODEL
-# (cnn), LR (0.001, Adam), SGD_LR (0.05: SCAFFOLD trains with SGD, as the paper), STRATEGIES ("fedavg fedprox fedavgm fedadam scaffold fednova"),
+# (cnn), LR (0.001, Adam), SGD_LR (0.05: SCAFFOLD and FedNova train with SGD), STRATEGIES ("fedavg fedprox fedavgm fedadam scaffold fednova"),
 # TRIALS (8), MIN_ROUNDS (1), ETA (3), DATA (the full data set when installed, else the
 # bundled subset), PORT (50400).
 set -euo pipefail
@@ -42,9 +42,13 @@ start_clients() {
 # The strategy's own keys searched on top of the clients' learning rate and epochs.
 space() {
   # Local epochs stay at EPOCHS: the tuned runs train as many epochs as the centralised
-  # baseline. SCAFFOLD trains with SGD (as the paper analyses it), the others with Adam.
+  # baseline. SCAFFOLD and FedNova train with SGD (as their papers analyse them: both read
+  # an update as a sum of gradient steps), the others with Adam.
   local s=()
-  if [[ "$1" == scaffold ]]; then s+=(--space 'lr=loguniform(1e-3,3e-1)'); else s+=(--space 'lr=loguniform(1e-4,1e-2)'); fi
+  case "$1" in
+    scaffold | fednova) s+=(--space 'lr=loguniform(1e-3,3e-1)') ;;
+    *) s+=(--space 'lr=loguniform(1e-4,1e-2)') ;;
+  esac
   case "$1" in
     fedprox) s+=(--space 'proximal_mu=loguniform(1e-3,1)') ;;
     fedavgm) s+=(--space 'server_lr=loguniform(0.3,1.5)' --space 'server_momentum=uniform(0.5,0.95)') ;;
@@ -58,7 +62,7 @@ space() {
 base_toml() { # split_dir strategy
   local extra="" optimizer=adam rate="$lr"
   [[ "$2" == fedprox ]] && extra="proximal_mu = 0.01"
-  [[ "$2" == scaffold ]] && optimizer=sgd rate="$SGD_LR"
+  [[ "$2" == scaffold || "$2" == fednova ]] && optimizer=sgd rate="$SGD_LR"
   cat <<TOML
 listen = "127.0.0.1:$port"
 insecure = true
