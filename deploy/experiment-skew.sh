@@ -14,7 +14,8 @@
 #
 # Environment: SPLITS ("3:4000:1.0 10:1200:0.1 10:1200:1.0"), ROUNDS (5), EPOCHS (1), MODEL
 # (cnn), LR (0.001, Adam), SGD_LR (0.05: SCAFFOLD and FedNova train with SGD), STRATEGIES ("fedavg fedprox fedavgm fedadam scaffold fednova"),
-# TRIALS (8), MIN_ROUNDS (1), ETA (3), DATA (the full data set when installed, else the
+# TRIALS (8), MIN_ROUNDS (1), ETA (3), VARIANTS ("default tuned"; "default" skips the
+# searches), DATA (the full data set when installed, else the
 # bundled subset), PORT (50400).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,7 @@ out="${1:-runs/experiment-skew}"
 splits="${SPLITS:-3:4000:1.0 10:1200:0.1 10:1200:1.0}" rounds="${ROUNDS:-5}" epochs="${EPOCHS:-1}"
 model="${MODEL:-cnn}" lr="${LR:-0.001}" SGD_LR="${SGD_LR:-0.05}" trials="${TRIALS:-8}" min_rounds="${MIN_ROUNDS:-1}" eta="${ETA:-3}"
 strategies="${STRATEGIES:-fedavg fedprox fedavgm fedadam scaffold fednova}" port="${PORT:-50400}"
+variants="${VARIANTS:-default tuned}"
 . deploy/experiment-common.sh
 mkdir -p "$out"
 pids=()
@@ -98,7 +100,7 @@ for split in $splits; do
       > "$dir/centralised.log" 2>&1
   fi
   for s in $strategies; do
-    for variant in default tuned; do
+    for variant in $variants; do
       run="$dir/$s-$variant"
       [[ -f "$run/metrics.jsonl" ]] && [[ $(wc -l < "$run/metrics.jsonl") -ge $rounds ]] && continue
       mkdir -p "$run"
@@ -135,9 +137,12 @@ for split in $splits; do
   echo "|---|---|---|---|---|"
   for s in $strategies; do
     d=$(awk '{printf "%.2f", $1 * 100}' <<< "$(accuracy "$dir/$s-default")")
-    t=$(awk '{printf "%.2f", $1 * 100}' <<< "$(accuracy "$dir/$s-tuned")")
-    ratio=$(awk -v t="$t" -v c="$central" 'BEGIN {printf "%.3f", t / c}')
-    conf=$(grep -o 'the values of trial [0-9]* ([^)]*)' "$dir/$s-tuned/tune/best.toml" | sed 's/the values of //')
+    t=- ratio=- conf=-
+    if [[ -f "$dir/$s-tuned/metrics.jsonl" ]]; then
+      t=$(awk '{printf "%.2f", $1 * 100}' <<< "$(accuracy "$dir/$s-tuned")")
+      ratio=$(awk -v t="$t" -v c="$central" 'BEGIN {printf "%.3f", t / c}')
+      conf=$(grep -o 'the values of trial [0-9]* ([^)]*)' "$dir/$s-tuned/tune/best.toml" | sed 's/the values of //')
+    fi
     echo "| $s | $d | $t | $ratio | $conf |"
   done
 done

@@ -2,7 +2,8 @@
 //! returns weight deltas with metrics.
 //!
 //! - [`session`]: the protocol loop (join, tasks, transfers, reconnects, heartbeats);
-//!   `evaluate_task`: an Evaluate task measured and reported; [`secure_agg`]: a training
+//!   `train_task`: a Train task downloaded, trained and uploaded; `evaluate_task`: an Evaluate
+//!   task measured and reported; [`secure_agg`]: a training
 //!   task's secure-aggregation steps;
 //!   `connection` and [`tls`] (from `fedtune-connect`): the endpoint, TLS from the kit,
 //!   retryable failures and backoff.
@@ -28,6 +29,7 @@ pub mod progress;
 pub mod secure_agg;
 pub mod session;
 pub mod task_config;
+mod train_task;
 mod transfer;
 pub mod upstream;
 

@@ -178,8 +178,8 @@ pub struct ServeArgs {
     /// Retries of one failed round before the run stops [default: 3].
     #[arg(long)]
     pub round_retries: Option<u32>,
-    /// Aggregation strategy: fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox, median,
-    /// trimmed-mean, krum, multi-krum [default: fedavg].
+    /// Aggregation strategy: fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox,
+    /// scaffold, fednova, median, trimmed-mean, krum, multi-krum [default: fedavg].
     #[arg(long)]
     pub strategy: Option<String>,
     /// Server learning rate η [default: 1.0; 0.01 for fedadam, fedyogi, fedadagrad].

@@ -310,7 +310,7 @@ async fn search(
             if log.results.contains_key(&(t, rung)) {
                 continue;
             }
-            let params = log.results[&(t, rung - 1)].params.clone();
+            let params = result_of(log, t, rung - 1)?.params.clone();
             let Some(r) = runner.run(t, rung, params, halving.budgets[rung]).await? else {
                 return Ok(None);
             };
@@ -320,7 +320,20 @@ async fn search(
     }
     let last = halving.budgets.len() - 1;
     let best = decide(log, last, &alive, 1)?;
-    Ok(best.first().map(|t| log.results[&(*t, last)].clone()))
+    match best.first() {
+        Some(&t) => Ok(Some(result_of(log, t, last)?.clone())),
+        None => bail!("no trial reached the last rung; see {}", log::FILE),
+    }
+}
+
+/// Trial `trial`'s result at `rung`, which a decision names; a log edited by hand may lack it.
+fn result_of(log: &TuneLog, trial: u64, rung: usize) -> anyhow::Result<&TrialResult> {
+    log.results.get(&(trial, rung)).with_context(|| {
+        format!(
+            "{} decides on trial {trial} at rung {rung} but holds no result of it: the file was edited or damaged; remove its decision lines to decide again",
+            log::FILE
+        )
+    })
 }
 
 /// The trials of `rung` that go on (or, at the last rung, the best), as recorded, or decided
