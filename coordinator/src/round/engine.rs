@@ -93,7 +93,7 @@ impl Federation {
         let mut ended_early = None;
         // The coordinator died inside this round: its journal carries it on.
         let mut reopen = self.journaled(start.round, &global)?;
-        let sends_more_than_model = strategy.sent_with_model()?.is_some();
+        let sends_more_than_model = strategy.sends_with_model();
         'rounds: for round in start.round..=self.cfg().rounds {
             // Version v is the model after v aggregations: round r trains on version r - 1.
             let model_version = round - 1;

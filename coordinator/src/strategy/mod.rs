@@ -205,6 +205,11 @@ pub trait Strategy: Send {
     /// Moves the global model by a round's combined delta.
     fn apply(&mut self, global: &mut TensorSet, combined: &[f32]);
 
+    /// Whether training tasks download more than the global model ([`Strategy::sent_with_model`]).
+    fn sends_with_model(&self) -> bool {
+        false
+    }
+
     /// Tensors every training task downloads with the global model, named apart from the
     /// model's (SCAFFOLD's server control variate); `None` for most strategies.
     fn sent_with_model(&self) -> Result<Option<TensorSet>, TensorError> {

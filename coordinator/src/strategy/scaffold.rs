@@ -91,6 +91,10 @@ impl Strategy for Scaffold {
         }
     }
 
+    fn sends_with_model(&self) -> bool {
+        true
+    }
+
     fn sent_with_model(&self) -> Result<Option<TensorSet>, TensorError> {
         self.server_variate().map(Some)
     }
