@@ -63,6 +63,25 @@ fn off_fedavg(got: &TensorSet, global: &TensorSet, deltas: &[(&TensorSet, u64)])
     worst
 }
 
+/// Submits `delta` for `task`, again while the coordinator answers that it is still opening.
+async fn resend_while_opening(
+    client: &mut RawClient,
+    task: &fedtune_proto::TrainTask,
+    delta: &TensorSet,
+) -> fedtune_proto::SubmitReply {
+    for _ in 0..100 {
+        match client.submit(task, delta, 10, None).await {
+            Ok(reply) => return reply,
+            Err(st) if st.code() == tonic::Code::Unavailable => {
+                assert!(st.message().contains("restoring"), "{}", st.message());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(st) => panic!("the re-sent update was refused: {st}"),
+        }
+    }
+    panic!("the coordinator did not open its journaled round within 10 s")
+}
+
 async fn killed_after_one_update(damage_the_journaled_update: bool) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
@@ -91,9 +110,11 @@ async fn killed_after_one_update(damage_the_journaled_update: bool) {
     }
     let mut second = serve(port, &out, "coordinator-2");
 
-    // `a` re-sends its update under the task id of before the restart.
+    // `a` re-sends its update under the task id of before the restart, as soon as it can: until
+    // the journal's round is open again the coordinator asks it to retry (UNAVAILABLE), as a
+    // real client does, keeping the update.
     let mut a = RawClient::join_when_up(&url, "a", 10).await;
-    let reply = a.submit(&ta, &da, 10, None).await.unwrap();
+    let reply = resend_while_opening(&mut a, &ta, &da).await;
     let expected = if damage_the_journaled_update {
         Outcome::Accepted
     } else {

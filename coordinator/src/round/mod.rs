@@ -89,6 +89,12 @@ pub enum Refusal {
     Full { live: usize, max: usize },
     #[error("unknown task `{0}`")]
     UnknownTask(String),
+    /// A task id arrived before the run opened its first round: it may be one the journal is
+    /// about to restore, so the client keeps its result and retries.
+    #[error(
+        "task `{0}` is not known yet: the coordinator is starting (restoring its open round from the journal); retry shortly"
+    )]
+    Opening(String),
     #[error("task `{task_id}` belongs to another client")]
     NotYourTask { task_id: String },
     #[error(
@@ -130,7 +136,7 @@ impl Refusal {
             Self::ProtocolMismatch { .. } | Self::NoAggregators(_) => RefusalReason::Unauthorized,
             Self::UnknownSession => RefusalReason::UnknownSession,
             Self::Full { .. } => RefusalReason::Limit,
-            Self::UnknownTask(_) => RefusalReason::UnknownTask,
+            Self::UnknownTask(_) | Self::Opening(_) => RefusalReason::UnknownTask,
             Self::NotYourTask { .. } => RefusalReason::NotYourTask,
             Self::RoundClosed { .. } | Self::AttemptClosed { .. } => RefusalReason::Late,
             Self::WrongKind { .. } | Self::InvalidUpdate { .. } => RefusalReason::Invalid,
@@ -352,12 +358,16 @@ struct State {
     /// Task ids whose result was counted, with their round: a repeat is answered DUPLICATE.
     counted: HashMap<String, u64>,
     current_round: u64,
+    /// No phase entered yet: the engine may still be restoring a round from its journal, so
+    /// a task id it does not know yet may be about to come back (see [`Refusal::Opening`]).
+    opening: bool,
 }
 
 impl State {
     /// Enters `phase`; returns the one it leaves.
     fn enter(&mut self, phase: Phase) -> Phase {
         self.phase_since = Instant::now();
+        self.opening = false;
         std::mem::replace(&mut self.phase, phase)
     }
 }
@@ -488,6 +498,7 @@ impl Federation {
                 issued: HashMap::new(),
                 counted: HashMap::new(),
                 current_round: 0,
+                opening: true,
             }),
             changed: Notify::new(),
             progress: Notify::new(),

@@ -289,11 +289,11 @@ impl Federation {
     ) -> Result<(Issued, String), Refusal> {
         let client = st.clients.touch(token).ok_or(Refusal::UnknownSession)?;
         let (client_id, client_name) = (client.id.clone(), client.name.clone());
-        let issued = st
-            .issued
-            .get(task_id)
-            .cloned()
-            .ok_or_else(|| Refusal::UnknownTask(task_id.to_string()))?;
+        let issued = match st.issued.get(task_id) {
+            Some(issued) => issued.clone(),
+            None if st.opening => return Err(Refusal::Opening(task_id.to_string())),
+            None => return Err(Refusal::UnknownTask(task_id.to_string())),
+        };
         if issued.client_id == client_id {
             return Ok((issued, client_name));
         }
@@ -469,5 +469,51 @@ impl Federation {
         drop(guard);
         self.progress.notify_waiters();
         Ok(SubmitOutcome::Accepted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> (State, String) {
+        let mut clients = Clients::default();
+        let (_, token) = clients.join("a", "cpu", 10);
+        let st = State {
+            clients,
+            phase: Phase::Waiting { round: 1 },
+            phase_since: Instant::now(),
+            issued: HashMap::new(),
+            counted: HashMap::new(),
+            current_round: 0,
+            opening: true,
+        };
+        (st, token)
+    }
+
+    #[test]
+    fn an_unknown_task_before_the_first_phase_is_asked_to_retry() {
+        let (mut st, token) = state();
+        let refusal = Federation::task_of(&mut st, &token, "r1-c1").err();
+        assert!(
+            matches!(&refusal, Some(Refusal::Opening(id)) if id == "r1-c1"),
+            "{refusal:?}"
+        );
+        assert_eq!(
+            tonic::Status::from(refusal.unwrap_or(Refusal::Stopping)).code(),
+            tonic::Code::Unavailable,
+            "clients keep their update on UNAVAILABLE"
+        );
+    }
+
+    #[test]
+    fn an_unknown_task_once_a_phase_is_open_is_refused_for_good() {
+        let (mut st, token) = state();
+        st.enter(Phase::Waiting { round: 1 });
+        let refusal = Federation::task_of(&mut st, &token, "r1-c1").err();
+        assert!(
+            matches!(&refusal, Some(Refusal::UnknownTask(id)) if id == "r1-c1"),
+            "{refusal:?}"
+        );
     }
 }

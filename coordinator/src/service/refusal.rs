@@ -23,7 +23,7 @@ impl From<Refusal> for Status {
             Refusal::UnknownTask(_) => Status::not_found(msg),
             Refusal::NotYourTask { .. } => Status::permission_denied(msg),
             Refusal::UploadInProgress(_) => Status::aborted(msg),
-            Refusal::Stopping => Status::unavailable(msg),
+            Refusal::Stopping | Refusal::Opening(_) => Status::unavailable(msg),
             Refusal::InvalidUpdate { .. } | Refusal::SecAgg { .. } => Status::invalid_argument(msg),
         }
     }
