@@ -14,7 +14,8 @@
 #
 # Environment: SPLITS ("3:4000:1.0 10:1200:0.1 10:1200:1.0"), ROUNDS (5), EPOCHS (1), MODEL
 # (cnn), LR (0.001, Adam), SGD_LR (0.05: SCAFFOLD and FedNova train with SGD), STRATEGIES ("fedavg fedprox fedavgm fedadam scaffold fednova"),
-# TRIALS (8), MIN_ROUNDS (1), ETA (3), VARIANTS ("default tuned"; "default" skips the
+# TRIALS (8), MIN_ROUNDS (1), ETA (3), OBJECTIVE (loss: what ranks the trials, or accuracy or
+# f1; `tune --objective`), VARIANTS ("default tuned"; "default" skips the
 # searches), DATA (the full data set when installed, else the
 # bundled subset), PORT (50400).
 set -euo pipefail
@@ -24,7 +25,7 @@ out="${1:-runs/experiment-skew}"
 splits="${SPLITS:-3:4000:1.0 10:1200:0.1 10:1200:1.0}" rounds="${ROUNDS:-5}" epochs="${EPOCHS:-1}"
 model="${MODEL:-cnn}" lr="${LR:-0.001}" SGD_LR="${SGD_LR:-0.05}" trials="${TRIALS:-8}" min_rounds="${MIN_ROUNDS:-1}" eta="${ETA:-3}"
 strategies="${STRATEGIES:-fedavg fedprox fedavgm fedadam scaffold fednova}" port="${PORT:-50400}"
-variants="${VARIANTS:-default tuned}"
+variants="${VARIANTS:-default tuned}" objective="${OBJECTIVE:-loss}"
 . deploy/experiment-common.sh
 mkdir -p "$out"
 pids=()
@@ -111,7 +112,7 @@ for split in $splits; do
         start_clients "$dir" "$run"
         mapfile -t sp < <(space "$s")
         "$coordinator" tune --config "$config" --trials "$trials" "${sp[@]}" --seed 1 \
-          --min-rounds "$min_rounds" --max-rounds "$rounds" --eta "$eta" --out "$run/tune" \
+          --min-rounds "$min_rounds" --max-rounds "$rounds" --eta "$eta" --objective "$objective" --out "$run/tune" \
           > "$run/tune.log" 2>&1 || { echo "tune failed: $run/tune.log" >&2; exit 1; }
         wait "${pids[@]}" || true
         config="$run/tune/best.toml"

@@ -228,3 +228,48 @@ fn a_killed_tuning_run_continues_its_trials_when_started_again() {
     // trials 0 and 1 are in the log once.
     assert_eq!(after[1], before[1]);
 }
+
+#[test]
+fn tune_with_the_accuracy_objective_picks_the_most_accurate_trial() {
+    let dir = tempfile::tempdir().unwrap();
+    let shares = client_shares(dir.path(), 2000, 2, 1.0, 6);
+    let port = free_port();
+    let base = base_toml(dir.path(), port);
+    let out = dir.path().join("tune");
+    let mut args = tune_args(&base, &out);
+    // One rung of one round: the answer is the ranking of the four trials.
+    let at = args.iter().position(|a| a == "--max-rounds").unwrap();
+    args[at + 1] = "1".into();
+    args.extend(["--objective", "accuracy"].map(String::from));
+    let mut tune = Proc::spawn("tune", coordinator_bin(), &args, dir.path());
+    let mut cs = clients(port, &shares, dir.path());
+    tune.expect_success(Duration::from_secs(300));
+    for c in &mut cs {
+        c.expect_success(Duration::from_secs(30));
+    }
+    let lines = lines(&out);
+    assert_eq!(lines[0]["objective"], "accuracy", "{}", lines[0]);
+    let rung: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["kind"] == "result" && l["rung"] == 0)
+        .collect();
+    assert_eq!(rung.len(), 4);
+    for r in &rung {
+        assert_eq!(r["objective"], r["fed_eval_accuracy"], "{r}");
+        assert!(r["fed_eval_loss"].as_f64().is_some(), "{r}");
+    }
+    let most_accurate = rung
+        .iter()
+        .max_by(|a, b| {
+            let acc = |l: &serde_json::Value| l["fed_eval_accuracy"].as_f64().unwrap_or(-1.0);
+            acc(a).total_cmp(&acc(b))
+        })
+        .unwrap();
+    let best = lines.iter().find(|l| l["kind"] == "best").unwrap();
+    assert_eq!(
+        best["objective"], most_accurate["fed_eval_accuracy"],
+        "{best} vs {most_accurate}"
+    );
+    let text = std::fs::read_to_string(out.join("best.toml")).unwrap();
+    assert!(text.contains("federated validation accuracy"), "{text}");
+}

@@ -48,12 +48,12 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// The `keep` best trials of a rung by objective (lower is better; a trial without one, which
-/// diverged or failed, is last), ties to the earlier trial.
-pub fn promote(results: &[(u64, Option<f64>)], keep: usize) -> Vec<u64> {
-    let mut ranked: Vec<(u64, f64)> = results
+/// The `keep` best trials of a rung by score (lower is better: [`super::objective`]; a trial
+/// that diverged or failed scores infinity and is last), ties to the earlier trial.
+pub fn promote(scores: &[(u64, f64)], keep: usize) -> Vec<u64> {
+    let mut ranked: Vec<(u64, f64)> = scores
         .iter()
-        .map(|&(t, o)| (t, o.filter(|v| v.is_finite()).unwrap_or(f64::INFINITY)))
+        .map(|&(t, s)| (t, if s.is_nan() { f64::INFINITY } else { s }))
         .collect();
     ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
     ranked.into_iter().take(keep).map(|(t, _)| t).collect()
@@ -87,11 +87,11 @@ mod tests {
     #[test]
     fn the_best_go_on_and_a_failed_trial_never_does() {
         let results = [
-            (0, Some(0.9)),
-            (1, None),
-            (2, Some(0.3)),
-            (3, Some(0.3)),
-            (4, Some(f64::NAN)),
+            (0, 0.9),
+            (1, f64::INFINITY),
+            (2, 0.3),
+            (3, 0.3),
+            (4, f64::NAN),
         ];
         assert_eq!(promote(&results, 2), vec![2, 3]);
         assert_eq!(promote(&results, 4), vec![2, 3, 0, 1]);

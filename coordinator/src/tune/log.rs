@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
+use super::objective::Objective;
 use super::space::Assignment;
 
 pub const FILE: &str = "tune.jsonl";
@@ -47,6 +48,9 @@ pub struct Plan {
     pub seed: u64,
     pub budgets: Vec<u64>,
     pub eta: u64,
+    /// What ranks the trials (a log written before the choice existed ranked by the loss).
+    #[serde(default)]
+    pub objective: Objective,
     /// The base settings file, as read (xxh3 of its text).
     pub base: String,
 }
@@ -58,10 +62,14 @@ pub struct TrialResult {
     /// Rounds trained so far.
     pub rounds: u64,
     pub params: Assignment,
-    /// The federated validation loss of the global model after `rounds` (clients' own
-    /// held-out data); `None` when the trial diverged or failed.
+    /// The plan's objective: a federated validation figure of the global model after
+    /// `rounds` (clients' own held-out data); `None` when the trial diverged or failed.
     pub objective: Option<f64>,
+    #[serde(default)]
+    pub fed_eval_loss: Option<f64>,
     pub fed_eval_accuracy: Option<f64>,
+    #[serde(default)]
+    pub fed_eval_f1: Option<f64>,
     pub train_loss: Option<f64>,
     /// Wall time of this rung's rounds.
     pub seconds: f64,
@@ -77,6 +85,8 @@ pub struct TuneLog {
     pub decisions: BTreeMap<usize, Vec<u64>>,
     /// Rungs of the plan.
     pub rungs: usize,
+    /// What ranks the trials.
+    pub objective: Objective,
 }
 
 impl TuneLog {
@@ -111,7 +121,7 @@ impl TuneLog {
                     Entry::Start(then) if i == 0 => {
                         if &then != plan {
                             bail!(
-                                "{} holds a tuning run with other settings ({}); run with the same --config, --trials, --space, --sampler, --seed, --min-rounds, --max-rounds and --eta to continue it, or choose another --out",
+                                "{} holds a tuning run with other settings ({}); run with the same --config, --trials, --space, --sampler, --seed, --min-rounds, --max-rounds, --eta and --objective to continue it, or choose another --out",
                                 path.display(),
                                 differences(&then, plan)
                             );
@@ -139,6 +149,7 @@ impl TuneLog {
             results,
             decisions,
             rungs: plan.budgets.len(),
+            objective: plan.objective,
         };
         if !existed {
             log.append(&Entry::Start(plan.clone()))?;

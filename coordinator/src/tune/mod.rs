@@ -3,9 +3,9 @@
 //! (`--space`), run on the clients connected to this coordinator: they join once and stay
 //! through every trial. Trials are scheduled by successive halving over rounds ([`halving`]),
 //! drawn by a seeded random or TPE sampler ([`sampler`]) after trial 0, which runs the base
-//! settings as they are (the baseline), and ranked by the federated
-//! validation loss of the global model: every client's own held-out data, never a test set the
-//! server holds. Everything is in `tune.jsonl` ([`log`]); the winner's settings are written as
+//! settings as they are (the baseline), and ranked by a federated validation figure of the
+//! global model ([`objective`]: the loss, accuracy or macro F1 on every client's own held-out
+//! data, never a test set the server holds). Everything is in `tune.jsonl` ([`log`]); the winner's settings are written as
 //! `best.toml`, which `serve --config` takes. A tuning run killed at any point continues when
 //! started again with the same command: finished rungs are read back, a trial in progress
 //! continues from its last completed round.
@@ -15,6 +15,7 @@
 
 pub mod halving;
 pub mod log;
+pub mod objective;
 mod report;
 pub mod sampler;
 pub mod space;
@@ -29,6 +30,7 @@ use tracing::{info, warn};
 
 use self::halving::{Halving, promote};
 use self::log::{Entry, Plan, TrialResult, TuneLog};
+use self::objective::Objective;
 use self::sampler::{Observation, Sampler, SamplerKind};
 use self::space::{Assignment, Show, Space};
 use crate::config::{ServeArgs, ServeConfig};
@@ -62,6 +64,10 @@ pub struct TuneArgs {
     /// At each cut the best 1/η of the trials go on, to η times the rounds.
     #[arg(long, default_value_t = 3)]
     pub eta: u64,
+    /// What ranks the trials: the federated validation loss, accuracy or macro F1 of the
+    /// global model, measured by every client on its own held-out data.
+    #[arg(long, value_enum, default_value_t = Objective::Loss)]
+    pub objective: Objective,
     /// Folder of the search: tune.jsonl, best.toml, trials/.
     #[arg(long, default_value = "tune")]
     pub out: PathBuf,
@@ -167,6 +173,7 @@ pub async fn tune_until(
         seed: args.seed,
         budgets: halving.budgets.clone(),
         eta: halving.eta,
+        objective: args.objective,
         base: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(base_text.as_bytes())),
     };
     let mut log = TuneLog::open(&args.out, &plan)?;
@@ -200,13 +207,14 @@ pub async fn tune_until(
     });
     let runner = Runner {
         engine: engine.clone(),
+        objective: args.objective,
         trials: &trials,
         stop: stop_rx,
     };
     let result = search(&runner, &mut log, &args, &halving, space).await;
     let outcome = match result {
         Ok(Some(best)) => {
-            let best_toml = report::write_best(&trials, &args.out, &best)?;
+            let best_toml = report::write_best(&trials, &args.out, &best, args.objective)?;
             log.append(&Entry::Best {
                 trial: best.trial,
                 rounds: best.rounds,
@@ -216,9 +224,10 @@ pub async fn tune_until(
             })?;
             println!("{}", report::table(&log, &halving, best.trial));
             info!(
-                "best: trial {} ({}), federated validation loss {:.4} after {} rounds; settings in {} (serve --config {})",
+                "best: trial {} ({}), {} {:.4} after {} rounds; settings in {} (serve --config {})",
                 best.trial,
                 Show(&best.params),
+                args.objective.name(),
                 best.objective.unwrap_or(f64::NAN),
                 best.rounds,
                 best_toml.display(),
@@ -265,6 +274,7 @@ pub async fn tune_until(
 /// Runs trials on the connected clients.
 struct Runner<'a> {
     engine: Arc<Federation>,
+    objective: Objective,
     trials: &'a Trials,
     stop: tokio::sync::watch::Receiver<Option<String>>,
 }
@@ -300,7 +310,7 @@ async fn search(
         };
         history.push(Observation {
             values: r.params.clone(),
-            objective: r.objective.unwrap_or(f64::INFINITY),
+            objective: args.objective.score(r.objective),
         });
         alive.push(t);
     }
@@ -337,25 +347,26 @@ fn result_of(log: &TuneLog, trial: u64, rung: usize) -> anyhow::Result<&TrialRes
 }
 
 /// The trials of `rung` that go on (or, at the last rung, the best), as recorded, or decided
-/// now and recorded. Fails when no trial of the rung has a validation loss.
+/// now and recorded. Fails when no trial of the rung has a figure for the objective.
 fn decide(log: &mut TuneLog, rung: usize, alive: &[u64], keep: usize) -> anyhow::Result<Vec<u64>> {
     if let Some(p) = log.decisions.get(&rung) {
         return Ok(p.clone());
     }
-    let results: Vec<(u64, Option<f64>)> = alive
+    let scores: Vec<(u64, f64)> = alive
         .iter()
-        .filter_map(|t| log.results.get(&(*t, rung)).map(|r| (*t, r.objective)))
+        .filter_map(|t| {
+            let r = log.results.get(&(*t, rung))?;
+            Some((*t, log.objective.score(r.objective)))
+        })
         .collect();
-    if results
-        .iter()
-        .all(|(_, o)| o.is_none_or(|v| !v.is_finite()))
-    {
+    if scores.iter().all(|(_, s)| !s.is_finite()) {
         bail!(
-            "no trial of rung {rung} has a federated validation loss: the clients need validation data (their --val-fraction above 0), and the trials must not all diverge; see {}",
+            "no trial of rung {rung} has a {}: the clients need validation data (their --val-fraction above 0), and the trials must not all diverge; see {}",
+            log.objective.name(),
             log::FILE
         );
     }
-    let promoted = promote(&results, keep);
+    let promoted = promote(&scores, keep);
     let stopped: Vec<u64> = alive
         .iter()
         .copied()
@@ -395,7 +406,9 @@ impl Runner<'_> {
                 rounds,
                 params: params.clone(),
                 objective: None,
+                fed_eval_loss: None,
                 fed_eval_accuracy: None,
+                fed_eval_f1: None,
                 train_loss: None,
                 seconds: started.elapsed().as_secs_f64(),
                 error: Some(format!("{e:#}")),
@@ -453,8 +466,10 @@ impl Runner<'_> {
             rung,
             rounds,
             params,
-            objective: num("fed_eval_loss"),
+            objective: num(self.objective.metric()),
+            fed_eval_loss: num("fed_eval_loss"),
             fed_eval_accuracy: num("fed_eval_accuracy"),
+            fed_eval_f1: num("fed_eval_f1"),
             train_loss: num("train_loss"),
             seconds: started.elapsed().as_secs_f64(),
             error: None,

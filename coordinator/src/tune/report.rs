@@ -8,6 +8,7 @@ use anyhow::Context;
 use super::Trials;
 use super::halving::Halving;
 use super::log::{TrialResult, TuneLog};
+use super::objective::Objective;
 use super::space::Show;
 
 pub const BEST: &str = "best.toml";
@@ -18,13 +19,15 @@ pub(super) fn write_best(
     trials: &Trials,
     out: &Path,
     best: &TrialResult,
+    objective: Objective,
 ) -> anyhow::Result<PathBuf> {
     let mut params = best.params.clone();
     params.insert("rounds".into(), toml::Value::Integer(best.rounds as i64));
     let text = format!(
-        "# Written by `fedtune-coordinator tune`: the base settings with the values of trial {} ({}),\n# federated validation loss {:.4} after {} rounds. Run it with `fedtune-coordinator serve --config {BEST}`.\n{}",
+        "# Written by `fedtune-coordinator tune`: the base settings with the values of trial {} ({}),\n# {} {:.4} after {} rounds. Run it with `fedtune-coordinator serve --config {BEST}`.\n{}",
         best.trial,
         Show(&best.params),
+        objective.name(),
         best.objective.unwrap_or(f64::NAN),
         best.rounds,
         trials.text(&params)?
@@ -41,8 +44,9 @@ pub(super) fn write_best(
 
 /// One line per trial: its values, how far it went, its last figures.
 pub(super) fn table(log: &TuneLog, halving: &Halving, best: u64) -> String {
-    let mut out =
-        String::from("trial | rounds | val loss | val acc | train loss | status | values\n");
+    let mut out = String::from(
+        "trial | rounds | val loss | val acc | val f1 | train loss | status | values\n",
+    );
     let last_rung = halving.budgets.len() - 1;
     let mut trials: Vec<u64> = log.results.keys().map(|(t, _)| *t).collect();
     trials.dedup();
@@ -67,11 +71,12 @@ pub(super) fn table(log: &TuneLog, halving: &Halving, best: u64) -> String {
         };
         let _ = writeln!(
             out,
-            "{t:>5} | {:>6} | {:>8} | {:>7} | {:>10} | {status} | {}",
+            "{t:>5} | {:>6} | {:>8} | {:>7} | {:>6} | {:>10} | {status} | {}",
             r.rounds,
-            f(r.objective, 4),
+            f(r.fed_eval_loss, 4),
             r.fed_eval_accuracy
                 .map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
+            f(r.fed_eval_f1, 4),
             f(r.train_loss, 4),
             Show(&r.params)
         );
