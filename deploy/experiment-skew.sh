@@ -17,14 +17,14 @@
 # TRIALS (8), MIN_ROUNDS (1), ETA (3), OBJECTIVE (loss: what ranks the trials, or accuracy or
 # f1; `tune --objective`), VARIANTS ("default tuned"; "default" skips the
 # searches), DATA (the full data set when installed, else the
-# bundled subset), PORT (50400).
+# bundled subset), PORT (29400: below Linux's ephemeral range, so no outgoing connection can hold it between runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUST_BACKTRACE=0
 out="${1:-runs/experiment-skew}"
 splits="${SPLITS:-3:4000:1.0 10:1200:0.1 10:1200:1.0}" rounds="${ROUNDS:-5}" epochs="${EPOCHS:-1}"
 model="${MODEL:-cnn}" lr="${LR:-0.001}" SGD_LR="${SGD_LR:-0.05}" trials="${TRIALS:-8}" min_rounds="${MIN_ROUNDS:-1}" eta="${ETA:-3}"
-strategies="${STRATEGIES:-fedavg fedprox fedavgm fedadam scaffold fednova}" port="${PORT:-50400}"
+strategies="${STRATEGIES:-fedavg fedprox fedavgm fedadam scaffold fednova}" port="${PORT:-29400}"
 variants="${VARIANTS:-default tuned}" objective="${OBJECTIVE:-loss}"
 . deploy/experiment-common.sh
 mkdir -p "$out"
@@ -98,7 +98,8 @@ for split in $splits; do
     echo "$split: centralised, $rounds epochs on the union" >&2
     "$coordinator" pretrain --model "$model" --data "$dir/union" --epochs "$((rounds * epochs))" \
       --lr "$lr" --batch-size 32 --val-fraction 0 --seed 42 --out "$dir/centralised.safetensors" \
-      > "$dir/centralised.log" 2>&1
+      > "$dir/centralised.log.part" 2>&1
+    mv "$dir/centralised.log.part" "$dir/centralised.log" # only a finished run counts as done
   fi
   for s in $strategies; do
     for variant in $variants; do
