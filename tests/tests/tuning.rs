@@ -99,13 +99,20 @@ fn results(lines: &[serde_json::Value], rung: u64) -> Vec<(u64, f64)> {
         .collect()
 }
 
-#[test]
-fn tune_cuts_the_worst_trials_early_and_its_best_toml_runs_under_serve() {
+/// A search's folder, two clients' Fashion-MNIST shares (drawn with `seed`), a free port, and
+/// the base settings on it and the search's `--out`.
+fn setup(seed: u64) -> (tempfile::TempDir, Vec<PathBuf>, u16, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let shares = client_shares(dir.path(), 2000, 2, 1.0, 3);
+    let shares = client_shares(dir.path(), 2000, 2, 1.0, seed);
     let port = free_port();
     let base = base_toml(dir.path(), port);
     let out = dir.path().join("tune");
+    (dir, shares, port, base, out)
+}
+
+#[test]
+fn tune_cuts_the_worst_trials_early_and_its_best_toml_runs_under_serve() {
+    let (dir, shares, port, base, out) = setup(3);
     let mut tune = Proc::spawn(
         "tune",
         coordinator_bin(),
@@ -180,11 +187,7 @@ fn tune_cuts_the_worst_trials_early_and_its_best_toml_runs_under_serve() {
 
 #[test]
 fn a_killed_tuning_run_continues_its_trials_when_started_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let shares = client_shares(dir.path(), 2000, 2, 1.0, 4);
-    let port = free_port();
-    let base = base_toml(dir.path(), port);
-    let out = dir.path().join("tune");
+    let (dir, shares, port, base, out) = setup(4);
     let args = tune_args(&base, &out);
     // Killed in the third trial's first round, after trials 0 and 1 were logged.
     let mut first = Proc::spawn_with_env(
@@ -231,11 +234,7 @@ fn a_killed_tuning_run_continues_its_trials_when_started_again() {
 
 #[test]
 fn tune_with_the_accuracy_objective_picks_the_most_accurate_trial() {
-    let dir = tempfile::tempdir().unwrap();
-    let shares = client_shares(dir.path(), 2000, 2, 1.0, 6);
-    let port = free_port();
-    let base = base_toml(dir.path(), port);
-    let out = dir.path().join("tune");
+    let (dir, shares, port, base, out) = setup(6);
     let mut args = tune_args(&base, &out);
     // One rung of one round: the answer is the ranking of the four trials.
     let at = args.iter().position(|a| a == "--max-rounds").unwrap();

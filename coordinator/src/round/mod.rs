@@ -364,6 +364,19 @@ struct State {
 }
 
 impl State {
+    /// A run's state before its first round: no clients, no tasks.
+    fn new() -> Self {
+        Self {
+            clients: Clients::default(),
+            phase: Phase::Waiting { round: 1 },
+            phase_since: Instant::now(),
+            issued: HashMap::new(),
+            counted: HashMap::new(),
+            current_round: 0,
+            opening: true,
+        }
+    }
+
     /// Enters `phase`; returns the one it leaves.
     fn enter(&mut self, phase: Phase) -> Phase {
         self.phase_since = Instant::now();
@@ -491,15 +504,7 @@ impl Federation {
             specs,
             update_specs,
             model_bytes,
-            state: Mutex::new(State {
-                clients: Clients::default(),
-                phase: Phase::Waiting { round: 1 },
-                phase_since: Instant::now(),
-                issued: HashMap::new(),
-                counted: HashMap::new(),
-                current_round: 0,
-                opening: true,
-            }),
+            state: Mutex::new(State::new()),
             changed: Notify::new(),
             progress: Notify::new(),
             aggregate: Mutex::new(None),

@@ -477,17 +477,8 @@ mod tests {
     use super::*;
 
     fn state() -> (State, String) {
-        let mut clients = Clients::default();
-        let (_, token) = clients.join("a", "cpu", 10);
-        let st = State {
-            clients,
-            phase: Phase::Waiting { round: 1 },
-            phase_since: Instant::now(),
-            issued: HashMap::new(),
-            counted: HashMap::new(),
-            current_round: 0,
-            opening: true,
-        };
+        let mut st = State::new();
+        let (_, token) = st.clients.join("a", "cpu", 10);
         (st, token)
     }
 
