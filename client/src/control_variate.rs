@@ -3,10 +3,7 @@
 //! correction itself, and the coordinator's `strategy::scaffold` for the whole algorithm).
 //!
 //! The variate lives in `<state dir>/scaffold-variate.<key>.safetensors`, one file per
-//! federation run (the key the task names): another run starts from zero, and runs that take
-//! turns on the same client (`tune` trials) each keep their own; the 8 most recently used are
-//! kept. The
-//! round's new variate is written beside it first (`.pending`) and replaces it only once the
+//! federation run (the key the task names; see [`crate::state_files`]). The round's new variate is written beside it first (`.pending`) and replaces it only once the
 //! coordinator counted the update, so a refused or lost update leaves cᵢ as the server assumes
 //! it is: the server's c moves only by counted updates.
 
@@ -16,29 +13,17 @@ use anyhow::Context;
 use fedtune_common::checkpoint;
 use fedtune_common::control_variate::server_variate_of;
 use fedtune_common::tensors::{NamedTensor, TensorSet, TensorSpec};
-use tracing::{info, warn};
+
+use crate::state_files::{KEY, keyed_file, load_for, prune};
 
 const PREFIX: &str = "scaffold-variate.";
 const PENDING: &str = "scaffold-variate.pending.safetensors";
-/// Variates of this many runs are kept; older ones are removed.
-const KEEP: usize = 8;
+const TASK: &str = "fedtune.task";
 
 /// The file of the variate kept for federation `key`.
 pub fn variate_file(dir: &Path, key: &str) -> PathBuf {
-    let safe: String = key
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    dir.join(format!("{PREFIX}{safe}.safetensors"))
+    keyed_file(dir, PREFIX, key)
 }
-const KEY: &str = "fedtune.federation";
-const TASK: &str = "fedtune.task";
 
 /// Where this client keeps its control variate.
 #[derive(Debug, Clone)]
@@ -98,37 +83,7 @@ impl VariateStore {
     /// costs some drift correction, not data).
     fn load(&self, key: &str, specs: &[TensorSpec]) -> TensorSet {
         let path = variate_file(&self.dir, key);
-        let zero = || zeros(specs);
-        if !path.exists() {
-            return zero();
-        }
-        match checkpoint::load(&path) {
-            Ok((set, meta)) if meta.get(KEY).map(String::as_str) != Some(key) => {
-                info!(
-                    "the SCAFFOLD variate in {} belongs to another federation run; starting from zero",
-                    path.display()
-                );
-                drop(set);
-                zero()
-            }
-            Ok((set, _)) => match set.check_matches(specs) {
-                Ok(()) => set,
-                Err(e) => {
-                    warn!(
-                        "the SCAFFOLD variate in {} does not fit the model ({e}); starting from zero",
-                        path.display()
-                    );
-                    zero()
-                }
-            },
-            Err(e) => {
-                warn!(
-                    "cannot read the SCAFFOLD variate {} ({e}); starting from zero",
-                    path.display()
-                );
-                zero()
-            }
-        }
+        load_for(&path, key, specs, "the SCAFFOLD variate").unwrap_or_else(|| zeros(specs))
     }
 
     /// Writes the round's new variate aside until its update is counted.
@@ -160,28 +115,8 @@ impl VariateStore {
         std::fs::rename(&pending, &path)
             .and_then(|()| checkpoint::sync_parent(&path))
             .with_context(|| format!("cannot keep the SCAFFOLD variate in {}", path.display()))?;
-        self.prune();
+        prune(&self.dir, PREFIX, PENDING);
         Ok(())
-    }
-
-    /// Removes the variates of all but the [`KEEP`] most recently kept runs.
-    fn prune(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        let mut kept: Vec<(std::time::SystemTime, PathBuf)> = entries
-            .filter_map(Result::ok)
-            .filter(|e| {
-                let name = e.file_name();
-                let name = name.to_string_lossy();
-                name.starts_with(PREFIX) && name.as_ref() != PENDING
-            })
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
-        kept.sort_by_key(|k| std::cmp::Reverse(k.0));
-        for (_, old) in kept.into_iter().skip(KEEP) {
-            let _ = std::fs::remove_file(old);
-        }
     }
 
     /// The update was refused: the staged variate must not be kept.

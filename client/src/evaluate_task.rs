@@ -1,5 +1,6 @@
 //! Federated evaluation on the client: an Evaluate task measured on local data and reported.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use anyhow::Context;
@@ -12,6 +13,7 @@ use crate::connection::{BACKOFF_START, refused, transient};
 use crate::fine_tune::{self, Split};
 use crate::frozen_cache::FrozenCache;
 use crate::local_data::LocalData;
+use crate::personal_model::PersonalStore;
 use crate::session::{ClientOptions, Session, TRANSFER_ATTEMPTS, TrainMode};
 use crate::task_config;
 use crate::transfer::{TaskRef, download, spawn_heartbeat};
@@ -105,9 +107,26 @@ pub(crate) async fn evaluate_round(
                         train_idx: &[],
                         val_idx: indices,
                     };
-                    metrics.extend(fine_tune::personalize(
-                        &global, &spec, settings, *dropout, train, eval, device,
-                    )?);
+                    let store = PersonalStore::new(opts.state_dir.clone());
+                    let key = &task.personal_model;
+                    let (start, settings) = match key.is_empty() {
+                        true => (Cow::Borrowed(&global), Cow::Borrowed(settings)),
+                        // Ditto: the personal model, pulled towards the global one.
+                        false => (
+                            Cow::Owned(store.start(key, &global)),
+                            Cow::Owned(TrainSettings {
+                                proximal_anchor: Some(global.clone()),
+                                ..settings.clone()
+                            }),
+                        ),
+                    };
+                    let (figures, personal) = fine_tune::personalize(
+                        &start, &spec, &settings, *dropout, train, eval, device,
+                    )?;
+                    if !key.is_empty() {
+                        store.keep(key, &personal)?;
+                    }
+                    metrics.extend(figures);
                 }
                 anyhow::Ok((n, metrics))
             })?
@@ -138,7 +157,12 @@ pub(crate) async fn evaluate_round(
     let acc = |k: &str| m(k).map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
     let personal = match m("personal_accuracy") {
         Some(_) => format!(
-            " | after {} local steps: acc {}",
+            " | {} after {} local steps: acc {}",
+            if task.personal_model.is_empty() {
+                "fine-tuned"
+            } else {
+                "personal model (Ditto)"
+            },
             task.personalize_steps,
             acc("personal_accuracy")
         ),

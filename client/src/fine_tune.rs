@@ -149,25 +149,25 @@ fn figures(eval: &train::Evaluation, prefix: &str) -> HashMap<String, f64> {
     metrics
 }
 
-/// Personalisation: fine-tunes `global` for `settings.max_steps` steps on `train`'s training
-/// split, then evaluates the result on `eval`'s validation indices (the examples the global
-/// model was evaluated on). Returns the figures named `personal_loss`, `personal_accuracy`,
-/// `personal_precision`, `personal_recall`, `personal_f1`.
+/// Personalisation: fine-tunes `start` (the global model, or Ditto's personal model with
+/// `settings.proximal_anchor` the global one) for `settings.max_steps` steps on `train`'s
+/// training split, then evaluates the result on `eval`'s validation indices (the examples the
+/// global model was evaluated on). Returns the figures named `personal_loss`,
+/// `personal_accuracy`, `personal_precision`, `personal_recall`, `personal_f1`, and the
+/// personal model.
 pub fn personalize(
-    global: &TensorSet,
+    start: &TensorSet,
     spec: &ModelSpec,
     settings: &TrainSettings,
     dropout: f64,
     train: Split,
     eval: Split,
     device: DeviceChoice,
-) -> anyhow::Result<HashMap<String, f64>> {
+) -> anyhow::Result<(HashMap<String, f64>, TensorSet)> {
     let plain = device.device()?;
     let autodiff = plain.clone().autodiff();
     autodiff.seed(settings.seed);
-    let model = spec
-        .build_with_dropout(&autodiff, dropout)?
-        .inject(global)?;
+    let model = spec.build_with_dropout(&autodiff, dropout)?.inject(start)?;
     let outcome = train::train(
         model,
         train.examples,
@@ -185,7 +185,7 @@ pub fn personalize(
         spec.num_classes as usize,
         &plain,
     )?;
-    Ok(figures(&e, "personal_"))
+    Ok((figures(&e, "personal_"), outcome.model.extract()?))
 }
 
 /// `--train none`: a small fixed delta for every parameter, without training (protocol

@@ -83,6 +83,7 @@ pub fn settings_from(
         frozen: cfg.frozen.clone(),
         seed,
         proximal_mu: finite_nonneg(cfg.proximal_mu, "proximal_mu")?,
+        proximal_anchor: None,
         correction: None,
         max_steps: None,
     };

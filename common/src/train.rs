@@ -35,8 +35,11 @@ pub struct TrainSettings {
     /// Tensors that get no update (exact names, e.g. `conv1.weight`).
     pub frozen: Vec<String>,
     pub seed: u64,
-    /// FedProx μ: adds μ/2·‖w − w_start‖² to the loss (0 = off).
+    /// FedProx μ: adds μ/2·‖w − w_anchor‖² to the loss (0 = off).
     pub proximal_mu: f64,
+    /// The weights the proximal term pulls towards, by name; `None`: the starting weights
+    /// (FedProx). Ditto trains a personal model pulled towards the global one.
+    pub proximal_anchor: Option<TensorSet>,
     /// SCAFFOLD: c − cᵢ for every tensor of the model, by name; each step's gradient is shifted
     /// by it (see [`crate::control_variate`]).
     pub correction: Option<TensorSet>,
@@ -59,6 +62,7 @@ impl Default for TrainSettings {
             frozen: Vec::new(),
             seed: 0,
             proximal_mu: 0.0,
+            proximal_anchor: None,
             correction: None,
             max_steps: None,
         }
@@ -126,6 +130,8 @@ pub enum TrainError {
     Input(#[from] InputMismatch),
     #[error("the SCAFFOLD correction does not fit the model: {0}")]
     Correction(#[from] crate::params::ParamsError),
+    #[error("the proximal term's anchor does not fit the model: {0}")]
+    Anchor(crate::params::ParamsError),
 }
 
 /// Trains `model` (already on `device`, which must be an autodiff device) on the examples at
@@ -143,7 +149,17 @@ pub fn train(
     let mut model = model.set_frozen(&settings.frozen);
     let mut optim = settings.optimizer.init();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let proximal = (settings.proximal_mu > 0.0).then(|| model.proximal(settings.proximal_mu));
+    let proximal = match (&settings.proximal_anchor, settings.proximal_mu > 0.0) {
+        (_, false) => None,
+        (None, true) => Some(model.proximal(settings.proximal_mu)),
+        (Some(anchor), true) => Some(
+            model
+                .clone()
+                .inject(anchor)
+                .map_err(TrainError::Anchor)?
+                .proximal(settings.proximal_mu),
+        ),
+    };
     let correction = match &settings.correction {
         Some(by) => Some(model.correction(by)?),
         None => None,

@@ -330,6 +330,32 @@ fn proximal_term_pulls_towards_the_starting_weights() {
 }
 
 #[test]
+fn an_anchored_proximal_term_pulls_towards_the_anchor_not_the_start() {
+    // Ditto: the personal model v trains with λ/2·‖v − w‖² towards the global model w.
+    let spec = ModelSpec::parse("mlp", 4).unwrap();
+    let (v, w) = (spec.init_weights(5).unwrap(), spec.init_weights(6).unwrap());
+    let g = gradient(&v);
+    let (lr, lambda) = (0.1, 0.5);
+    let after = run(
+        &v,
+        TrainSettings {
+            lr,
+            optimizer: sgd(),
+            proximal_mu: lambda,
+            proximal_anchor: Some(w.clone()),
+            ..Default::default()
+        },
+    );
+    let want: Vec<f64> = flat(&v)
+        .iter()
+        .zip(&g)
+        .zip(flat(&w))
+        .map(|((v, g), w)| v - lr * (g + lambda * (v - w)))
+        .collect();
+    assert_close(&flat(&after), &want, 1e-5, "v − η(g + λ(v − w))");
+}
+
+#[test]
 fn scaffold_correction_shifts_every_sgd_step_by_c_minus_ci() {
     let w0 = ModelSpec::parse("mlp", 4).unwrap().init_weights(5).unwrap();
     let g0 = gradient(&w0);

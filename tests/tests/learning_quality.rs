@@ -241,3 +241,96 @@ fn fednova_weighs_a_client_capped_by_max_epochs_by_its_own_steps() {
         assert!((2.7..=3.3).contains(&ratio), "{row}");
     }
 }
+
+/// The one Ditto personal model a client kept, and the run it belongs to.
+fn personal_model(state: &Path) -> (TensorSet, String) {
+    let files: Vec<PathBuf> = std::fs::read_dir(state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            name.starts_with("ditto-personal.")
+        })
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let (set, meta) = checkpoint::load(&files[0]).expect("the client kept its personal model");
+    (set, meta["fedtune.federation"].clone())
+}
+
+#[test]
+fn a_ditto_personal_model_stays_on_its_client_and_continues_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let shares = client_shares(dir.path(), 2000, 2, 0.1, 13);
+    let port = free_port();
+    let out = dir.path().join("out");
+    let states: Vec<PathBuf> = ["state-a", "state-b"]
+        .iter()
+        .map(|s| dir.path().join(s))
+        .collect();
+    let ditto = |rounds| {
+        serve(
+            port,
+            &out,
+            ("fedavg", rounds, 2),
+            &[
+                "--fraction-evaluate",
+                "1",
+                "--personalize-steps",
+                "10",
+                "--ditto-lambda",
+                "0.1",
+            ],
+        )
+    };
+    let run = |rounds, tag: &str| {
+        let mut coordinator = Proc::spawn(tag, coordinator_bin(), &ditto(rounds), dir.path());
+        let mut clients: Vec<Proc> = ["edge-a", "edge-b"]
+            .iter()
+            .zip(&shares)
+            .zip(&states)
+            .map(|((name, d), state)| client(port, d, name, state, dir.path()))
+            .collect();
+        coordinator.expect_success(Duration::from_secs(180));
+        for c in &mut clients {
+            c.expect_success(Duration::from_secs(30));
+        }
+        clients
+    };
+
+    // Round 1: each client starts its personal model from the global one and keeps it.
+    let first = run(1, "coordinator-1");
+    assert!(
+        !first[0].output().contains("continuing the personal model"),
+        "{}",
+        first[0].output()
+    );
+    let (p1, key1) = personal_model(&states[0]);
+    // The run goes on to round 2 with new client processes: the personal model comes back
+    // from the client's disk, and moves on.
+    let second = run(2, "coordinator-2");
+    assert!(
+        second[0].output().contains("continuing the personal model"),
+        "{}",
+        second[0].output()
+    );
+    let (p2, key2) = personal_model(&states[0]);
+    assert_eq!(key1, key2, "the same federation run");
+    assert_ne!(p1, p2, "round 2 trained the personal model further");
+    let (global, _) = checkpoint::load(&out.join("global.safetensors")).unwrap();
+    assert_ne!(
+        flat(&global, ""),
+        flat(&p2, ""),
+        "the personal model is not the global one"
+    );
+    for row in metrics_rows(&out) {
+        assert!(
+            row["fed_eval_personal_accuracy"].as_f64().is_some(),
+            "{row}"
+        );
+    }
+    assert!(
+        second[0].output().contains("Ditto"),
+        "{}",
+        second[0].output()
+    );
+}

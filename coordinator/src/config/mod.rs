@@ -230,6 +230,11 @@ pub struct ServeArgs {
     /// global); 0 = off [default: 0].
     #[arg(long)]
     pub personalize_steps: Option<u32>,
+    /// Ditto: with --personalize-steps, each client keeps a personal model across rounds (in
+    /// its --state-dir) and trains it on its own data pulled towards the global model by
+    /// λ/2·‖v − w‖², instead of fine-tuning the global model afresh; 0 = off [default: 0].
+    #[arg(long)]
+    pub ditto_lambda: Option<f64>,
     /// Robust strategies (median, trimmed-mean, krum) hold a round's updates in memory up to
     /// this many MiB, then spill them to `<out>/spill` [default: 1024].
     #[arg(long)]
@@ -505,6 +510,7 @@ impl ServeArgs {
                 .early_stopping_patience
                 .unwrap_or(file.early_stopping_patience),
             personalize_steps: self.personalize_steps.unwrap_or(file.personalize_steps),
+            ditto_lambda: self.ditto_lambda.unwrap_or(file.ditto_lambda),
             log_format: self.log_format.unwrap_or(file.log_format),
             seed: self.seed.unwrap_or(file.seed),
         };

@@ -64,6 +64,9 @@ pub struct ServeConfig {
     /// Federated evaluation also reports each client's figures after this many local steps
     /// of fine-tuning from the global model (0 = off).
     pub personalize_steps: u32,
+    /// Ditto's λ: personalisation continues each client's personal model, pulled towards the
+    /// global one (0 = off: it fine-tunes the global model afresh).
+    pub ditto_lambda: f64,
     pub log_format: LogFormat,
     pub seed: u64,
 }

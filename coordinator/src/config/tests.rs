@@ -456,13 +456,27 @@ fn refused_from_files(cases: &[(&str, &[&str])]) {
 #[test]
 fn skew_settings_are_refused_where_they_cannot_work_naming_why() {
     let bad = |a: ServeArgs| format!("{:#}", plain(a).resolve().unwrap_err());
-    let cases: [(ServeArgs, &[&str]); 3] = [
+    let cases: [(ServeArgs, &[&str]); 5] = [
         (
             ServeArgs {
                 personalize_steps: Some(10),
                 ..Default::default()
             },
             &["personalize_steps", "fraction_evaluate"],
+        ),
+        (
+            ServeArgs {
+                ditto_lambda: Some(0.1),
+                ..Default::default()
+            },
+            &["ditto_lambda", "personalize_steps"],
+        ),
+        (
+            ServeArgs {
+                ditto_lambda: Some(-1.0),
+                ..Default::default()
+            },
+            &["ditto_lambda", ">= 0"],
         ),
         (
             ServeArgs {

@@ -21,6 +21,18 @@ impl ServeConfig {
                 self.personalize_steps
             );
         }
+        if !(self.ditto_lambda.is_finite() && self.ditto_lambda >= 0.0) {
+            bail!(
+                "`ditto_lambda` = {} must be a number >= 0 (0: off)",
+                self.ditto_lambda
+            );
+        }
+        if self.ditto_lambda > 0.0 && self.personalize_steps == 0 {
+            bail!(
+                "`ditto_lambda` = {} trains each client's personal model during personalisation, which is off: set `personalize_steps` (--personalize-steps) above 0",
+                self.ditto_lambda
+            );
+        }
         if self.local_epochs == 0 {
             bail!("`local_epochs` must be at least 1");
         }

@@ -398,8 +398,9 @@ pub struct Federation {
     /// never while a round runs.
     cfg: std::sync::RwLock<Arc<ServeConfig>>,
     run_id: String,
-    /// SCAFFOLD: the key clients keep their control variate under (empty: not SCAFFOLD).
-    variate_key: std::sync::RwLock<String>,
+    /// The key clients keep this run's state under (SCAFFOLD's control variate, Ditto's
+    /// personal model): the settings and the output folder, so another run starts afresh.
+    run_key: std::sync::RwLock<String>,
     /// Prefixed to task ids, so that runs on the same clients (`tune` trials) never reuse one
     /// (empty for a single run).
     task_prefix: std::sync::RwLock<String>,
@@ -467,10 +468,9 @@ impl Federation {
     }
 
     /// The settings of the next run on the same clients (a `tune` trial), with the key its
-    /// SCAFFOLD clients keep their variates under. Only between runs: a round reads them
-    /// throughout.
+    /// clients keep their state under. Only between runs: a round reads them throughout.
     pub fn set_run(&self, cfg: ServeConfig, tag: &str) {
-        *self.variate_key.write().unwrap_or_else(|p| p.into_inner()) = Self::variate_key_of(&cfg);
+        *self.run_key.write().unwrap_or_else(|p| p.into_inner()) = Self::run_key_of(&cfg);
         *self.task_prefix.write().unwrap_or_else(|p| p.into_inner()) = format!("{tag}.");
         *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
     }
@@ -479,12 +479,15 @@ impl Federation {
         self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn variate_key_of(cfg: &ServeConfig) -> String {
-        if cfg.strategy.kind == crate::strategy::StrategyKind::Scaffold {
-            crate::run_identity::RunIdentity::of(cfg).federation_key(&cfg.out)
-        } else {
-            String::new()
-        }
+    fn run_key_of(cfg: &ServeConfig) -> String {
+        crate::run_identity::RunIdentity::of(cfg).federation_key(&cfg.out)
+    }
+
+    fn run_key(&self) -> String {
+        self.run_key
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn with_journal(cfg: ServeConfig, specs: Vec<TensorSpec>, journaled: bool) -> Self {
@@ -496,10 +499,10 @@ impl Federation {
             .collect();
         let mut id = [0u8; 6];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
-        let variate_key = Self::variate_key_of(&cfg);
+        let run_key = Self::run_key_of(&cfg);
         Self {
             run_id: id.iter().map(|b| format!("{b:02x}")).collect(),
-            variate_key: std::sync::RwLock::new(variate_key),
+            run_key: std::sync::RwLock::new(run_key),
             task_prefix: std::sync::RwLock::new(String::new()),
             specs,
             update_specs,

@@ -45,6 +45,8 @@ pub struct RelayedFit {
 pub struct Personalize {
     pub steps: u32,
     pub config: pb::TrainConfig,
+    /// Ditto's key of the personal model (the root's run).
+    pub personal_model: String,
 }
 
 impl Personalize {
@@ -52,6 +54,7 @@ impl Personalize {
         Some(Self {
             steps: task.personalize_steps,
             config: task.personalize.clone()?,
+            personal_model: task.personal_model.clone(),
         })
         .filter(|p| p.steps > 0)
     }

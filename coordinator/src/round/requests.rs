@@ -223,17 +223,25 @@ impl Federation {
             return pb::EvaluateTask {
                 personalize_steps: p.steps,
                 personalize: Some(p.config.clone()),
+                personal_model: p.personal_model.clone(),
                 ..Default::default()
             };
         }
-        let steps = self.cfg().personalize_steps;
+        let cfg = self.cfg();
+        let steps = cfg.personalize_steps;
         pb::EvaluateTask {
             personalize_steps: steps,
-            // Plain local fine-tuning: no proximal pull, no noise, no control variate.
+            // Local fine-tuning without noise or control variate; Ditto's pull towards the
+            // global model is a proximal term.
             personalize: (steps > 0).then(|| pb::TrainConfig {
                 control_variate: String::new(),
-                ..self.train_config(open, 0.0, None)
+                ..self.train_config(open, cfg.ditto_lambda, None)
             }),
+            personal_model: if steps > 0 && cfg.ditto_lambda > 0.0 {
+                self.run_key()
+            } else {
+                String::new()
+            },
             ..Default::default()
         }
     }
@@ -273,11 +281,12 @@ impl Federation {
             proximal_mu,
             dp_clip_norm: local_dp.map_or(0.0, |d| d.clip),
             dp_noise_stddev: local_dp.map_or(0.0, |d| d.noise_stddev),
-            control_variate: self
-                .variate_key
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            control_variate: if self.cfg().strategy.kind == crate::strategy::StrategyKind::Scaffold
+            {
+                self.run_key()
+            } else {
+                String::new()
+            },
         }
     }
 
