@@ -69,30 +69,37 @@ fn flat(set: &TensorSet, prefix: &str) -> Vec<(String, Vec<f32>)> {
     v
 }
 
-/// The one SCAFFOLD variate a client kept.
-fn client_variate(state: &Path) -> TensorSet {
+/// The one file `<prefix>…` (not a staged one) a client kept in `state`, and the run it
+/// belongs to.
+fn kept(state: &Path, prefix: &str) -> (TensorSet, String) {
     let files: Vec<PathBuf> = std::fs::read_dir(state)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy().to_string();
-            name.starts_with("scaffold-variate.") && !name.contains("pending")
+            name.starts_with(prefix) && !name.contains("pending")
         })
         .collect();
-    assert_eq!(files.len(), 1, "{files:?}");
-    checkpoint::load(&files[0])
-        .expect("the client kept its SCAFFOLD variate")
-        .0
+    assert_eq!(files.len(), 1, "{prefix}: {files:?}");
+    let (set, meta) = checkpoint::load(&files[0]).expect("the client kept its file");
+    (set, meta["fedtune.federation"].clone())
+}
+
+/// The one SCAFFOLD variate a client kept.
+fn client_variate(state: &Path) -> TensorSet {
+    kept(state, "scaffold-variate.").0
+}
+
+/// The state folders of clients edge-a and edge-b.
+fn state_dirs(dir: &Path) -> Vec<PathBuf> {
+    ["state-a", "state-b"].iter().map(|s| dir.join(s)).collect()
 }
 
 #[test]
 fn scaffold_server_variate_stays_the_mean_of_the_clients_own_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let shares = client_shares(dir.path(), 2000, 2, 0.3, 5);
-    let states: Vec<PathBuf> = ["state-a", "state-b"]
-        .iter()
-        .map(|s| dir.path().join(s))
-        .collect();
+    let states = state_dirs(dir.path());
     let port = free_port();
     let out = dir.path().join("out");
     let args = serve(port, &out, ("scaffold", 3, 2), &[]);
@@ -244,17 +251,7 @@ fn fednova_weighs_a_client_capped_by_max_epochs_by_its_own_steps() {
 
 /// The one Ditto personal model a client kept, and the run it belongs to.
 fn personal_model(state: &Path) -> (TensorSet, String) {
-    let files: Vec<PathBuf> = std::fs::read_dir(state)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().to_string();
-            name.starts_with("ditto-personal.")
-        })
-        .collect();
-    assert_eq!(files.len(), 1, "{files:?}");
-    let (set, meta) = checkpoint::load(&files[0]).expect("the client kept its personal model");
-    (set, meta["fedtune.federation"].clone())
+    kept(state, "ditto-personal.")
 }
 
 #[test]
@@ -263,10 +260,7 @@ fn a_ditto_personal_model_stays_on_its_client_and_continues_after_a_restart() {
     let shares = client_shares(dir.path(), 2000, 2, 0.1, 13);
     let port = free_port();
     let out = dir.path().join("out");
-    let states: Vec<PathBuf> = ["state-a", "state-b"]
-        .iter()
-        .map(|s| dir.path().join(s))
-        .collect();
+    let states = state_dirs(dir.path());
     let ditto = |rounds| {
         serve(
             port,
