@@ -7,7 +7,7 @@ use anyhow::Context;
 use fedtune_common::spec_wire;
 use fedtune_common::train::TrainSettings;
 use fedtune_proto as pb;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::connection::{BACKOFF_START, refused, transient};
 use crate::fine_tune::{self, Split};
@@ -123,8 +123,15 @@ pub(crate) async fn evaluate_round(
                     let (figures, personal) = fine_tune::personalize(
                         &start, &spec, &settings, *dropout, train, eval, device,
                     )?;
-                    if !key.is_empty() {
-                        store.keep(key, &personal)?;
+                    // A personal model that cannot be written only steers later rounds less
+                    // well (they continue from what was kept before): the evaluation counts.
+                    if !key.is_empty()
+                        && let Err(e) = store.keep(key, &personal)
+                    {
+                        warn!(
+                            "{e:#}; this round's figures are still reported, the next \
+                             round's personal model continues from the last one kept"
+                        );
                     }
                     metrics.extend(figures);
                 }
