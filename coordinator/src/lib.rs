@@ -139,6 +139,14 @@ pub async fn serve_until(
     };
     let specs = global.specs();
     let (strategy, run_dir, start) = open_run(&cfg, global)?;
+    if start.round > 1 && !cfg.resume {
+        // Resuming is the default when the settings match; say how not to.
+        info!(
+            "--fresh starts a new run instead (this one is moved to {}/{})",
+            cfg.out.display(),
+            crate::run_dir::EARLIER_RUNS
+        );
+    }
     let addr = listener.local_addr()?;
     info!(
         "coordinator listening on {addr}: model {} ({} tensors, {} parameters), rounds {}..={}, waiting for {} clients; writing to {}",
@@ -262,7 +270,8 @@ pub fn open_run(
                     .context("resume: the saved server state does not fit the model")?;
             }
             info!(
-                "resumed after round {} ({} server state restored)",
+                "{} holds an unfinished run with these settings: resumed after round {} ({} server state restored)",
+                cfg.out.display(),
                 r.round,
                 if r.strategy_state.is_some() {
                     strategy_name.as_str()

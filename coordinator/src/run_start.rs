@@ -5,7 +5,7 @@
 //! overwritten.
 
 use anyhow::bail;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::config::ServeConfig;
 use crate::run_dir::{EARLIER_RUNS, GLOBAL_FILE, PREVIOUS_FILE, Resumed, RunDir};
@@ -78,10 +78,6 @@ pub fn open(cfg: &ServeConfig, strategy: &str, stateful: bool) -> anyhow::Result
     if !known {
         now.write(dir)?;
     }
-    info!(
-        "{} holds an unfinished run with these settings: resuming it after round {} (--fresh starts a new run instead)",
-        dir.display(),
-        resumed.round
-    );
+    // Said by the caller, once the model and server state are restored (`crate::open_run`).
     Ok(RunStart::Resume(resumed))
 }

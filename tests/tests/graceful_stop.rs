@@ -114,7 +114,7 @@ fn sigterm_stops_cleanly_and_the_same_command_continues_the_run() {
     second.expect_success(Duration::from_secs(120));
     let log = second.output();
     assert!(
-        log.contains(&format!("resuming it after round {stopped_after}")),
+        log.contains(&format!("resumed after round {stopped_after}")),
         "{log}"
     );
     // Every round written once, in order, the clients carried over the restart.

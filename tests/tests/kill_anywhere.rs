@@ -220,7 +220,7 @@ fn client_killed_at(crash_at: &str) {
 
 #[test]
 fn coordinator_killed_while_waiting_for_clients() {
-    coordinator_killed_at("waiting:2", "resuming it after round 1");
+    coordinator_killed_at("waiting:2", "resumed after round 1");
 }
 
 #[test]
