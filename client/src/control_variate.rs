@@ -3,8 +3,9 @@
 //! correction itself, and the coordinator's `strategy::scaffold` for the whole algorithm).
 //!
 //! The variate lives in `<state dir>/scaffold-variate.<key>.safetensors`, one file per
-//! federation run (the key the task names; see [`crate::state_files`]). The round's new variate is written beside it first (`.pending`) and replaces it only once the
-//! coordinator counted the update, so a refused or lost update leaves cᵢ as the server assumes
+//! federation run (the key the task names; see [`crate::state_files`]). The round's new
+//! variate is written beside it first (`.pending`) and replaces it only once the coordinator
+//! counted the update, so a refused or lost update leaves cᵢ as the server assumes
 //! it is: the server's c moves only by counted updates.
 
 use std::path::{Path, PathBuf};

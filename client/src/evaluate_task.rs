@@ -1,6 +1,5 @@
 //! Federated evaluation on the client: an Evaluate task measured on local data and reported.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use anyhow::Context;
@@ -109,25 +108,26 @@ pub(crate) async fn evaluate_round(
                     };
                     let store = PersonalStore::new(opts.state_dir.clone());
                     let key = &task.personal_model;
-                    let (start, settings) = match key.is_empty() {
-                        true => (Cow::Borrowed(&global), Cow::Borrowed(settings)),
+                    let ditto = !key.is_empty();
+                    let kept = ditto.then(|| store.kept(key, &global.specs())).flatten();
+                    let anchored;
+                    let settings = if ditto {
                         // Ditto: the personal model, pulled towards the global one.
-                        false => (
-                            Cow::Owned(store.start(key, &global)),
-                            Cow::Owned(TrainSettings {
-                                proximal_anchor: Some(global.clone()),
-                                ..settings.clone()
-                            }),
-                        ),
+                        anchored = TrainSettings {
+                            proximal_anchor: Some(global.clone()),
+                            ..settings.clone()
+                        };
+                        &anchored
+                    } else {
+                        settings
                     };
+                    let start = kept.as_ref().unwrap_or(&global);
                     let (figures, personal) = fine_tune::personalize(
-                        &start, &spec, &settings, *dropout, train, eval, device,
+                        start, &spec, settings, *dropout, train, eval, device,
                     )?;
                     // A personal model that cannot be written only steers later rounds less
                     // well (they continue from what was kept before): the evaluation counts.
-                    if !key.is_empty()
-                        && let Err(e) = store.keep(key, &personal)
-                    {
+                    if ditto && let Err(e) = store.keep(key, &personal) {
                         warn!(
                             "{e:#}; this round's figures are still reported, the next \
                              round's personal model continues from the last one kept"

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use fedtune_common::checkpoint;
-use fedtune_common::tensors::TensorSet;
+use fedtune_common::tensors::{TensorSet, TensorSpec};
 use tracing::info;
 
 use crate::state_files::{KEY, keyed_file, load_for, prune};
@@ -33,17 +33,13 @@ impl PersonalStore {
         keyed_file(&self.dir, PREFIX, key)
     }
 
-    /// The personal model kept for `key`, over the same tensors as `global`; the global model
-    /// itself when none is kept yet or what is kept cannot be used (said in the log).
-    pub fn start(&self, key: &str, global: &TensorSet) -> TensorSet {
+    /// The personal model kept for `key`, if one is and it fits `specs` (the model's); `None`
+    /// (said in the log when a file is there but cannot be used) starts from the global model.
+    pub fn kept(&self, key: &str, specs: &[TensorSpec]) -> Option<TensorSet> {
         let path = self.file(key);
-        match load_for(&path, key, &global.specs(), "the personal model") {
-            Some(kept) => {
-                info!("continuing the personal model kept in {}", path.display());
-                kept
-            }
-            None => global.clone(),
-        }
+        let kept = load_for(&path, key, specs, "the personal model")?;
+        info!("continuing the personal model kept in {}", path.display());
+        Some(kept)
     }
 
     /// Keeps `personal` as this client's personal model for `key` (written whole or not at

@@ -253,36 +253,36 @@ impl Federation {
         proximal_mu: f64,
         local_dp: Option<LocalDp>,
     ) -> pb::TrainConfig {
+        // One read of the settings: a task never mixes two runs' values.
+        let cfg = self.cfg();
         pb::TrainConfig {
-            local_epochs: self.cfg().local_epochs,
-            batch_size: self.cfg().batch_size,
+            local_epochs: cfg.local_epochs,
+            batch_size: cfg.batch_size,
             // Server-side decay of the clients' learning rate across rounds.
-            lr: self.cfg().lr * self.cfg().lr_round_decay.powi(open.round as i32 - 1),
-            optimizer: self.cfg().optimizer.kind.to_string(),
-            momentum: self.cfg().optimizer.momentum,
-            nesterov: self.cfg().optimizer.nesterov,
-            weight_decay: self.cfg().optimizer.weight_decay,
-            lr_schedule: self.cfg().lr_schedule.to_string(),
-            warmup_steps: self.cfg().warmup_steps,
-            clip_norm: self.cfg().clip_norm,
-            dropout: self.cfg().dropout,
-            frozen: self.cfg().frozen.clone(),
+            lr: cfg.lr * cfg.lr_round_decay.powi(open.round as i32 - 1),
+            optimizer: cfg.optimizer.kind.to_string(),
+            momentum: cfg.optimizer.momentum,
+            nesterov: cfg.optimizer.nesterov,
+            weight_decay: cfg.optimizer.weight_decay,
+            lr_schedule: cfg.lr_schedule.to_string(),
+            warmup_steps: cfg.warmup_steps,
+            clip_norm: cfg.clip_norm,
+            dropout: cfg.dropout,
+            frozen: cfg.frozen.clone(),
             augment: Some(pb::Augmentation {
-                crop_padding: self.cfg().augment.crop_padding as u32,
-                flip: self.cfg().augment.flip,
-                noise_std: f64::from(self.cfg().augment.noise_std),
+                crop_padding: cfg.augment.crop_padding as u32,
+                flip: cfg.augment.flip,
+                noise_std: f64::from(cfg.augment.noise_std),
             }),
-            early_stopping_patience: self.cfg().early_stopping_patience,
-            seed: self
-                .cfg()
+            early_stopping_patience: cfg.early_stopping_patience,
+            seed: cfg
                 .seed
                 .wrapping_add(open.round)
                 .wrapping_add(u64::from(open.attempt - 1) << 32),
             proximal_mu,
             dp_clip_norm: local_dp.map_or(0.0, |d| d.clip),
             dp_noise_stddev: local_dp.map_or(0.0, |d| d.noise_stddev),
-            control_variate: if self.cfg().strategy.kind == crate::strategy::StrategyKind::Scaffold
-            {
+            control_variate: if cfg.strategy.kind == crate::strategy::StrategyKind::Scaffold {
                 self.run_key()
             } else {
                 String::new()
